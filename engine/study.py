@@ -1,0 +1,68 @@
+"""`Study`: one CT volume in Hounsfield units with its geometry and its region masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Study:
+    """A chest CT study as the engine sees it.
+
+    ``voxels`` are kept in the order they are stored on disk (never silently flipped): axis i of the
+    array is voxel axis i of ``affine``. Masks share the voxel grid of ``voxels``.
+    """
+
+    voxels: np.ndarray                      # (X, Y, Z) HU, int16 or float32, as stored
+    affine: np.ndarray                      # (4, 4) voxel index -> world (RAS+, nibabel convention), mm
+    masks: dict[str, np.ndarray] = field(default_factory=dict)   # region name -> bool (X, Y, Z)
+    name: str = "study"                     # identifier (volume file name without extension)
+    source: str = ""                        # where the voxels came from (path, "phantom seed=…")
+    mask_sources: dict[str, str] = field(default_factory=dict)   # region name -> where it came from
+    warnings: list[str] = field(default_factory=list)            # non-fatal problems found on reading
+    metadata: dict[str, Any] = field(default_factory=dict)       # extra facts (phantom findings, reports…)
+
+    def __post_init__(self) -> None:
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.voxels.ndim != 3:
+            raise ValueError(f"{self.source or self.name}: a CT volume must be 3D, got shape {self.voxels.shape}")
+        if self.affine.shape != (4, 4):
+            raise ValueError(f"{self.source or self.name}: affine must be 4x4, got {self.affine.shape}")
+        for region, mask in self.masks.items():
+            if mask.shape != self.voxels.shape:
+                raise ValueError(
+                    f"mask '{region}' has shape {mask.shape}, the CT has {self.voxels.shape}"
+                )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.voxels.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along each stored axis."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def orientation(self) -> str:
+        """Axis code of the stored voxel axes, e.g. ``'LPS'`` or ``'RAS'`` (nibabel's convention)."""
+        import nibabel as nib
+
+        return "".join(nib.aff2axcodes(self.affine))
+
+    @property
+    def regions_present(self) -> list[str]:
+        """Regions with a non-empty mask, in the published region order."""
+        from .regions import REGIONS
+
+        return [r for r in REGIONS if r in self.masks and bool(self.masks[r].any())]
+
+    def region_volume_ml(self, region: str) -> float:
+        """Volume of a region's mask in millilitres."""
+        if region not in self.masks:
+            return 0.0
+        voxel_ml = float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+        return float(np.count_nonzero(self.masks[region])) * voxel_ml

@@ -1,0 +1,1 @@
+"""Embedded data: demo model, phantom study, presets (data only)."""
