@@ -1,0 +1,38 @@
+"""Errors and warnings raised while opening studies.
+
+Every problem with user input is reported with the file it came from and what is wrong with it, so
+that the viewer can show the message as is and a script's user knows which file to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+logger = logging.getLogger("reg2rg.engine.studyio")
+
+
+class StudyError(ValueError):
+    """A study (volume, mask, DICOM series) cannot be opened. The message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class StudyWarning(UserWarning):
+    """A non-fatal problem found while opening a study; the study is still usable."""
+
+
+def warn(messages: list[str], path: str | os.PathLike | None, problem: str) -> str:
+    """Record a non-fatal problem: append it to ``messages`` (a ``Study.warnings`` list), warn and log it.
+
+    Only file names and the problem go into the message, never voxel values or patient fields.
+    """
+    text = f"{os.fspath(path)}: {problem}" if path is not None else problem
+    messages.append(text)
+    warnings.warn(text, StudyWarning, stacklevel=3)
+    logger.warning(text)
+    return text
