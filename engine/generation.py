@@ -1,0 +1,528 @@
+"""Streaming, region-aware report generation with token confidence and grounding.
+
+`ReportEngine.generate` turns a `Study` into a draft report token by token:
+
+1. pre-process the study (global volume + one crop per region, with the geometry back to the CT),
+2. encode all volumes in one batched pass and assemble the prompt's ``inputs_embeds`` by gather
+   (`Reg2RG.embed_inputs`) — the prompt is encoded once,
+3. decode with our own loop over the LLaMA and a `DynamicCache` (KV cache always) so that every
+   token can be streamed, the loop can be cancelled between tokens, and each token's probability,
+   entropy and top-5 alternatives come from the very logits that chose it (no second model run),
+4. parse the text into region sections and check each named area against the mask in that slot.
+
+Greedy decoding is the default: it is what the published `generate(inputs_embeds=…, top_k=30)` call
+does (no ``do_sample``), and it is reproducible. Sampling (temperature, top-k, top-p, seed) and a
+simple beam search are options.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .confidence import (
+    ConfidenceSummary,
+    SentenceConfidence,
+    StepDistribution,
+    TokenConfidence,
+    distribution_stats,
+    sentence_spans,
+    tokens_in_span,
+)
+from .regions import REGIONS, canonical_region
+
+logger = logging.getLogger("reg2rg.engine.generation")
+
+TOP_ALTERNATIVES = 5
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------------
+class ModelFolderError(FileNotFoundError):
+    """A model folder is missing or lacks files. The message names the folder and what is missing."""
+
+
+class EngineOutOfMemory(MemoryError):
+    """The device ran out of memory; the message says which smaller option to try."""
+
+
+class GenerationError(ValueError):
+    """A study or a setting cannot be used for generation; the message says what is wrong."""
+
+
+# ------------------------------------------------------------------------------------------------
+# settings and events
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode. The defaults reproduce the published behaviour (greedy, 500 new tokens).
+
+    ``strategy``: ``"greedy"`` | ``"sample"`` | ``"beam"``. ``top_k``/``top_p``/``temperature``/``seed``
+    apply to sampling only (``top_k=30`` is the published call's value; 0 disables it; ``seed=None``
+    draws a seed, recorded in the result so the draft can be reproduced). ``num_beams`` and
+    ``length_penalty`` apply to beam search (score = sum log p / length ** length_penalty, as HF).
+    """
+
+    strategy: str = "greedy"
+    max_new_tokens: int = 500
+    temperature: float = 1.0
+    top_k: int = 30
+    top_p: float = 1.0
+    seed: int | None = None
+    num_beams: int = 4
+    length_penalty: float = 1.0
+
+    def validate(self) -> None:
+        """Raise `GenerationError` for settings that cannot work."""
+        if self.strategy not in ("greedy", "sample", "beam"):
+            raise GenerationError(f"unknown decoding strategy {self.strategy!r}; use 'greedy', 'sample' or 'beam'")
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.strategy == "sample" and not self.temperature > 0:
+            raise GenerationError(f"temperature must be > 0 for sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        if self.strategy == "beam" and self.num_beams < 1:
+            raise GenerationError(f"num_beams must be at least 1, got {self.num_beams}")
+
+
+@dataclass(frozen=True)
+class EncodingStarted:
+    """Pre-processing and visual encoding began for these regions (slot order)."""
+
+    regions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EncodingDone:
+    """The prompt is ready: ``prompt_tokens`` positions, encoded in ``seconds``."""
+
+    prompt_tokens: int
+    seconds: float
+    slot_regions: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token. ``text`` is exactly what it appends to the streamed report (may be '')."""
+
+    index: int
+    token_id: int
+    text: str
+    prob: float
+    entropy: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Generation ended (eos, token limit or cancel: see ``result.stop_reason``)."""
+
+    result: "DraftResult"
+
+
+GenerationEvent = EncodingStarted | EncodingDone | TokenEvent | Finished
+
+
+# ------------------------------------------------------------------------------------------------
+# results
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroundedSection:
+    """A region section of the report (`sections.RegionSection`) with its grounding check.
+
+    ``area`` is the area the model named (canonical spelling, or None when unknown/missing);
+    ``region`` is the region whose mask was really placed in ``slot`` (None: no such slot);
+    ``grounding_ok`` is True when the model named that region.
+    """
+
+    slot: int
+    area: str | None
+    raw_area: str
+    text: str
+    start: int
+    end: int
+    body_start: int
+    region: str | None
+    grounding_ok: bool
+    confidence: ConfidenceSummary = field(default_factory=ConfidenceSummary)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["confidence"] = self.confidence.to_dict()
+        return d
+
+
+@dataclass
+class DraftResult:
+    """Everything one generation produced, and what attention maps need to follow it back to the CT.
+
+    Character offsets (tokens, sections, sentences) index ``text``. ``region_confidence`` is keyed by
+    the true region of the slot the section belongs to. ``inputs`` (pre-processed tensors and the
+    geometry) and ``prompt_ids`` are kept for `ReportEngine.attention_map`; they are not serialised.
+    """
+
+    text: str
+    token_ids: list[int]
+    tokens: list[TokenConfidence]
+    sections: list[GroundedSection]
+    slot_regions: dict[int, str]
+    sentences: list[SentenceConfidence]
+    region_confidence: dict[str, ConfidenceSummary]
+    confidence: ConfidenceSummary
+    region_accuracy: float | None
+    stop_reason: str                        # "eos" | "max_new_tokens" | "cancelled"
+    settings: GenerationSettings
+    seed: int | None = None                 # the seed actually used when sampling
+    study_name: str = ""
+    prompt_ids: list[int] = field(default_factory=list, repr=False)
+    inputs: Any = field(default=None, repr=False)      # preprocess.ModelInputs
+    timings: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)   # attention-pass results
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stop_reason == "cancelled"
+
+    @property
+    def geometry(self):
+        return None if self.inputs is None else getattr(self.inputs, "geometry", None)
+
+    def section_of_token(self, index: int) -> GroundedSection | None:
+        """The region section that contains generated token ``index``."""
+        tok = self.tokens[index]
+        for s in self.sections:
+            if s.start <= tok.start < s.end:
+                return s
+        return None
+
+    def token_indices_in_span(self, start: int, end: int) -> list[int]:
+        """Indices of the generated tokens overlapping the character span ``[start, end)``."""
+        return [t.index for t in tokens_in_span(self.tokens, start, end)]
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable summary (what ``report.json`` holds)."""
+        return {
+            "study": self.study_name,
+            "text": self.text,
+            "stop_reason": self.stop_reason,
+            "settings": asdict(self.settings),
+            "seed": self.seed,
+            "slot_regions": {str(k): v for k, v in self.slot_regions.items()},
+            "region_accuracy": self.region_accuracy,
+            "confidence": self.confidence.to_dict(),
+            "region_confidence": {k: v.to_dict() for k, v in self.region_confidence.items()},
+            "sections": [s.to_dict() for s in self.sections],
+            "sentences": [s.to_dict() for s in self.sentences],
+            "tokens": [t.to_dict() for t in self.tokens],
+            "timings": dict(self.timings),
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding over a causal LM with a KV cache
+# ------------------------------------------------------------------------------------------------
+def _cache_kwarg(lang_model: torch.nn.Module) -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache``; use whichever the model takes."""
+    base = lang_model.get_base_model() if hasattr(lang_model, "get_base_model") else lang_model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(lang_model: torch.nn.Module):
+    from transformers import DynamicCache
+
+    base = lang_model.get_base_model() if hasattr(lang_model, "get_base_model") else lang_model
+    return DynamicCache(config=base.config)
+
+
+def _warp_logits(logits: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
+    """Temperature, top-k and top-p (HF semantics) applied to (N, V) logits for sampling."""
+    logits = logits.float() / settings.temperature
+    if settings.top_k > 0 and settings.top_k < logits.shape[-1]:
+        kth = logits.topk(settings.top_k, dim=-1).values[..., -1:]          # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop the low tail whose mass is <= 1 - top_p; the most probable token always survives
+        drop_sorted = cum <= (1 - settings.top_p)
+        drop_sorted[..., -1] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class Decoder:
+    """Iterates over the `StepDistribution` of each generated token; ``stop_reason`` is set at the end.
+
+    ``lang_model`` is a (PEFT-wrapped) causal LM; ``embed_tokens`` maps (N, 1) token ids to (N, 1, H)
+    input embeddings; ``prompt_embeds`` is the (1, L, H) prompt. The prompt is run once (prefill),
+    then one token per step through the cache. With greedy or sampling each step is yielded as soon as
+    it is chosen; beam search yields the chosen beam's steps when the search ends.
+    ``cancel`` is checked before every model step.
+    """
+
+    def __init__(self, lang_model: torch.nn.Module, embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+                 prompt_embeds: torch.Tensor, settings: GenerationSettings, eos_token_id: int | None,
+                 cancel: threading.Event | None = None, top_k_alternatives: int = TOP_ALTERNATIVES):
+        settings.validate()
+        self.lm = lang_model
+        self.embed_tokens = embed_tokens
+        self.prompt_embeds = prompt_embeds
+        self.settings = settings
+        self.eos = eos_token_id
+        self.cancel = cancel
+        self.k_alt = top_k_alternatives
+        self.stop_reason = "max_new_tokens"
+        self.seed: int | None = None
+        self._cache_kw = _cache_kwarg(lang_model)
+
+    def _cancelled(self) -> bool:
+        if self.cancel is not None and self.cancel.is_set():
+            self.stop_reason = "cancelled"
+            return True
+        return False
+
+    def _step(self, embeds: torch.Tensor, cache) -> torch.Tensor:
+        """Run ``embeds`` (N, T, H) through the LM; returns the (N, V) next-token logits."""
+        out = self.lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[:, -1, :]
+
+    def __iter__(self) -> Iterator[StepDistribution]:
+        with torch.inference_mode():
+            if self.settings.strategy == "beam" and self.settings.num_beams > 1:
+                yield from self._beam()
+            else:
+                yield from self._greedy_or_sample()
+
+    def _greedy_or_sample(self) -> Iterator[StepDistribution]:
+        s = self.settings
+        generator = None
+        if s.strategy == "sample":
+            self.seed = int(s.seed) if s.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+            generator = torch.Generator(device=self.prompt_embeds.device).manual_seed(self.seed)
+        cache = _new_cache(self.lm)
+        if self._cancelled():
+            return
+        logits = self._step(self.prompt_embeds, cache)                        # (1, V)
+        for _ in range(s.max_new_tokens):
+            if s.strategy == "sample":
+                probs = _warp_logits(logits, s).softmax(-1)
+                token = torch.multinomial(probs, 1, generator=generator).view(1)
+            else:
+                token = logits.argmax(-1)                                      # (1,)
+            step = distribution_stats(logits, token, self.k_alt)[0]
+            yield step
+            if self.eos is not None and step.token_id == self.eos:
+                self.stop_reason = "eos"
+                return
+            if self._cancelled():
+                return
+            embeds = self.embed_tokens(token.view(1, 1))                       # (1, 1, H)
+            logits = self._step(embeds, cache)
+        self.stop_reason = "max_new_tokens"
+
+    def _beam(self) -> Iterator[StepDistribution]:
+        """A plain beam search (HF scoring: sum log p / length ** length_penalty, eos ends a beam)."""
+        s = self.settings
+        B = s.num_beams
+        cache = _new_cache(self.lm)
+        if self._cancelled():
+            return
+        logits = self._step(self.prompt_embeds, cache)                        # (1, V)
+        V = logits.shape[-1]
+        scores = torch.zeros(1, device=logits.device)                         # (beams,)
+        histories: list[list[StepDistribution]] = [[]]
+        finished: list[tuple[float, list[StepDistribution]]] = []
+        for step_i in range(s.max_new_tokens):
+            n = logits.shape[0]
+            logp = torch.log_softmax(logits.float(), dim=-1)                  # (n, V)
+            cand = (scores[:, None] + logp).view(-1)                          # (n*V,)
+            top_scores, top_flat = cand.topk(min(2 * B, cand.numel()))
+            beam_idx, tok_idx = top_flat // V, top_flat % V
+            stats = distribution_stats(logits[beam_idx], tok_idx, self.k_alt)
+            keep_beams, keep_tokens, keep_scores, keep_hist = [], [], [], []
+            length = step_i + 1
+            for sc, b, t, st in zip(top_scores.tolist(), beam_idx.tolist(), tok_idx.tolist(), stats):
+                hist = histories[b] + [st]
+                if self.eos is not None and t == self.eos:
+                    finished.append((sc / length ** s.length_penalty, hist))
+                else:
+                    keep_beams.append(b)
+                    keep_tokens.append(t)
+                    keep_scores.append(sc)
+                    keep_hist.append(hist)
+                if len(keep_beams) == B:
+                    break
+            best_running = keep_scores[0] / length ** s.length_penalty if keep_scores else -math.inf
+            finished.sort(key=lambda x: -x[0])
+            finished = finished[:B]
+            # done when B hypotheses ended and no running beam can still beat the worst of them
+            # (log-probs only fall, so with length_penalty >= 0 the running score is an upper bound)
+            if not keep_beams or (len(finished) == B and best_running <= finished[-1][0]):
+                self.stop_reason = "eos"
+                break
+            if step_i == s.max_new_tokens - 1 or self._cancelled():
+                for sc, h in zip(keep_scores, keep_hist):
+                    finished.append((sc / length ** s.length_penalty, h))
+                if self.stop_reason != "cancelled":
+                    self.stop_reason = "max_new_tokens"
+                break
+            sel = torch.tensor(keep_beams, device=logits.device)
+            if n == 1:
+                cache.batch_repeat_interleave(len(keep_beams))
+            else:
+                cache.reorder_cache(sel)
+            scores = torch.tensor(keep_scores, device=logits.device)
+            histories = keep_hist
+            tokens = torch.tensor(keep_tokens, device=logits.device).view(-1, 1)
+            logits = self._step(self.embed_tokens(tokens), cache)             # (B, V)
+        if finished:
+            best = max(finished, key=lambda x: x[0])[1]
+            if self.eos is not None and best and best[-1].token_id == self.eos and self.stop_reason != "cancelled":
+                self.stop_reason = "eos"
+            yield from best
+
+
+# ------------------------------------------------------------------------------------------------
+# incremental detokenisation
+# ------------------------------------------------------------------------------------------------
+class StreamingDetokenizer:
+    """Turns ids into text increments whose concatenation is exactly ``decode(all ids)``.
+
+    Decoding a token alone loses the leading space of SentencePiece pieces and splits multi-byte
+    characters, so each step decodes the whole sequence and emits what is new. A trailing U+FFFD
+    (an incomplete UTF-8 character) is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> tuple[str, int, int]:
+        """Add one id; returns (new text, start, end) of the increment in the running text."""
+        self.ids.append(int(token_id))
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):
+            return "", len(self.text), len(self.text)
+        if not full.startswith(self.text):
+            # a tokenizer whose decoding of a prefix is not a prefix: fall back to the difference
+            common = os.path.commonprefix([full, self.text])
+            self.text = common
+        start = len(self.text)
+        self.text = full
+        return full[start:], start, len(full)
+
+    def finish(self) -> str:
+        """The final text (anything still held back included)."""
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.text
+
+
+def token_piece_text(tokenizer, token_id: int) -> str:
+    """Readable text of one token for the alternatives list (keeps its leading space)."""
+    text = tokenizer.decode([int(token_id)], skip_special_tokens=False)
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if isinstance(piece, str) and piece[:1] in ("\u2581", "\u0120") and not text.startswith(" "):
+        text = " " + text
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# sections, grounding and aggregates
+# ------------------------------------------------------------------------------------------------
+def ground_sections(text: str, slot_regions: dict[int, str], tokens: Sequence[TokenConfidence]) -> list[GroundedSection]:
+    """Parse ``text`` into region sections and check each named area against the slot's true region."""
+    from .sections import parse_sections
+
+    out = []
+    for sec in parse_sections(text):
+        region = slot_regions.get(int(sec.slot))
+        named = sec.area if sec.area in REGIONS else (canonical_region(sec.raw_area or "") if sec.raw_area else None)
+        conf = ConfidenceSummary.of(tokens_in_span(tokens, sec.body_start, sec.end))
+        out.append(GroundedSection(
+            slot=int(sec.slot), area=named, raw_area=sec.raw_area, text=sec.text, start=sec.start,
+            end=sec.end, body_start=sec.body_start, region=region,
+            grounding_ok=region is not None and named == region, confidence=conf,
+        ))
+    return out
+
+
+def region_accuracy_of(sections: Sequence[GroundedSection], slot_regions: dict[int, str]) -> float | None:
+    """Fraction of the prompt's slots whose (first) section named the slot's true region.
+
+    A slot the model never wrote a section for counts as wrong; repeated slots are judged by their
+    first section. None when the prompt had no region slots.
+    """
+    if not slot_regions:
+        return None
+    first: dict[int, GroundedSection] = {}
+    for s in sections:
+        first.setdefault(s.slot, s)
+    correct = sum(1 for slot in slot_regions if slot in first and first[slot].grounding_ok)
+    return correct / len(slot_regions)
+
+
+def sentence_confidences(text: str, sections: Sequence[GroundedSection],
+                         tokens: Sequence[TokenConfidence]) -> list[SentenceConfidence]:
+    """Sentences of every section body (and of text outside sections) with their confidence."""
+    pieces: list[tuple[int, int, int | None]] = []
+    pos = 0
+    for s in sorted(sections, key=lambda s: s.start):
+        if s.start > pos:
+            pieces.append((pos, s.start, None))
+        pieces.append((s.body_start, s.end, s.slot))
+        pos = max(pos, s.end)
+    if pos < len(text):
+        pieces.append((pos, len(text), None))
+    out = []
+    for a, b, slot in pieces:
+        for s, e in sentence_spans(text, a, b):
+            toks = tokens_in_span(tokens, s, e)
+            out.append(SentenceConfidence(s, e, text[s:e], slot, ConfidenceSummary.of(toks),
+                                          tuple(t.index for t in toks)))
+    return out
+
+
+def region_confidences(sections: Sequence[GroundedSection], tokens: Sequence[TokenConfidence]) -> dict[str, ConfidenceSummary]:
+    """Confidence over all section bodies of each true region (keyed by the slot's region)."""
+    by_region: dict[str, list[TokenConfidence]] = {}
+    for s in sections:
+        if s.region is not None:
+            by_region.setdefault(s.region, []).extend(tokens_in_span(tokens, s.body_start, s.end))
+    return {r: ConfidenceSummary.of(t) for r, t in by_region.items()}
+
+
+def build_result(text: str, steps: Sequence[StepDistribution], pieces: Sequence[tuple[str, int, int]],
+                 tokenizer, slot_regions: dict[int, str], settings: GenerationSettings, stop_reason: str,
+                 **extra) -> DraftResult:
+    """Assemble a `DraftResult` from the decoded steps and their text increments."""
+    tokens = [
+        TokenConfidence(index=i, token_id=st.token_id, text=txt, start=a, end=b, prob=st.prob,
+                        entropy=st.entropy,
+                        top=tuple((token_piece_text(tokenizer, t), p) for t, p in zip(st.top_ids, st.top_probs)),
+                        top_ids=tuple(st.top_ids))
+        for i, (st, (txt, a, b)) in enumerate(zip(steps, pieces))
+    ]
+    sections = ground_sections(text, slot_regions, tokens)
+    return DraftResult(
+        text=text, token_ids=[st.token_id for st in steps], tokens=tokens, sections=sections,
+        slot_regions=dict(slot_regions), sentences=sentence_confidences(text, sections, tokens),
+        region_confidence=region_confidences(sections, tokens), confidence=ConfidenceSummary.of(tokens),
+        region_accuracy=region_accuracy_of(sections, slot_regions), stop_reason=stop_reason,
+        settings=settings, **extra,
+    )
