@@ -1,0 +1,221 @@
+"""`Reg2RGConfig`: every dimension of the Reg2RG network, saved as JSON beside the weights.
+
+Nothing in the model code hard-codes a published dimension (4096, 32000, 768, 32, 33): they all come
+from here. ``Reg2RGConfig.preset("reg2rg-7b")`` holds the published values (facts §1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_NAME = "config.json"
+
+
+class ConfigError(ValueError):
+    """A model configuration is inconsistent or a config file cannot be read."""
+
+
+@dataclass
+class VisionEncoderConfig:
+    """A RadFM 3D ViT. ``image_size``/``frames`` size the position tables, not the runtime input."""
+
+    image_size: int = 512
+    frames: int = 512
+    patch_size: int = 32
+    frame_patch_size: int = 4
+    dim: int = 768
+    depth: int = 12
+    heads: int = 8
+    dim_head: int = 64
+    mlp_dim: int = 2048
+    dropout: float = 0.1
+    emb_dropout: float = 0.1
+    channels: int = 3
+
+    @property
+    def table_sizes(self) -> tuple[int, int, int]:
+        """Entries of the row, column and depth position tables."""
+        return (self.image_size // self.patch_size, self.image_size // self.patch_size,
+                self.frames // self.frame_patch_size)
+
+    def grid(self, input_size: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Patch grid (h, w, d) for an input of spatial size (H, W, D)."""
+        h, w, d = input_size
+        return (h // self.patch_size, w // self.patch_size, d // self.frame_patch_size)
+
+    def validate(self, input_size: tuple[int, int, int], what: str) -> None:
+        if self.dim % 3:
+            raise ConfigError(f"{what}: dim {self.dim} must be divisible by 3 (three position tables)")
+        h, w, d = input_size
+        if h % self.patch_size or w % self.patch_size or d % self.frame_patch_size:
+            raise ConfigError(f"{what}: input {input_size} is not a multiple of the patch "
+                              f"({self.patch_size}, {self.patch_size}, {self.frame_patch_size})")
+        for n, table in zip(self.grid(input_size), self.table_sizes):
+            if n > table or table % n:
+                raise ConfigError(f"{what}: runtime grid {self.grid(input_size)} does not subsample "
+                                  f"the position tables {self.table_sizes}")
+
+
+@dataclass
+class PerceiverConfig:
+    """Flamingo perceiver resampler (the number of latents is `Reg2RGConfig.num_latents`)."""
+
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
+class LoraSettings:
+    """PEFT LoRA settings; ``target_modules=None`` means PEFT's default for LLaMA (q_proj, v_proj)."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] | None = None
+
+
+def _mask_encoder_published() -> VisionEncoderConfig:
+    return VisionEncoderConfig(image_size=256, frames=64, patch_size=32, frame_patch_size=16, dim=255,
+                               depth=3, heads=8, dim_head=64, mlp_dim=512, channels=1)
+
+
+@dataclass
+class Reg2RGConfig:
+    """All dimensions and switches of one Reg2RG model.
+
+    ``train_llm``: ``"lora"`` (published: LoRA on a frozen LLaMA), ``"full"`` (the small demo LLM is
+    trained from scratch), ``"frozen"`` (no LLM training). ``llm_path`` is a local HF folder; else
+    ``llm_config`` is a dict of ``LlamaConfig`` arguments for a freshly initialised LLM.
+    ``vocab_size`` is the text vocabulary V (rows of the LLM input embedding); it is filled from the
+    tokenizer when the model is built and must match it afterwards.
+    """
+
+    name: str = "custom"
+    input_size: tuple[int, int, int] = (256, 256, 64)
+    orientation: str | None = None          # None: volumes are used as stored (the published way)
+    num_regions: int = 10
+    num_latents: int = 32                   # tokens per region = num_latents + 1 (mask token)
+    vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
+    mask_encoder: VisionEncoderConfig = field(default_factory=_mask_encoder_published)
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    llm_path: str | None = None
+    llm_config: dict[str, Any] | None = None
+    vocab_size: int | None = None
+    train_llm: str = "lora"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
+    max_length: int = 2048
+    freeze_vision_encoder: bool = True
+
+    def __post_init__(self) -> None:
+        self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]
+        for name, cls in (("vision", VisionEncoderConfig), ("mask_encoder", VisionEncoderConfig),
+                          ("perceiver", PerceiverConfig), ("lora", LoraSettings)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls(**value))
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def tokens_per_region(self) -> int:
+        return self.num_latents + 1
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Rows of the per-sample special table: 4 markers + global tokens + all region slots."""
+        return 4 + self.num_latents + self.num_regions * self.tokens_per_region
+
+    @property
+    def hidden_size(self) -> int | None:
+        """LLM hidden size when known without reading the LLM folder."""
+        return None if self.llm_config is None else int(self.llm_config["hidden_size"])
+
+    def validate(self) -> None:
+        """Raise `ConfigError` when the dimensions cannot work together."""
+        self.vision.validate(self.input_size, "vision encoder")
+        self.mask_encoder.validate(self.input_size, "mask encoder")
+        if self.train_llm not in ("lora", "full", "frozen"):
+            raise ConfigError(f"train_llm must be 'lora', 'full' or 'frozen', got {self.train_llm!r}")
+        if self.llm_path is None and self.llm_config is None:
+            raise ConfigError(f"preset {self.name!r}: set llm_path (a local LLaMA folder) or llm_config")
+
+    # ---- presets -------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "Reg2RGConfig":
+        """``"reg2rg-7b"`` (published dims; set ``llm_path`` before building), ``"tiny"`` (tests),
+        ``"demo"`` (the small model trained on CPU)."""
+        if name == "reg2rg-7b":
+            return cls(name=name)
+        if name == "tiny":
+            return cls(
+                name=name, input_size=(32, 32, 16), num_latents=4,
+                vision=VisionEncoderConfig(image_size=64, frames=32, patch_size=8, frame_patch_size=4,
+                                           dim=48, depth=2, heads=2, dim_head=16, mlp_dim=96),
+                mask_encoder=VisionEncoderConfig(image_size=32, frames=16, patch_size=8, frame_patch_size=8,
+                                                 dim=30, depth=1, heads=2, dim_head=8, mlp_dim=40, channels=1),
+                perceiver=PerceiverConfig(depth=2, heads=2, dim_head=16, ff_mult=2),
+                llm_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048),
+                train_llm="lora", gradient_checkpointing=False, max_length=512,
+            )
+        if name == "demo":
+            return cls(
+                name=name, input_size=(64, 64, 32), num_latents=8,
+                vision=VisionEncoderConfig(image_size=128, frames=64, patch_size=16, frame_patch_size=4,
+                                           dim=144, depth=3, heads=4, dim_head=32, mlp_dim=288),
+                mask_encoder=VisionEncoderConfig(image_size=64, frames=32, patch_size=16, frame_patch_size=8,
+                                                 dim=48, depth=1, heads=4, dim_head=16, mlp_dim=96, channels=1),
+                perceiver=PerceiverConfig(depth=2, heads=4, dim_head=32, ff_mult=2),
+                llm_config=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048),
+                train_llm="full", gradient_checkpointing=False, max_length=1024,
+                freeze_vision_encoder=False,
+            )
+        raise ConfigError(f"unknown preset {name!r}; choose 'reg2rg-7b', 'tiny' or 'demo'")
+
+    # ---- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["input_size"] = list(self.input_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Reg2RGConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {unknown}")
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``config.json`` into ``directory``; returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Reg2RGConfig":
+        """Read ``config.json`` from ``directory`` (or a path to the JSON file itself)."""
+        path = os.fspath(directory)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: model config file not found")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ConfigError) as err:
+            raise ConfigError(f"{path}: {err}") from err

@@ -1,0 +1,131 @@
+"""The Reg2RG fusion layer (the published ``embedding_layer``): visual encoders + gather-based embedding.
+
+The reference built, per sample, a (V + 4 + L + R(L+1)) x hidden table and multiplied a one-hot
+matrix of the whole prompt by it. Here text ids read the LLM's input embedding and special ids read a
+small per-sample table of 4 + L + R(L+1) rows by gather — the same numbers at a tiny fraction of the
+work (facts §2, §7). The global volume and every region volume of the batch go through the ViT and the
+perceiver in one batched pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import Reg2RGConfig
+from .perceiver import PerceiverResampler
+from .vit3d import ViT3D
+
+
+@dataclass
+class VisualTokens:
+    """Projected visual tokens of a batch, plus the perceiver attention when requested."""
+
+    global_tokens: torch.Tensor                  # (B, L, hidden)
+    region_tokens: torch.Tensor                  # (N, L+1, hidden); token L is the mask token
+    perceiver_attention: tuple[torch.Tensor, ...] | None = None  # per layer (B+N, heads, L, P)
+    patch_grid: tuple[int, int, int] | None = None               # ViT grid (h, w, d) of the P patches
+
+
+class RegionFusionEmbedding(nn.Module):
+    """Children and parameter names follow the published ``embedding_layer``.
+
+    ``weight`` is tied to (is the same tensor as) the LLM's input embedding; it is attached by `Reg2RG`.
+    """
+
+    def __init__(self, config: Reg2RGConfig, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_latents = config.num_latents
+        self.num_regions = config.num_regions
+        self.image_token_weight = nn.Parameter(torch.randn(2, hidden_size))
+        self.region_token_weight = nn.Parameter(torch.randn(2, hidden_size))
+        self.vision_encoder = ViT3D(config.vision)
+        self.mask_encoder = ViT3D(config.mask_encoder)
+        p = config.perceiver
+        self.perceiver = PerceiverResampler(config.vision.dim, config.num_latents, depth=p.depth, heads=p.heads,
+                                            dim_head=p.dim_head, ff_mult=p.ff_mult)
+        self.fc = nn.Linear(config.vision.dim, hidden_size)
+        self.mask_fc = nn.Linear(config.mask_encoder.dim, hidden_size)
+        if config.freeze_vision_encoder:
+            self.vision_encoder.requires_grad_(False)
+        self.weight: nn.Parameter | None = None
+
+    # ---- visual side ---------------------------------------------------------------------------
+    def encode_visual(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
+                      return_attention: bool = False) -> VisualTokens:
+        """Global volumes (B,C,H,W,D), region volumes (N,C,H,W,D) and region masks (N,1,H,W,D) ->
+        projected tokens, the global and all region volumes in ONE ViT + perceiver pass."""
+        B, N = images.shape[0], region_images.shape[0]
+        if region_masks.shape[0] != N:
+            raise ValueError(f"{N} region volumes but {region_masks.shape[0]} region masks")
+        volumes = torch.cat([images, region_images.to(images.dtype)], dim=0)   # (B+N, C, H, W, D)
+        patches = self.vision_encoder(volumes)                                 # (B+N, P, dim)
+        if return_attention:
+            latents, attention = self.perceiver(patches, return_attention=True)
+        else:
+            latents, attention = self.perceiver(patches), None                 # (B+N, L, dim)
+        tokens = self.fc(latents)                                              # (B+N, L, hidden)
+        global_tokens, region_tokens = tokens[:B], tokens[B:]
+        if N:
+            mask_tokens = self.mask_encoder(region_masks.to(images.dtype)).mean(dim=1)  # (N, mask_dim)
+            mask_tokens = self.mask_fc(mask_tokens)                            # (N, hidden)
+            region_tokens = torch.cat([region_tokens, mask_tokens[:, None, :]], dim=1)  # (N, L+1, hidden)
+        else:
+            region_tokens = tokens.new_zeros(0, self.num_latents + 1, self.hidden_size)
+        grid = self.config.vision.grid(tuple(images.shape[-3:]))
+        return VisualTokens(global_tokens, region_tokens, attention, grid)
+
+    # ---- the per-sample special table and the gather ---------------------------------------------
+    def special_table(self, visual: VisualTokens, region_sample: torch.Tensor,
+                      region_slot: torch.Tensor) -> torch.Tensor:
+        """(B, 4 + L + R(L+1), hidden): markers, global tokens, then slot j's 33 tokens at 4+L+(L+1)j.
+
+        Slots without a region stay zero, as in the reference."""
+        B, L = visual.global_tokens.shape[0], self.num_latents
+        dtype = visual.global_tokens.dtype
+        markers = torch.cat([self.image_token_weight, self.region_token_weight]).to(dtype)   # (4, hidden)
+        regions = visual.global_tokens.new_zeros(B * self.num_regions, L + 1, self.hidden_size)
+        if region_sample.numel():
+            _check_slots(region_sample, region_slot, B, self.num_regions)
+            flat = region_sample * self.num_regions + region_slot                          # (N,)
+            regions = regions.index_put((flat.to(regions.device),), visual.region_tokens.to(dtype))
+        regions = regions.view(B, self.num_regions * (L + 1), self.hidden_size)
+        return torch.cat([markers.expand(B, -1, -1), visual.global_tokens, regions], dim=1)
+
+    def embed(self, input_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, hidden): ids < V from the tied text embedding, the rest from ``table``."""
+        if self.weight is None:
+            raise RuntimeError("the fusion layer's text embedding is not tied to an LLM yet")
+        V = self.vocab_size
+        if int(input_ids.max()) >= V + table.shape[1] or int(input_ids.min()) < 0:
+            raise ValueError(f"input ids must lie in 0..{V + table.shape[1] - 1}, got "
+                             f"{int(input_ids.min())}..{int(input_ids.max())}")
+        is_special = input_ids >= V
+        text = nn.functional.embedding(input_ids.masked_fill(is_special, 0), self.weight).to(table.dtype)
+        rows = (input_ids - V).clamp(min=0)                                                 # (B, T)
+        special = torch.gather(table, 1, rows[..., None].expand(-1, -1, table.shape[-1]))  # (B, T, hidden)
+        return torch.where(is_special[..., None], special, text)
+
+    def forward(self, input_ids: torch.Tensor, images: torch.Tensor, region_images: torch.Tensor,
+                region_masks: torch.Tensor, region_sample: torch.Tensor, region_slot: torch.Tensor) -> torch.Tensor:
+        """Inputs embeds (B, T, hidden) for ids and the batch's flat region lists."""
+        visual = self.encode_visual(images, region_images, region_masks)
+        return self.embed(input_ids, self.special_table(visual, region_sample, region_slot))
+
+
+def _check_slots(region_sample: torch.Tensor, region_slot: torch.Tensor, batch: int, num_regions: int) -> None:
+    if region_sample.shape != region_slot.shape:
+        raise ValueError(f"region_sample {tuple(region_sample.shape)} and region_slot "
+                         f"{tuple(region_slot.shape)} must have the same shape")
+    if int(region_sample.min()) < 0 or int(region_sample.max()) >= batch:
+        raise ValueError(f"region_sample must index the {batch} samples of the batch")
+    if int(region_slot.min()) < 0 or int(region_slot.max()) >= num_regions:
+        raise ValueError(f"region_slot must lie in 0..{num_regions - 1}")
+    flat = region_sample * num_regions + region_slot
+    if torch.unique(flat).numel() != flat.numel():
+        raise ValueError("two regions of one sample were given the same slot")

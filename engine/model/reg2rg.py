@@ -1,0 +1,106 @@
+"""`Reg2RG`: the fusion layer (``embedding_layer``) feeding ``inputs_embeds`` to LLaMA (``lang_model``).
+
+The two child names are the published ones, so ``state_dict()`` names match the published checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..tokens import IGNORE_INDEX, SpecialIds, add_special_tokens
+from .config import ConfigError, Reg2RGConfig
+from .embedding import RegionFusionEmbedding, VisualTokens
+from .llm import base_llama, build_language_model
+
+
+@dataclass
+class Reg2RGOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor                       # (B, T, V)
+    token_accuracy: torch.Tensor | None = None     # correct / labelled next tokens
+    sequence_accuracy: torch.Tensor | None = None  # the reference's logged "Accuracy": whole sequences right
+
+
+class Reg2RG(nn.Module):
+    """Reg2RG. Inputs are flat over the batch: ``region_images`` (N,C,H,W,D) and ``region_masks``
+    (N,1,H,W,D) hold every region of every sample, ``region_sample`` (N,) says whose it is and
+    ``region_slot`` (N,) which prompt slot j it fills."""
+
+    def __init__(self, config: Reg2RGConfig, lang_model: nn.Module, vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.special = SpecialIds(vocab_size, config.num_latents, config.num_regions)
+        hidden = base_llama(lang_model).config.hidden_size
+        self.lang_model = lang_model
+        self.embedding_layer = RegionFusionEmbedding(config, hidden, vocab_size)
+        # Tie: the text rows of the fusion table ARE the LLM input embedding (same tensor, not resized).
+        self.embedding_layer.weight = self.lang_model.get_input_embeddings().weight
+
+    @classmethod
+    def from_config(cls, config: Reg2RGConfig, tokenizer=None, dtype: torch.dtype | None = None) -> "Reg2RG":
+        """Build the model (LLM from ``config.llm_path`` or fresh from ``config.llm_config``).
+
+        The text vocabulary V comes from ``tokenizer`` (its special tokens are added if missing) or,
+        without one, from ``config.vocab_size``. ``config.vocab_size`` is filled in.
+        """
+        if tokenizer is not None:
+            vocab = add_special_tokens(tokenizer, config.num_latents, config.num_regions).vocab_size
+            if config.vocab_size is not None and config.vocab_size != vocab:
+                raise ConfigError(f"the config says vocab_size {config.vocab_size}, the tokenizer has {vocab}")
+            config.vocab_size = vocab
+        elif config.vocab_size is None:
+            raise ConfigError("give a tokenizer or set config.vocab_size")
+        config.validate()
+        lang_model = build_language_model(config, config.vocab_size, dtype)
+        model = cls(config, lang_model, config.vocab_size)
+        if dtype is not None:
+            model.embedding_layer.to(dtype)
+        return model
+
+    # ---- pieces used by generation and attention maps ----------------------------------------------
+    def encode_visual(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
+                      return_attention: bool = False) -> VisualTokens:
+        """Global + all regions in one batched ViT + perceiver pass; masks through the mask encoder."""
+        return self.embedding_layer.encode_visual(images, region_images, region_masks, return_attention)
+
+    def embed_inputs(self, input_ids: torch.Tensor, images: torch.Tensor, region_images: torch.Tensor,
+                     region_masks: torch.Tensor, region_sample: torch.Tensor, region_slot: torch.Tensor,
+                     visual: VisualTokens | None = None) -> torch.Tensor:
+        """``inputs_embeds`` (B, T, hidden); pass ``visual`` to reuse an encoding."""
+        if visual is None:
+            visual = self.encode_visual(images, region_images, region_masks)
+        table = self.embedding_layer.special_table(visual, region_sample, region_slot)
+        return self.embedding_layer.embed(input_ids, table)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                region_images: torch.Tensor | None = None, region_masks: torch.Tensor | None = None,
+                region_sample: torch.Tensor | None = None, region_slot: torch.Tensor | None = None) -> Reg2RGOutput:
+        """Causal-LM loss exactly as the reference (HF shift, mean over labels != -100) and accuracies."""
+        if images is None:
+            raise ValueError("Reg2RG.forward needs the global images (B, C, H, W, D)")
+        if region_images is None:
+            region_images = images.new_zeros(0, *images.shape[1:])
+            region_masks = images.new_zeros(0, 1, *images.shape[2:])
+            region_sample = region_slot = torch.zeros(0, dtype=torch.long, device=images.device)
+        embeds = self.embed_inputs(input_ids, images, region_images, region_masks, region_sample, region_slot)
+        out = self.lang_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        token_acc = seq_acc = None
+        if labels is not None:
+            token_acc, seq_acc = next_token_accuracy(out.logits, labels)
+        return Reg2RGOutput(out.loss, out.logits, token_acc, seq_acc)
+
+
+@torch.no_grad()
+def next_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token accuracy over labelled positions, fraction of sequences with every label right)."""
+    predictions = logits[:, :-1].argmax(dim=-1)
+    target = labels[:, 1:]
+    labelled = target != IGNORE_INDEX
+    correct = (predictions == target) & labelled
+    token_acc = correct.sum() / labelled.sum().clamp(min=1)
+    seq_acc = ((predictions == target) | ~labelled).all(dim=-1).float().mean()
+    return token_acc, seq_acc
