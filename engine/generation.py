@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .confidence import (
@@ -148,7 +149,7 @@ class GroundedSection:
     ``grounding_ok`` is True when the model named that region.
     """
 
-    slot: int
+    slot: int | None                  # None: text before the first section
     area: str | None
     raw_area: str
     text: str
@@ -451,11 +452,12 @@ def ground_sections(text: str, slot_regions: dict[int, str], tokens: Sequence[To
 
     out = []
     for sec in parse_sections(text):
-        region = slot_regions.get(int(sec.slot))
-        named = sec.area if sec.area in REGIONS else (canonical_region(sec.raw_area or "") if sec.raw_area else None)
+        slot = None if sec.slot is None else int(sec.slot)
+        region = None if slot is None else slot_regions.get(slot)
+        named = sec.area
         conf = ConfidenceSummary.of(tokens_in_span(tokens, sec.body_start, sec.end))
         out.append(GroundedSection(
-            slot=int(sec.slot), area=named, raw_area=sec.raw_area, text=sec.text, start=sec.start,
+            slot=slot, area=named, raw_area=sec.raw_area, text=sec.text, start=sec.start,
             end=sec.end, body_start=sec.body_start, region=region,
             grounding_ok=region is not None and named == region, confidence=conf,
         ))
@@ -463,18 +465,14 @@ def ground_sections(text: str, slot_regions: dict[int, str], tokens: Sequence[To
 
 
 def region_accuracy_of(sections: Sequence[GroundedSection], slot_regions: dict[int, str]) -> float | None:
-    """Fraction of the prompt's slots whose (first) section named the slot's true region.
+    """The published region prediction accuracy of one study (`sections.region_prediction_accuracy`:
+    a slot never written counts as wrong, a repeated slot is judged by its first section); None when
+    the prompt had no region slots."""
+    from .sections import region_prediction_accuracy
 
-    A slot the model never wrote a section for counts as wrong; repeated slots are judged by their
-    first section. None when the prompt had no region slots.
-    """
     if not slot_regions:
         return None
-    first: dict[int, GroundedSection] = {}
-    for s in sections:
-        first.setdefault(s.slot, s)
-    correct = sum(1 for slot in slot_regions if slot in first and first[slot].grounding_ok)
-    return correct / len(slot_regions)
+    return float(region_prediction_accuracy(sections, slot_regions))
 
 
 def sentence_confidences(text: str, sections: Sequence[GroundedSection],
@@ -526,3 +524,300 @@ def build_result(text: str, steps: Sequence[StepDistribution], pieces: Sequence[
         region_accuracy=region_accuracy_of(sections, slot_regions), stop_reason=stop_reason,
         settings=settings, **extra,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# the engine
+# ------------------------------------------------------------------------------------------------
+def default_model_dir() -> Path:
+    """The embedded demo model (``resources/demo_model``)."""
+    from .. import resources
+
+    return Path(resources.__file__).resolve().parent / "demo_model"
+
+
+def resolve_device(device: str | torch.device = "auto", dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """``"auto"``: CUDA with bfloat16 when available, else CPU float32. ``dtype`` overrides the choice."""
+    if isinstance(device, str) and device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError("device 'cuda' was requested but no CUDA device is available; use device='cpu'")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                 "fp32": torch.float32, "float32": torch.float32}
+        if dtype.lower() not in names:
+            raise GenerationError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+        dtype = names[dtype.lower()]
+    return device, dtype
+
+
+def _oom_message(device: torch.device, what: str) -> str:
+    if device.type == "cuda":
+        return (f"the GPU ran out of memory while {what}. Try fewer regions, a smaller max_new_tokens or "
+                f"num_beams, or run on the CPU (device='cpu', slower but limited only by RAM).")
+    return (f"the computer ran out of memory while {what}. Try fewer regions, a smaller max_new_tokens or "
+            f"num_beams, or the smaller demo model.")
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+@dataclass
+class PreparedStudy:
+    """A study ready to decode: model inputs, slot assignment, prompt ids and embeddings, and the
+    perceiver's latent→patch attention (kept from the same encoding pass, for attention maps)."""
+
+    inputs: Any                              # preprocess.ModelInputs
+    slot_regions: dict[int, str]
+    prompt_ids: list[int]
+    prompt_embeds: torch.Tensor              # (1, P, hidden)
+    latent_patch: dict[str, torch.Tensor]    # 'global' / region -> (L, patches), last perceiver layer
+    patch_grid: tuple[int, int, int]
+
+
+class ReportEngine:
+    """Reg2RG inference for the viewer and the command line.
+
+    ``generate`` streams `GenerationEvent`s and ends with `Finished`; ``attention_map`` turns a
+    selection of generated tokens into shares and a heatmap on the original CT.
+    """
+
+    def __init__(self, model, tokenizer, model_dir: str | os.PathLike | None = None):
+        from .tokens import SpecialIds
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.special: SpecialIds = model.special
+        self.model_dir = None if model_dir is None else Path(model_dir)
+        first = next(model.parameters())
+        self.device = first.device
+        self.dtype = next(model.embedding_layer.parameters()).dtype
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike | None = None, device: str | torch.device = "auto",
+             dtype: str | torch.dtype | None = None) -> "ReportEngine":
+        """Load a model folder (None = the embedded demo model) onto ``device`` (``"auto"``: CUDA bf16
+        if available, else CPU float32). Raises `ModelFolderError` when the folder or a file is missing
+        and `EngineOutOfMemory` when the weights do not fit."""
+        from .checkpoint import load_pretrained
+
+        folder = Path(model_dir) if model_dir is not None else default_model_dir()
+        if not folder.is_dir():
+            hint = " (the demo model has not been built: see README)" if model_dir is None else ""
+            raise ModelFolderError(f"{folder}: model folder not found{hint}")
+        if not (folder / "config.json").is_file():
+            raise ModelFolderError(f"{folder}: not a Reg2RG model folder (config.json is missing)")
+        dev, dt = resolve_device(device, dtype)
+        try:
+            model, tokenizer = load_pretrained(folder, dev, dt)
+        except FileNotFoundError as err:
+            raise ModelFolderError(f"{folder}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - only memory errors are translated
+            if _is_oom(err):
+                raise EngineOutOfMemory(_oom_message(dev, f"loading {folder}")) from err
+            raise
+        return cls(model, tokenizer, folder)
+
+    # ---- regions and prompt -------------------------------------------------------------------
+    def select_regions(self, study, regions: Sequence[str] | None = None) -> list[str]:
+        """Regions to report on, in the published order: all present (non-empty masks) by default."""
+        present = study.regions_present
+        if regions is None:
+            chosen = present
+        else:
+            chosen = []
+            for name in regions:
+                canon = canonical_region(name)
+                if canon is None:
+                    raise GenerationError(f"{study.name}: unknown region {name!r}; regions are {', '.join(REGIONS)}")
+                if canon not in present:
+                    raise GenerationError(f"{study.name}: region {canon!r} has no mask (or an empty one) in this study")
+                chosen.append(canon)
+            chosen = [r for r in REGIONS if r in set(chosen)]
+        if len(chosen) > self.config.num_regions:
+            raise GenerationError(f"{study.name}: {len(chosen)} regions but the model has {self.config.num_regions} slots")
+        return chosen
+
+    def prepare(self, study, regions: Sequence[str] | None = None) -> PreparedStudy:
+        """Pre-process, encode every volume in one pass, and embed the prompt (done once per study)."""
+        from .preprocess import preprocess
+        from .tokens import build_prompt_ids
+
+        chosen = self.select_regions(study, regions)
+        inputs = preprocess(study, self.config.input_size, self.config.orientation, chosen)
+        # preprocess skips regions it cannot crop (warned there): slots follow what it produced
+        slots = [r for r in chosen if r in inputs.regions]
+        slot_regions = {j: r for j, r in enumerate(slots)}
+        dev, dt = self.device, self.dtype
+        images = inputs.image[None].to(dev, dt)                                     # (1, 3, H, W, D)
+        if slots:
+            region_images = torch.stack([inputs.regions[r] for r in slots]).to(dev, dt)  # (N, 3, H, W, D)
+            region_masks = torch.stack([inputs.masks[r] for r in slots]).to(dev, dt)     # (N, 1, H, W, D)
+        else:
+            region_images = images.new_zeros(0, *images.shape[1:])
+            region_masks = images.new_zeros(0, 1, *images.shape[2:])
+        region_sample = torch.zeros(len(slots), dtype=torch.long, device=dev)
+        region_slot = torch.arange(len(slots), dtype=torch.long, device=dev)
+        prompt_ids = build_prompt_ids(self.tokenizer, len(slots), self.special)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=dev)                  # (1, P)
+        with torch.inference_mode():
+            visual = self.model.encode_visual(images, region_images, region_masks, return_attention=True)
+            embeds = self.model.embed_inputs(ids, images, region_images, region_masks, region_sample,
+                                             region_slot, visual=visual)                  # (1, P, hidden)
+        lp = _latent_patch(visual.perceiver_attention)                                    # (1+N, L, P)
+        latent_patch = {"global": lp[0]}
+        latent_patch.update({r: lp[1 + j] for j, r in enumerate(slots)})
+        return PreparedStudy(inputs, slot_regions, prompt_ids, embeds, latent_patch, tuple(visual.patch_grid))
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(self, study, regions: Sequence[str] | None = None,
+                 settings: GenerationSettings = GenerationSettings(),
+                 cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
+        """Draft the report of ``study``: yields `EncodingStarted`, `EncodingDone`, one `TokenEvent` per
+        generated token (their ``text`` concatenated is the report), then `Finished`.
+
+        ``regions``: names to report on ("referring"; default all with a mask). Setting ``cancel``
+        stops between tokens; `Finished` still comes, with ``stop_reason == "cancelled"``.
+        Safe to consume from a worker thread (one generation at a time per engine).
+        """
+        settings.validate()
+        try:
+            yield from self._generate(study, regions, settings, cancel)
+        except Exception as err:  # noqa: BLE001 - only memory errors are translated
+            if _is_oom(err):
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise EngineOutOfMemory(_oom_message(self.device, f"drafting the report of {study.name}")) from err
+            raise
+
+    def _generate(self, study, regions, settings, cancel) -> Iterator[GenerationEvent]:
+        chosen = self.select_regions(study, regions)
+        yield EncodingStarted(tuple(chosen))
+        t0 = time.perf_counter()
+        prepared = self.prepare(study, chosen)
+        t1 = time.perf_counter()
+        yield EncodingDone(len(prepared.prompt_ids), t1 - t0, dict(prepared.slot_regions))
+        decoder = Decoder(self.model.lang_model, self.model.lang_model.get_input_embeddings(),
+                          prepared.prompt_embeds, settings, self.eos_token_id, cancel)
+        detok = StreamingDetokenizer(self.tokenizer)
+        steps: list[StepDistribution] = []
+        pieces: list[tuple[str, int, int]] = []
+        first_token_at = None
+        for step in decoder:
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            text, a, b = detok.push(step.token_id)
+            steps.append(step)
+            pieces.append((text, a, b))
+            top = tuple((token_piece_text(self.tokenizer, t), p) for t, p in zip(step.top_ids, step.top_probs))
+            yield TokenEvent(len(steps) - 1, step.token_id, text, step.prob, step.entropy, top)
+        text = detok.finish()
+        if pieces and pieces[-1][2] < len(text):
+            # a trailing incomplete character was held back: it belongs to the last token
+            t, a, _ = pieces[-1]
+            pieces[-1] = (text[a:], a, len(text))
+        t2 = time.perf_counter()
+        timings = {"encode_s": t1 - t0, "decode_s": t2 - t1, "tokens": float(len(steps)),
+                   "first_token_s": (first_token_at or t2) - t0,
+                   "tokens_per_s": len(steps) / (t2 - t1) if t2 > t1 else 0.0}
+        result = build_result(text, steps, pieces, self.tokenizer, prepared.slot_regions, settings,
+                              decoder.stop_reason, seed=decoder.seed, study_name=study.name,
+                              prompt_ids=list(prepared.prompt_ids), inputs=prepared.inputs, timings=timings)
+        result.cache["prepared"] = prepared
+        result.cache["affine"] = np.asarray(study.affine, dtype=np.float64)
+        yield Finished(result)
+
+    def draft(self, study, regions: Sequence[str] | None = None,
+              settings: GenerationSettings = GenerationSettings()) -> DraftResult:
+        """Generate without streaming; returns the `DraftResult`."""
+        result = None
+        for event in self.generate(study, regions, settings):
+            if isinstance(event, Finished):
+                result = event.result
+        assert result is not None
+        return result
+
+    # ---- attention maps ------------------------------------------------------------------------
+    def attention_map(self, result: DraftResult, token_indices: Sequence[int] | int,
+                      layers: str | Sequence[int] = "all", heads: str | Sequence[int] = "mean"):
+        """Attention of the selected generated tokens: shares per visual group and a heatmap on the
+        original CT (see `attention` for the path). ``layers``: ``"all"`` or layer indices (their mean);
+        ``heads``: ``"mean"`` (all heads, cached after the first call) or head indices.
+        One teacher-forced pass with eager attention per call (the head-mean of all tokens and layers
+        is kept after the first call, so later selections are instant)."""
+        from .attention import AttentionMap, capture_attention, project_to_ct, visual_positions
+
+        prepared: PreparedStudy | None = result.cache.get("prepared")
+        if prepared is None:
+            raise GenerationError("this result carries no encoding; attention maps need a result of this engine")
+        idx = [int(token_indices)] if isinstance(token_indices, int) else [int(i) for i in token_indices]
+        n = len(result.token_ids)
+        if not idx:
+            raise GenerationError("select at least one generated token for an attention map")
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise GenerationError(f"token indices {bad} are outside 0..{n - 1}")
+        groups = visual_positions(prepared.prompt_ids, self.special, prepared.slot_regions)
+        key_positions = np.concatenate(list(groups.values()))
+        columns, c = {}, 0
+        for g, pos in groups.items():
+            columns[g] = np.arange(c, c + len(pos))
+            c += len(pos)
+        base_cfg = _base_config(self.model.lang_model)
+        layer_ids = list(range(base_cfg.num_hidden_layers)) if layers == "all" else [int(l) for l in layers]
+        if not layer_ids or any(not 0 <= l < base_cfg.num_hidden_layers for l in layer_ids):
+            raise GenerationError(f"layers must be 'all' or indices in 0..{base_cfg.num_hidden_layers - 1}, got {layers!r}")
+        P = len(prepared.prompt_ids)
+        try:
+            if heads == "mean":
+                rows = result.cache.get("llm_attention_mean")                      # (layers, n, K)
+                if rows is None:
+                    rows = capture_attention(self.model.lang_model, self._teacher_embeds(result, prepared, n),
+                                             [P - 1 + i for i in range(n)], key_positions)
+                    result.cache["llm_attention_mean"] = rows
+                sel = rows[layer_ids][:, idx]                                       # (l, q, K)
+                head_spec: str | tuple[int, ...] = "mean"
+            else:
+                head_ids = [int(h) for h in heads]
+                sel = capture_attention(self.model.lang_model, self._teacher_embeds(result, prepared, max(idx) + 1),
+                                        [P - 1 + i for i in idx], key_positions, layer_ids, head_ids)
+                head_spec = tuple(head_ids)
+        except Exception as err:  # noqa: BLE001
+            if _is_oom(err):
+                raise EngineOutOfMemory(_oom_message(self.device, "computing an attention map")) from err
+            raise
+        weights = sel.mean(dim=(0, 1)).numpy()                                      # (K,)
+        shares = {g: float(weights[cols].sum()) for g, cols in columns.items()}
+        visual_weights = {g: weights[cols] for g, cols in columns.items()}
+        latent_patch = {g: t.float().cpu().numpy() for g, t in prepared.latent_patch.items()}
+        heatmap = project_to_ct(visual_weights, latent_patch, prepared.inputs.geometry, prepared.patch_grid)
+        return AttentionMap(token_indices=tuple(idx), layers=tuple(layer_ids), heads=head_spec, shares=shares,
+                            other_share=float(max(0.0, 1.0 - sum(shares.values()))), heatmap=heatmap,
+                            affine=result.cache.get("affine", np.eye(4)), visual_weights=visual_weights)
+
+    def _teacher_embeds(self, result: DraftResult, prepared: PreparedStudy, upto: int) -> torch.Tensor:
+        """(1, P + upto - 1, hidden): the prompt, then the generated tokens that were fed back before
+        token ``upto - 1`` was chosen (a token is never an input to its own choice)."""
+        ids = torch.tensor([result.token_ids[: max(upto - 1, 0)]], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            gen = self.model.lang_model.get_input_embeddings()(ids).to(prepared.prompt_embeds.dtype)
+        return torch.cat([prepared.prompt_embeds, gen], dim=1)
+
+
+def _base_config(lang_model):
+    base = lang_model.get_base_model() if hasattr(lang_model, "get_base_model") else lang_model
+    return base.config
+
+
+def _latent_patch(perceiver_attention) -> torch.Tensor:
+    from .attention import latent_patch_attention
+
+    return latent_patch_attention(perceiver_attention).cpu()
