@@ -1,0 +1,145 @@
+"""Opening studies off the GUI thread: read (engine), reorient for display, extract 3D surfaces.
+
+`StudyLoader` is a QObject moved to a QThread; it reports progress and ends with `loaded` (a
+`LoadedStudy`) or `failed` (a message naming the file and the problem). The GUI stays responsive and
+an error never leaves a half-open study behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+
+from reg2rg.engine.study import Study
+
+from .display import DisplayVolume, build_display_volume
+
+logger = logging.getLogger("reg2rg.app.loader")
+
+
+@dataclass
+class LoadRequest:
+    """What to open: a volume path (+ masks), the demo study, an in-memory Study, or masks for the open study."""
+
+    volume: str | None = None
+    masks: str | None = None
+    demo: bool = False
+    study: Study | None = None
+    masks_only: bool = False          # add ``masks`` to ``study`` (the open one) instead of a new study
+
+    def describe(self) -> str:
+        if self.demo:
+            return "demo study"
+        if self.masks_only:
+            return Path(self.masks or "").name
+        if self.volume:
+            return Path(self.volume).name
+        return self.study.name if self.study is not None else "study"
+
+
+@dataclass
+class LoadedStudy:
+    study: Study
+    volume: DisplayVolume
+    surfaces: dict = field(default_factory=dict)      # region -> vtkPolyData (display coordinates)
+
+
+def demo_study() -> Study:
+    """The embedded phantom study: resources/demo_study when present, else one made by the engine."""
+    try:
+        from reg2rg.engine.phantom import demo_study as engine_demo  # type: ignore[attr-defined]
+
+        return engine_demo()
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parents[1] / "resources" / "demo_study"
+    volumes = sorted(root.glob("*.nii.gz")) if root.is_dir() else []
+    if volumes:
+        from reg2rg.engine.studyio import read_study
+
+        masks = root / "masks"
+        return read_study(volumes[0], masks if masks.is_dir() else None)
+    try:
+        from reg2rg.engine.phantom import make_study
+    except ImportError as exc:
+        raise RuntimeError("the demo study is not installed (resources/demo_study is missing)") from exc
+    return make_study(0)
+
+
+def load_study(request: LoadRequest, progress=lambda text, pct: None) -> LoadedStudy:
+    """Do the whole load synchronously (the worker's body; also used by the CLI and benchmarks)."""
+    from reg2rg.engine.studyio import read_masks, read_study
+
+    progress(f"Reading {request.describe()}…", 5)
+    if request.masks_only:
+        study = request.study
+        masks, sources, messages = read_masks(request.masks, study)
+        study = Study(voxels=study.voxels, affine=study.affine, masks=masks, name=study.name,
+                      source=study.source, mask_sources=sources,
+                      warnings=list(study.warnings) + list(messages), metadata=dict(study.metadata))
+    elif request.study is not None:
+        study = request.study
+    elif request.demo:
+        study = demo_study()
+    else:
+        study = read_study(request.volume, request.masks)
+    progress("Preparing the views…", 45)
+    volume = build_display_volume(study)
+    progress("Building region surfaces…", 65)
+    from .view3d import region_surfaces
+
+    surfaces = region_surfaces(volume)
+    progress("Done", 100)
+    return LoadedStudy(study, volume, surfaces)
+
+
+class StudyLoader(QObject):
+    """Runs `load_study` in a worker thread."""
+
+    progress = Signal(str, int)
+    loaded = Signal(object)           # LoadedStudy
+    failed = Signal(str)
+    done = Signal()
+
+    def __init__(self, request: LoadRequest) -> None:
+        super().__init__()
+        self.request = request
+
+    @Slot()
+    def run(self) -> None:
+        try:
+            result = load_study(self.request, lambda t, p: self.progress.emit(t, p))
+        except MemoryError:
+            self.failed.emit(f"{self.request.describe()}: not enough memory to open this study")
+        except Exception as exc:  # every reader error must reach the user as a message, not a traceback
+            logger.debug("load failed:\n%s", traceback.format_exc())
+            self.failed.emit(_describe_error(self.request, exc))
+        else:
+            self.loaded.emit(result)
+        finally:
+            self.done.emit()
+
+
+def _describe_error(request: LoadRequest, exc: Exception) -> str:
+    from reg2rg.engine.errors import StudyError
+
+    if isinstance(exc, StudyError):
+        return str(exc)                # already names the file and the problem
+    where = request.masks if request.masks_only else (request.volume or request.describe())
+    return f"{where}: {exc}" if str(exc) else f"{where}: {type(exc).__name__}"
+
+
+def start_loader(request: LoadRequest, parent: QObject) -> tuple[QThread, StudyLoader]:
+    """Create the thread + worker pair, wired to clean themselves up; the caller connects and starts."""
+    thread = QThread(parent)
+    worker = StudyLoader(request)
+    worker.moveToThread(thread)
+    thread.started.connect(worker.run)
+    worker.done.connect(thread.quit)
+    thread.finished.connect(worker.deleteLater)
+    thread.finished.connect(thread.deleteLater)
+    return thread, worker

@@ -1,0 +1,95 @@
+"""`reg2rg-viewer`: open a study (or the demo), optionally draft a report, optionally save a screenshot."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+USAGE_EXAMPLES = """examples:
+  reg2rg-viewer --demo --generate
+  reg2rg-viewer ct.nii.gz --masks seg_ct/
+  reg2rg-viewer dicom_folder/ --screenshot view.png
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reg2rg-viewer", description="Reg2RG Viewer: region-guided chest CT report drafting.",
+                                epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("volume", nargs="?", help="CT volume: a NIfTI file or a DICOM series folder")
+    p.add_argument("--masks", help="region masks: a folder of <region>.nii.gz, a label map or TotalSegmentator output")
+    p.add_argument("--model", help="model folder (default: the embedded demo model)")
+    p.add_argument("--demo", action="store_true", help="open the embedded demo study")
+    p.add_argument("--generate", action="store_true", help="draft a report as soon as the study is open")
+    p.add_argument("--screenshot", metavar="PNG", help="save a picture of the window once ready, then exit")
+    p.add_argument("--size", default="1500x950", help="window size WxH (default 1500x950)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    if args.masks and not args.volume:
+        print("reg2rg-viewer: --masks needs a VOLUME", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.screenshot and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from .loader import LoadRequest
+    from .main_window import MainWindow, install_excepthook
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("Reg2RG Viewer")
+    window = MainWindow()
+    try:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+        window.resize(w, h)
+    except ValueError:
+        print(f"reg2rg-viewer: --size must look like 1500x950, got {args.size!r}", file=sys.stderr)
+        return 2
+    install_excepthook(window)
+    if args.model and window.draft_panel is not None:
+        window.draft_panel.set_model_dir(args.model)
+    window.show()
+
+    status = {"code": 0}
+    if args.screenshot:
+        def finish() -> None:
+            window.save_screenshot(args.screenshot)
+            print(f"screenshot saved to {args.screenshot}")
+            app.exit(status["code"])
+
+        def fail(message: str) -> None:
+            print(f"reg2rg-viewer: {message}", file=sys.stderr)
+            status["code"] = 1
+            app.exit(1)
+
+        def after_load() -> None:
+            if args.generate and window.draft_panel is not None and window.draft_panel.can_generate():
+                window.draft_panel.generationFinished.connect(lambda: QTimer.singleShot(200, finish))
+                window.draft_panel.generate()
+            else:
+                QTimer.singleShot(300, finish)
+
+        window.studyLoaded.connect(after_load)
+        window.loadFailed.connect(fail)
+        if not (args.volume or args.demo):
+            QTimer.singleShot(300, finish)
+        QTimer.singleShot(10 * 60 * 1000, lambda: fail("timed out waiting for the study"))
+    elif args.generate and window.draft_panel is not None:
+        window.studyLoaded.connect(lambda: window.draft_panel.can_generate() and window.draft_panel.generate())
+
+    if args.volume:
+        window.open_request(LoadRequest(volume=args.volume, masks=args.masks))
+    elif args.demo:
+        window.open_request(LoadRequest(demo=True))
+    return app.exec()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""One MPR slice view (axial, coronal or sagittal): VTK image slices inside a Qt widget.
+
+The CT and the region label bits are uploaded to VTK once per study (``vtkImageData`` sharing the
+numpy memory); a slice step only changes ``vtkImageSliceMapper.SetSliceNumber`` and recomputes the
+2D region outlines of that one slice, so stepping never re-uploads a volume. Window/level is applied by
+``vtkImageProperty``; region fills by a 1024-entry lookup table over the 10 region bits (regions
+overlap — the mediastinum contains the heart — so a plain label map could not show them).
+Mouse and keys follow 3D Slicer / ITK-SNAP: wheel or arrows scroll, left-drag window/level, click sets
+the crosshair, right-drag or Ctrl+wheel zoom, middle-drag pan, ``r`` resets, double-click maximises.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QPoint, Qt, QTimer, Signal
+from vtkmodules.qt.QVTKRenderWindowInteractor import QVTKRenderWindowInteractor
+from vtkmodules.util.numpy_support import numpy_to_vtk
+from vtkmodules.vtkCommonCore import vtkLookupTable, vtkPoints
+from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkImageData, vtkPolyData
+from vtkmodules.vtkInteractionStyle import vtkInteractorStyleUser
+from vtkmodules.vtkRenderingAnnotation import vtkCornerAnnotation
+from vtkmodules.vtkRenderingImage import vtkImageStack
+from vtkmodules.vtkRenderingCore import (
+    vtkActor,
+    vtkImageProperty,
+    vtkImageSlice,
+    vtkImageSliceMapper,
+    vtkPolyDataMapper,
+    vtkRenderer,
+    vtkTextActor,
+)
+import vtkmodules.vtkRenderingOpenGL2  # noqa: F401  (registers the OpenGL back end)
+import vtkmodules.vtkRenderingFreeType  # noqa: F401  (text)
+
+from reg2rg.engine.regions import REGIONS
+
+from .display import VIEW_NAMES, DisplayVolume, orientation_letters, outline_bits, slice_of
+from .document import RegionStyle, ViewerDocument
+
+# Camera direction of projection and view-up per fixed display axis (RAS+ display axes). With
+# right = dop x up this puts the patient's left on the screen's right (radiological convention) and
+# anterior on the left of the sagittal view.
+CAMERA = {
+    2: ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0)),    # axial: from the feet, anterior up
+    1: ((0.0, -1.0, 0.0), (0.0, 0.0, 1.0)),   # coronal: from the front, superior up
+    0: ((1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),    # sagittal: from the patient's left, superior up
+}
+# Screen x and y as display axes (+1: index grows to the right / up; -1: the other way).
+SCREEN_AXES = {2: ((0, -1), (1, 1)), 1: ((0, -1), (2, 1)), 0: ((1, -1), (2, 1))}
+VIEW_COLORS = {2: (0.86, 0.30, 0.30), 1: (0.35, 0.75, 0.35), 0: (0.90, 0.80, 0.30)}  # Slicer's red/green/yellow
+
+N_LABEL_CODES = 1 << len(REGIONS)
+
+
+def region_lookup_table(styles: dict[str, RegionStyle], outline: bool) -> np.ndarray:
+    """RGBA (1024, 4) uint8: the colour of every combination of region bits.
+
+    Overlapping regions are composited with the "over" operator in the published region order.
+    """
+    codes = np.arange(N_LABEL_CODES)
+    rgb = np.zeros((N_LABEL_CODES, 3))
+    alpha = np.zeros(N_LABEL_CODES)
+    for i, region in enumerate(REGIONS):
+        style = styles[region]
+        a = style.outline_opacity if outline else style.fill_opacity
+        if not style.visible or a <= 0:
+            continue
+        has = (codes >> i) & 1 == 1
+        c = np.asarray(style.color, dtype=np.float64)
+        rgb[has] = c * a + rgb[has] * (1 - a)
+        alpha[has] = a + alpha[has] * (1 - a)
+    # rgb above is premultiplied; VTK blends straight alpha.
+    straight = np.where(alpha[:, None] > 0, rgb / np.maximum(alpha[:, None], 1e-6), 0)
+    out = np.zeros((N_LABEL_CODES, 4), dtype=np.uint8)
+    out[:, :3] = np.clip(straight, 0, 255).astype(np.uint8)
+    out[:, 3] = np.clip(alpha * 255, 0, 255).astype(np.uint8)
+    return out
+
+
+def _vtk_lut(table: np.ndarray, lut: vtkLookupTable | None = None) -> vtkLookupTable:
+    lut = lut or vtkLookupTable()
+    lut.SetNumberOfTableValues(len(table))
+    lut.SetTableRange(-0.5, len(table) - 0.5)  # integer code v -> entry v
+    for v, (r, g, b, a) in enumerate(table / 255.0):
+        lut.SetTableValue(v, r, g, b, a)
+    lut.Modified()
+    return lut
+
+
+def image_from_array(array: np.ndarray, spacing, extent_start=(0, 0, 0)) -> vtkImageData:
+    """Wrap a Fortran-ordered 3D numpy array as vtkImageData without copying (keeps a reference)."""
+    assert array.flags.f_contiguous, "VTK images need axis 0 varying fastest"
+    image = vtkImageData()
+    e = extent_start
+    image.SetExtent(e[0], e[0] + array.shape[0] - 1, e[1], e[1] + array.shape[1] - 1, e[2], e[2] + array.shape[2] - 1)
+    image.SetSpacing(*spacing)
+    image.SetOrigin(0.0, 0.0, 0.0)
+    scalars = numpy_to_vtk(array.ravel(order="F"), deep=False)
+    image.GetPointData().SetScalars(scalars)
+    image._numpy_ref = array  # type: ignore[attr-defined]  # VTK does not own numpy memory
+    return image
+
+
+class SliceView(QVTKRenderWindowInteractor):
+    """An MPR view of one display axis; observes a ViewerDocument, requests changes through it."""
+
+    hovered = Signal(object)            # display voxel under the mouse, or None
+    maximiseToggled = Signal()
+    resetRequested = Signal()
+
+    def __init__(self, document: ViewerDocument, axis: int, parent=None) -> None:
+        super().__init__(parent)
+        self.document = document
+        self.axis = axis
+        self.setObjectName(f"view_{VIEW_NAMES[axis].lower()}")
+        self.setMinimumSize(160, 160)
+        self.setMouseTracking(True)
+        self.setFocusPolicy(Qt.StrongFocus)
+
+        self.renderer = vtkRenderer()
+        self.renderer.SetBackground(0.0, 0.0, 0.0)
+        rw = self.GetRenderWindow()
+        rw.AddRenderer(self.renderer)
+        self.GetRenderWindow().GetInteractor().SetInteractorStyle(vtkInteractorStyleUser())
+        self.renderer.GetActiveCamera().ParallelProjectionOn()
+
+        self._stack = vtkImageStack()
+        self._ct_mapper, self._ct_slice = self._layer(0, linear=True)
+        self._fill_mapper, self._fill_slice = self._layer(1, linear=False)
+        self._outline_mapper, self._outline_slice = self._layer(2, linear=False)
+        self._heat_mapper, self._heat_slice = self._layer(3, linear=True)
+        self._stack.SetActiveLayer(0)
+        self.renderer.AddViewProp(self._stack)
+        self._fill_lut = vtkLookupTable()
+        self._outline_lut = vtkLookupTable()
+        self._fill_slice.GetProperty().SetLookupTable(self._fill_lut)
+        self._outline_slice.GetProperty().SetLookupTable(self._outline_lut)
+        for s in (self._fill_slice, self._outline_slice):
+            s.GetProperty().UseLookupTableScalarRangeOn()
+        self._outline_image = vtkImageData()
+        self._outlines_on = False
+        self._heatmap_on = False
+
+        self._cross = vtkPolyData()
+        cross_mapper = vtkPolyDataMapper()
+        cross_mapper.SetInputData(self._cross)
+        self._cross_actor = vtkActor()
+        self._cross_actor.SetMapper(cross_mapper)
+        self._cross_actor.GetProperty().SetColor(1.0, 0.85, 0.2)
+        self._cross_actor.GetProperty().SetOpacity(0.75)
+        self._cross_actor.GetProperty().SetLineWidth(1.0)
+        self._cross_actor.PickableOff()
+        self.renderer.AddActor(self._cross_actor)
+
+        self._letters = {}
+        for edge, pos in {"left": (0.012, 0.5), "right": (0.988, 0.5), "top": (0.5, 0.985), "bottom": (0.5, 0.015)}.items():
+            t = vtkTextActor()
+            t.GetPositionCoordinate().SetCoordinateSystemToNormalizedViewport()
+            t.GetPositionCoordinate().SetValue(*pos)
+            p = t.GetTextProperty()
+            p.SetFontSize(15)
+            p.BoldOn()
+            p.SetColor(0.95, 0.80, 0.35)
+            p.SetJustification({"left": 0, "right": 2}.get(edge, 1))
+            p.SetVerticalJustification({"top": 2, "bottom": 0}.get(edge, 1))
+            self.renderer.AddViewProp(t)
+            self._letters[edge] = t
+        for edge, letter in orientation_letters(axis).items():
+            self._letters[edge].SetInput(letter)
+        self._corner = vtkCornerAnnotation()
+        self._corner.SetMinimumFontSize(12)
+        self._corner.SetMaximumFontSize(15)
+        self._corner.GetTextProperty().SetColor(0.85, 0.85, 0.85)
+        self.renderer.AddViewProp(self._corner)
+        self._corner.SetText(2, VIEW_NAMES[axis])
+        self._corner.GetTextProperty().ShadowOn()
+
+        self._press_pos: QPoint | None = None
+        self._press_button = Qt.NoButton
+        self._dragged = False
+        self._render_pending = False
+        self._has_volume = False
+
+        document.studyChanged.connect(self._on_study)
+        document.cursorChanged.connect(self._on_cursor)
+        document.windowLevelChanged.connect(self._on_window_level)
+        document.regionStylesChanged.connect(self._on_region_styles)
+
+    # -- pipeline ----------------------------------------------------------------------------
+    def _layer(self, number: int, linear: bool) -> tuple[vtkImageSliceMapper, vtkImageSlice]:
+        mapper = vtkImageSliceMapper()
+        mapper.SetOrientation(self.axis)
+        mapper.BorderOn()  # pixels fill their whole voxel, as in the clinical viewers
+        prop = vtkImageProperty()
+        prop.SetLayerNumber(number)
+        if linear:
+            prop.SetInterpolationTypeToLinear()
+        else:
+            prop.SetInterpolationTypeToNearest()
+        actor = vtkImageSlice()
+        actor.SetMapper(mapper)
+        actor.SetProperty(prop)
+        actor.VisibilityOff()
+        self._stack.AddImage(actor)
+        return mapper, actor
+
+    def _on_study(self) -> None:
+        vol = self.document.volume
+        self._has_volume = vol is not None
+        for s in (self._ct_slice, self._fill_slice, self._outline_slice, self._heat_slice):
+            s.VisibilityOff()
+        self._cross_actor.SetVisibility(vol is not None)
+        if vol is None:
+            self._corner.SetText(0, "")
+            self.request_render()
+            return
+        self._ct_image = image_from_array(vol.ct, vol.spacing)
+        self._label_image = image_from_array(vol.labels, vol.spacing)
+        self._ct_mapper.SetInputData(self._ct_image)
+        self._fill_mapper.SetInputData(self._label_image)
+        self._ct_slice.VisibilityOn()
+        self._fill_slice.VisibilityOn()
+        self._on_window_level(self.document.window, self.document.level)
+        self._on_region_styles(render=False)
+        self.reset_camera()
+        self._on_cursor(self.document.cursor)
+
+    def reset_camera(self) -> None:
+        """Fit the whole slice in the view (keeps the slice and the window/level)."""
+        vol = self.document.volume
+        if vol is None:
+            return
+        size = np.array(vol.shape) * np.array(vol.spacing)
+        centre = (size - np.array(vol.spacing)) / 2.0
+        dop, up = CAMERA[self.axis]
+        cam = self.renderer.GetActiveCamera()
+        dist = float(np.linalg.norm(size)) * 2.0
+        cam.SetFocalPoint(*centre)
+        cam.SetPosition(*(centre - np.array(dop) * dist))
+        cam.SetViewUp(*up)
+        (xa, _), (ya, _) = SCREEN_AXES[self.axis]
+        w, h = max(self.width(), 1), max(self.height(), 1)
+        cam.SetParallelScale(max(size[ya] / 2.0, size[xa] / 2.0 * h / w) * 1.04)
+        cam.SetClippingRange(dist * 0.25, dist * 2.0)
+        self.request_render()
+
+    def resizeEvent(self, ev) -> None:  # noqa: N802
+        super().resizeEvent(ev)
+        if self._has_volume and not getattr(self, "_user_zoomed", False):
+            self.reset_camera()
+
+    def _on_window_level(self, window: float, level: float) -> None:
+        prop = self._ct_slice.GetProperty()
+        prop.SetColorWindow(window)
+        prop.SetColorLevel(level)
+        self._corner.SetText(3, f"W {window:.0f}  L {level:.0f}")
+        self.request_render()
+
+    def _on_region_styles(self, render: bool = True) -> None:
+        styles = self.document.region_styles
+        _vtk_lut(region_lookup_table(styles, outline=False), self._fill_lut)
+        _vtk_lut(region_lookup_table(styles, outline=True), self._outline_lut)
+        self._outlines_on = any(s.visible and s.outline_opacity > 0 for s in styles.values())
+        if self._has_volume:
+            self._update_outline()
+        if render:
+            self.request_render()
+
+    def _update_outline(self) -> None:
+        vol = self.document.volume
+        if vol is None or not self._outlines_on:
+            self._outline_slice.VisibilityOff()
+            return
+        k = self.document.cursor[self.axis]
+        bits = outline_bits(slice_of(vol.labels, self.axis, k))      # (2D) the in-plane boundaries
+        start = [0, 0, 0]
+        start[self.axis] = k
+        arr = np.asfortranarray(np.expand_dims(bits, self.axis))   # (1 along the fixed axis)
+        self._outline_image = image_from_array(arr, vol.spacing, start)
+        self._outline_mapper.SetInputData(self._outline_image)
+        self._outline_mapper.SetSliceNumber(k)
+        self._outline_slice.VisibilityOn()
+
+    def _on_cursor(self, ijk) -> None:
+        vol = self.document.volume
+        if vol is None:
+            return
+        k = int(ijk[self.axis])
+        for m in (self._ct_mapper, self._fill_mapper, self._heat_mapper):
+            m.SetSliceNumber(k)
+        self._update_outline()
+        self._update_crosshair(ijk)
+        self._corner.SetText(0, f"Slice {k + 1}/{vol.shape[self.axis]}")
+        self.request_render()
+
+    def _update_crosshair(self, ijk) -> None:
+        vol = self.document.volume
+        sp = np.array(vol.spacing)
+        size = np.array(vol.shape) * sp
+        p = np.array(ijk, dtype=np.float64) * sp
+        dop, _ = CAMERA[self.axis]
+        p = p - np.array(dop) * sp[self.axis] * 0.5   # in front of the slice, towards the camera
+        (xa, _), (ya, _) = SCREEN_AXES[self.axis]
+        gap = 0.03 * float(max(size[xa], size[ya]))
+        points = vtkPoints()
+        lines = vtkCellArray()
+        for a in (xa, ya):
+            lo, hi = p.copy(), p.copy()
+            lo[a], hi[a] = -sp[a] / 2, size[a] - sp[a] / 2
+            g1, g2 = p.copy(), p.copy()
+            g1[a] -= gap
+            g2[a] += gap
+            for seg in ((lo, g1), (g2, hi)):
+                i0 = points.InsertNextPoint(*seg[0])
+                i1 = points.InsertNextPoint(*seg[1])
+                lines.InsertNextCell(2)
+                lines.InsertCellPoint(i0)
+                lines.InsertCellPoint(i1)
+        self._cross.SetPoints(points)
+        self._cross.SetLines(lines)
+        self._cross.Modified()
+
+    # -- heatmap (attention) layer, fed by the checking panel ------------------------------------
+    def set_heatmap(self, image: vtkImageData | None, lut: vtkLookupTable | None = None, opacity: float = 0.5) -> None:
+        """Show a display-ordered heatmap volume over the CT (None hides it)."""
+        if image is None:
+            self._heat_slice.VisibilityOff()
+        else:
+            self._heat_mapper.SetInputData(image)
+            prop = self._heat_slice.GetProperty()
+            if lut is not None:
+                prop.SetLookupTable(lut)
+                prop.UseLookupTableScalarRangeOn()
+            prop.SetOpacity(opacity)
+            self._heat_mapper.SetSliceNumber(self.document.cursor[self.axis])
+            self._heat_slice.VisibilityOn()
+        self.request_render()
+
+    # -- rendering ---------------------------------------------------------------------------
+    def request_render(self) -> None:
+        """Render once the event loop is idle: several changes in one step cost one frame."""
+        if not self._render_pending:
+            self._render_pending = True
+            QTimer.singleShot(0, self._render_now)
+
+    def _render_now(self) -> None:
+        self._render_pending = False
+        if self.isVisible():
+            self.GetRenderWindow().Render()
+
+    def render_now(self) -> None:
+        self._render_pending = False
+        self.GetRenderWindow().Render()
+
+    # -- picking -----------------------------------------------------------------------------
+    def voxel_at(self, pos: QPoint) -> tuple[int, int, int] | None:
+        """Display voxel under a widget position (the fixed axis is the current slice)."""
+        vol = self.document.volume
+        if vol is None:
+            return None
+        ratio = self.devicePixelRatioF()
+        x = pos.x() * ratio
+        y = (self.height() - pos.y() - 1) * ratio
+        self.renderer.SetDisplayPoint(x, y, 0.0)
+        self.renderer.DisplayToWorld()
+        wx, wy, wz, ww = self.renderer.GetWorldPoint()
+        world = np.array([wx, wy, wz]) / (ww or 1.0)
+        ijk = np.rint(world / np.array(vol.spacing)).astype(int)
+        ijk[self.axis] = self.document.cursor[self.axis]
+        return tuple(int(v) for v in ijk) if vol.contains(ijk) else None
+
+    def world_to_widget(self, ijk) -> QPoint:
+        """Widget position of a display voxel's centre (used by tests and by hover synchronisation)."""
+        vol = self.document.volume
+        p = np.array(ijk, dtype=np.float64) * np.array(vol.spacing)
+        self.renderer.SetWorldPoint(p[0], p[1], p[2], 1.0)
+        self.renderer.WorldToDisplay()
+        x, y, _ = self.renderer.GetDisplayPoint()
+        ratio = self.devicePixelRatioF()
+        return QPoint(int(round(x / ratio)), int(round(self.height() - 1 - y / ratio)))
+
+    # -- interaction -------------------------------------------------------------------------
+    def zoom(self, factor: float) -> None:
+        cam = self.renderer.GetActiveCamera()
+        cam.SetParallelScale(cam.GetParallelScale() / factor)
+        self._user_zoomed = True
+        self.request_render()
+
+    def pan_pixels(self, dx: float, dy: float) -> None:
+        cam = self.renderer.GetActiveCamera()
+        per_px = 2.0 * cam.GetParallelScale() / max(self.height(), 1)
+        dop, up = CAMERA[self.axis]
+        right = np.cross(dop, up)
+        shift = (-dx * right + dy * np.array(up)) * per_px
+        cam.SetFocalPoint(*(np.array(cam.GetFocalPoint()) + shift))
+        cam.SetPosition(*(np.array(cam.GetPosition()) + shift))
+        self._user_zoomed = True
+        self.request_render()
+
+    def wheelEvent(self, ev) -> None:  # noqa: N802
+        steps = ev.angleDelta().y() / 120.0
+        if steps == 0:
+            return
+        if ev.modifiers() & Qt.ControlModifier:
+            self.zoom(1.1 ** steps)
+        else:
+            self.document.step_slice(self.axis, 1 if steps > 0 else -1)
+        ev.accept()
+
+    def keyPressEvent(self, ev) -> None:  # noqa: N802
+        key = ev.key()
+        step = {Qt.Key_Up: 1, Qt.Key_Right: 1, Qt.Key_Down: -1, Qt.Key_Left: -1,
+                Qt.Key_PageUp: 10, Qt.Key_PageDown: -10}.get(key)
+        if step is not None:
+            self.document.step_slice(self.axis, step)
+        elif key == Qt.Key_R:
+            self.resetRequested.emit()
+        else:
+            ev.ignore()
+            return
+        ev.accept()
+
+    def keyReleaseEvent(self, ev) -> None:  # noqa: N802
+        ev.ignore()
+
+    def mousePressEvent(self, ev) -> None:  # noqa: N802
+        self.setFocus()
+        self._press_pos = ev.position().toPoint()
+        self._last_pos = self._press_pos
+        self._press_button = ev.button()
+        self._dragged = False
+        self._press_wl = (self.document.window, self.document.level)
+        if ev.button() == Qt.LeftButton and ev.modifiers() & Qt.ShiftModifier:
+            self._set_cursor_at(self._press_pos)
+        ev.accept()
+
+    def mouseMoveEvent(self, ev) -> None:  # noqa: N802
+        pos = ev.position().toPoint()
+        self.hovered.emit(self.voxel_at(pos))
+        if self._press_pos is None:
+            return
+        if (pos - self._press_pos).manhattanLength() > 3:
+            self._dragged = True
+        if not self._dragged:
+            return
+        dx, dy = pos.x() - self._last_pos.x(), pos.y() - self._last_pos.y()
+        self._last_pos = pos
+        if self._press_button == Qt.LeftButton:
+            if ev.modifiers() & Qt.ShiftModifier:
+                self._set_cursor_at(pos)
+            else:
+                w0, l0 = self._press_wl
+                tx, ty = pos.x() - self._press_pos.x(), pos.y() - self._press_pos.y()
+                # Proportional to the starting width, as in ITK-SNAP: fine control in narrow windows.
+                self.document.set_window_level(w0 * float(np.exp(tx / 200.0)), l0 + ty * max(w0, 50.0) / 400.0)
+        elif self._press_button == Qt.RightButton:
+            self.zoom(float(np.exp(-dy / 150.0)))
+        elif self._press_button == Qt.MiddleButton:
+            self.pan_pixels(dx, dy)
+
+    def mouseReleaseEvent(self, ev) -> None:  # noqa: N802
+        if self._press_pos is not None and not self._dragged and self._press_button == Qt.LeftButton:
+            self._set_cursor_at(ev.position().toPoint())
+        self._press_pos = None
+        self._press_button = Qt.NoButton
+        ev.accept()
+
+    def mouseDoubleClickEvent(self, ev) -> None:  # noqa: N802
+        self._press_pos = None
+        self.maximiseToggled.emit()
+        ev.accept()
+
+    def leaveEvent(self, ev) -> None:  # noqa: N802
+        self.hovered.emit(None)
+        super().leaveEvent(ev)
+
+    def _set_cursor_at(self, pos: QPoint) -> None:
+        ijk = self.voxel_at(pos)
+        if ijk is not None:
+            self.document.set_cursor(ijk)

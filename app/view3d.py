@@ -1,0 +1,251 @@
+"""The 3D view: region surfaces and a volume rendering of the CT, with the crosshair position marked."""
+
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QTimer, Signal
+from vtkmodules.qt.QVTKRenderWindowInteractor import QVTKRenderWindowInteractor
+from vtkmodules.vtkCommonDataModel import vtkPiecewiseFunction, vtkPolyData
+from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D, vtkPolyDataNormals, vtkWindowedSincPolyDataFilter
+from vtkmodules.vtkFiltersSources import vtkSphereSource
+from vtkmodules.vtkInteractionStyle import vtkInteractorStyleTrackballCamera
+from vtkmodules.vtkRenderingAnnotation import vtkCornerAnnotation
+from vtkmodules.vtkRenderingCore import (
+    vtkActor,
+    vtkColorTransferFunction,
+    vtkPolyDataMapper,
+    vtkRenderer,
+    vtkVolume,
+    vtkVolumeProperty,
+)
+from vtkmodules.vtkRenderingVolumeOpenGL2 import vtkSmartVolumeMapper
+import vtkmodules.vtkRenderingOpenGL2  # noqa: F401
+import vtkmodules.vtkRenderingFreeType  # noqa: F401
+
+from reg2rg.engine.regions import REGION_INDEX, REGIONS
+
+from .display import DisplayVolume
+from .document import ViewerDocument
+from .slice_view import image_from_array
+from .style import VOLUME_PRESETS
+
+SURFACE_MAX_DIM = 128     # masks are downsampled to at most this many voxels per axis for meshing
+VOLUME_MAX_DIM = 160      # and the CT for volume rendering (software OpenGL must stay interactive)
+
+
+def _stride(shape, max_dim: int) -> int:
+    return max(1, int(np.ceil(max(shape) / max_dim)))
+
+
+def region_surfaces(volume: DisplayVolume, max_dim: int = SURFACE_MAX_DIM) -> dict[str, vtkPolyData]:
+    """Smoothed triangle surfaces of every non-empty region, in display-world mm.
+
+    Pure VTK filters without rendering, so this runs on the loader thread.
+    """
+    s = _stride(volume.shape, max_dim)
+    labels = volume.labels[::s, ::s, ::s]                                  # (I/s, J/s, K/s)
+    spacing = tuple(float(v) * s for v in volume.spacing)
+    out: dict[str, vtkPolyData] = {}
+    for region in REGIONS:
+        if region not in volume.region_bounds:
+            continue
+        mask = (labels & np.uint16(1 << REGION_INDEX[region])) > 0
+        if not mask.any():
+            continue
+        padded = np.zeros(tuple(n + 2 for n in mask.shape), dtype=np.float32, order="F")
+        padded[1:-1, 1:-1, 1:-1] = mask                                   # closed surfaces at the borders
+        image = image_from_array(padded, spacing)
+        image.SetOrigin(*(-v for v in spacing))
+        edges = vtkFlyingEdges3D()
+        edges.SetInputData(image)
+        edges.SetValue(0, 0.5)
+        edges.ComputeNormalsOff()
+        smooth = vtkWindowedSincPolyDataFilter()
+        smooth.SetInputConnection(edges.GetOutputPort())
+        smooth.SetNumberOfIterations(12)
+        smooth.SetPassBand(0.08)
+        smooth.NormalizeCoordinatesOn()
+        normals = vtkPolyDataNormals()
+        normals.SetInputConnection(smooth.GetOutputPort())
+        normals.SetFeatureAngle(80.0)
+        normals.Update()
+        poly = vtkPolyData()
+        poly.DeepCopy(normals.GetOutput())
+        out[region] = poly
+    return out
+
+
+class View3D(QVTKRenderWindowInteractor):
+    """Region surfaces (coloured as in the slice views) and an optional CT volume rendering."""
+
+    maximiseToggled = Signal()
+
+    def __init__(self, document: ViewerDocument, parent=None) -> None:
+        super().__init__(parent)
+        self.document = document
+        self.setObjectName("view_3d")
+        self.setMinimumSize(160, 160)
+        self.renderer = vtkRenderer()
+        self.renderer.SetBackground(0.07, 0.08, 0.10)
+        self.renderer.SetBackground2(0.22, 0.24, 0.30)
+        self.renderer.GradientBackgroundOn()
+        self.GetRenderWindow().AddRenderer(self.renderer)
+        self.GetRenderWindow().GetInteractor().SetInteractorStyle(vtkInteractorStyleTrackballCamera())
+        self._actors: dict[str, vtkActor] = {}
+        self._volume_actor: vtkVolume | None = None
+        self.volume_preset = "Bone"
+        self.show_volume = False
+        self.show_surfaces = True
+        self._render_pending = False
+        sphere = vtkSphereSource()
+        sphere.SetRadius(3.0)
+        sphere.SetThetaResolution(16)
+        sphere.SetPhiResolution(16)
+        m = vtkPolyDataMapper()
+        m.SetInputConnection(sphere.GetOutputPort())
+        self._cursor_actor = vtkActor()
+        self._cursor_actor.SetMapper(m)
+        self._cursor_actor.GetProperty().SetColor(1.0, 0.85, 0.2)
+        self._cursor_actor.VisibilityOff()
+        self.renderer.AddActor(self._cursor_actor)
+        corner = vtkCornerAnnotation()
+        corner.SetText(2, "3D")
+        corner.SetMaximumFontSize(14)
+        corner.GetTextProperty().SetColor(0.85, 0.85, 0.85)
+        self.renderer.AddViewProp(corner)
+        document.studyChanged.connect(self._on_study)
+        document.regionStylesChanged.connect(self._on_styles)
+        document.cursorChanged.connect(self._on_cursor)
+
+    def _on_study(self) -> None:
+        for actor in self._actors.values():
+            self.renderer.RemoveActor(actor)
+        self._actors.clear()
+        if self._volume_actor is not None:
+            self.renderer.RemoveVolume(self._volume_actor)
+            self._volume_actor = None
+        vol = self.document.volume
+        self._cursor_actor.SetVisibility(vol is not None)
+        if vol is None:
+            self.request_render()
+            return
+        for region, poly in self.document.surfaces.items():
+            mapper = vtkPolyDataMapper()
+            mapper.SetInputData(poly)
+            mapper.ScalarVisibilityOff()
+            actor = vtkActor()
+            actor.SetMapper(mapper)
+            prop = actor.GetProperty()
+            prop.SetSpecular(0.25)
+            prop.SetSpecularPower(20)
+            self.renderer.AddActor(actor)
+            self._actors[region] = actor
+        self._on_styles(render=False)
+        if self.show_volume:
+            self._build_volume()
+        self.reset_camera()
+        self._on_cursor(self.document.cursor)
+
+    def _build_volume(self) -> None:
+        vol = self.document.volume
+        s = _stride(vol.shape, VOLUME_MAX_DIM)
+        ct = np.asfortranarray(vol.ct[::s, ::s, ::s].astype(np.float32))  # (I/s, J/s, K/s)
+        image = image_from_array(ct, tuple(v * s for v in vol.spacing))
+        mapper = vtkSmartVolumeMapper()
+        mapper.SetInputData(image)
+        self._volume_actor = vtkVolume()
+        self._volume_actor.SetMapper(mapper)
+        self._volume_actor.SetProperty(vtkVolumeProperty())
+        self._apply_volume_preset()
+        self.renderer.AddVolume(self._volume_actor)
+
+    def _apply_volume_preset(self) -> None:
+        preset = VOLUME_PRESETS[self.volume_preset]
+        opacity = vtkPiecewiseFunction()
+        for hu, a in preset["opacity"]:
+            opacity.AddPoint(hu, a)
+        color = vtkColorTransferFunction()
+        for hu, r, g, b in preset["color"]:
+            color.AddRGBPoint(hu, r, g, b)
+        prop = self._volume_actor.GetProperty()
+        prop.SetScalarOpacity(opacity)
+        prop.SetColor(color)
+        prop.ShadeOn()
+        prop.SetInterpolationTypeToLinear()
+        prop.SetAmbient(0.3)
+        prop.SetDiffuse(0.7)
+
+    def set_volume_rendering(self, on: bool, preset: str | None = None) -> None:
+        """Show or hide the CT volume rendering; ``preset`` is a key of style.VOLUME_PRESETS."""
+        if preset is not None:
+            self.volume_preset = preset
+        self.show_volume = on
+        if self.document.volume is None:
+            return
+        if on and self._volume_actor is None:
+            self._build_volume()
+        elif self._volume_actor is not None:
+            self._apply_volume_preset()
+            self._volume_actor.SetVisibility(on)
+        self.request_render()
+
+    def set_surfaces_visible(self, on: bool) -> None:
+        self.show_surfaces = on
+        self._on_styles()
+
+    def _on_styles(self, render: bool = True) -> None:
+        for region, actor in self._actors.items():
+            style = self.document.region_styles[region]
+            actor.SetVisibility(self.show_surfaces and style.visible)
+            actor.GetProperty().SetColor(*(c / 255.0 for c in style.color))
+            # Regions nest (mediastinum around heart): translucent by default so inner ones show.
+            actor.GetProperty().SetOpacity(0.35 if region in ("lung", "pleura", "mediastinum", "abdomen", "bone", "breast") else 1.0)
+        if render:
+            self.request_render()
+
+    def _on_cursor(self, ijk) -> None:
+        vol = self.document.volume
+        if vol is None:
+            return
+        self._cursor_actor.SetPosition(*(np.array(ijk, dtype=float) * np.array(vol.spacing)))
+        self.request_render()
+
+    def reset_camera(self) -> None:
+        """Anterior view, head up, patient's left on the screen's right (as the coronal view)."""
+        vol = self.document.volume
+        if vol is None:
+            return
+        size = np.array(vol.shape) * np.array(vol.spacing)
+        centre = size / 2.0
+        cam = self.renderer.GetActiveCamera()
+        cam.SetFocalPoint(*centre)
+        cam.SetPosition(*(centre + np.array([0.0, 1.0, 0.0]) * float(np.linalg.norm(size)) * 2.0))
+        cam.SetViewUp(0.0, 0.0, 1.0)
+        self.renderer.ResetCamera()
+        cam.Zoom(1.3)
+        self.request_render()
+
+    def request_render(self) -> None:
+        if not self._render_pending:
+            self._render_pending = True
+            QTimer.singleShot(0, self._render_now)
+
+    def _render_now(self) -> None:
+        self._render_pending = False
+        if self.isVisible():
+            self.GetRenderWindow().Render()
+
+    def render_now(self) -> None:
+        self._render_pending = False
+        self.GetRenderWindow().Render()
+
+    def mouseDoubleClickEvent(self, ev) -> None:  # noqa: N802
+        self.maximiseToggled.emit()
+        ev.accept()
+
+    def keyPressEvent(self, ev) -> None:  # noqa: N802
+        if ev.text() == "r":
+            self.reset_camera()
+            ev.accept()
+            return
+        super().keyPressEvent(ev)
