@@ -226,8 +226,11 @@ def _onto_ct_grid(data: np.ndarray, affine, path: Path, ct_shape, ct_affine, mes
     if data.shape == tuple(ct_shape) and np.allclose(affine[:3, :3], ct_affine[:3, :3], atol=1e-3) \
             and np.allclose(affine[:3, 3], ct_affine[:3, 3], atol=0.5):
         return data  # sub-millimetre origin rounding (e.g. from a converter): same grid in practice
-    warn(messages, path, f"mask grid {data.shape} differs from the CT grid {tuple(ct_shape)}; "
-         "resampled onto the CT by the affines (nearest neighbour)")
+    import nibabel as nib
+
+    warn(messages, path, f"mask grid (shape {data.shape}, {''.join(nib.aff2axcodes(affine))}) differs from the CT "
+         f"grid (shape {tuple(ct_shape)}, {''.join(nib.aff2axcodes(ct_affine))}); resampled onto the CT by the "
+         "affines (nearest neighbour)")
     out = resample_to_grid(data, affine, ct_shape, ct_affine)
     if data.any() and not out.any():
         warn(messages, path, "mask does not overlap the CT volume (check that it belongs to this study)")
