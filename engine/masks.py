@@ -85,6 +85,9 @@ TOTALSEG_TO_REGION: dict[str, str] = {
     "lung_trachea_bronchia": "trachea and bronchie",   # lung_vessels task
 }
 
+_TOTALSEG_LOWER: dict[str, str] = {k.lower(): v for k, v in TOTALSEG_TO_REGION.items()}
+_TOTALSEG_NAMES_LOWER = {n.lower() for n in TOTALSEG_V2_CLASSES.values()} | set(_TOTALSEG_LOWER)
+
 #: Reg2RG regions TotalSegmentator cannot provide.
 TOTALSEG_ABSENT_REGIONS: tuple[str, ...] = tuple(r for r in REGIONS if r not in set(TOTALSEG_TO_REGION.values()))
 
@@ -94,13 +97,12 @@ def region_for_name(name: str) -> str | None:
     region = canonical_region(name)
     if region is not None:
         return region
-    return TOTALSEG_TO_REGION.get(name.strip().lower())
+    return _TOTALSEG_LOWER.get(name.strip().lower())
 
 
 def is_totalsegmentator_name(name: str) -> bool:
     """True for any structure name TotalSegmentator writes (mapped to a region or not)."""
-    key = name.strip().lower()
-    return key in TOTALSEG_TO_REGION or key in {v.lower() for v in TOTALSEG_V2_CLASSES.values()}
+    return name.strip().lower() in _TOTALSEG_NAMES_LOWER
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def _read_mask_folder(folder: Path, ct_shape, ct_affine, messages: list[str]):
         if region is None:
             if is_totalsegmentator_name(name):
                 totalseg = True
-                region = TOTALSEG_TO_REGION.get(name.strip().lower())
+                region = _TOTALSEG_LOWER.get(name.strip().lower())
                 if region is None:
                     continue  # a TotalSegmentator structure outside the 10 regions (vessel, muscle, ...)
             else:
