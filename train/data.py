@@ -1,0 +1,347 @@
+"""RadGenome-ChestCT training data: index the folder, read and pre-process through `engine`, draw samples.
+
+The layout (facts §3)::
+
+    <root>/<patient>/<accession>/<volume>.nii.gz
+    <mask_root>/seg_<volume>/<region>.nii.gz
+    reports CSV: Volumename, Anatomy, Sentence      (empty Anatomy = the whole-study report)
+
+Nothing here reads NIfTI or resizes a volume itself: `reg2rg.engine.studyio.read_study` and
+`reg2rg.engine.preprocess.preprocess` do (through `train.cache`). This module decides *which* studies
+and regions are usable, the order in which they are drawn, and how a batch is laid out for
+`Reg2RG.forward` (regions flattened over the batch, no padding regions).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from reg2rg.engine.regions import REGIONS, canonical_region
+
+logger = logging.getLogger("reg2rg.train.data")
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole cannot be used (no CSV, no usable study); the message names the file."""
+
+
+@dataclass
+class StudyRecord:
+    """One volume of the dataset with everything needed to read it and its region reports."""
+
+    name: str                                   # volume name without extension (the CSV's key)
+    volume: str                                 # path of the .nii.gz
+    masks: str | None                           # seg_<volume> folder, None when missing
+    reports: dict[str, str] = field(default_factory=dict)   # canonical region -> report sentence(s)
+    report: str = ""                            # whole-study report (empty Anatomy rows)
+
+
+class SkipLog:
+    """Bad samples: one logged line each (rank 0 only), and a summary count by reason."""
+
+    def __init__(self, log: bool = True):
+        self.entries: list[tuple[str, str]] = []
+        self._seen: set[tuple[str, str]] = set()
+        self.log = log
+
+    def add(self, name: str, reason: str) -> None:
+        if (name, reason) in self._seen:
+            return
+        self._seen.add((name, reason))
+        self.entries.append((name, reason))
+        if self.log:
+            logger.warning("skipped %s: %s", name, reason)
+
+    def counts(self) -> Counter:
+        """Number of skipped samples by reason category (the text before the first ':')."""
+        return Counter(reason.split(":")[0] for _, reason in self.entries)
+
+    def summary(self) -> str:
+        if not self.entries:
+            return "no samples skipped"
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts().items()))
+        return f"{len(self.entries)} samples skipped ({parts})"
+
+
+def volume_key(name: str) -> str:
+    """``train_1_a_1.nii.gz`` / ``train_1_a_1`` -> ``train_1_a_1`` (how volumes and CSV rows are matched)."""
+    name = os.path.basename(name.strip())
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_reports(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Read the region report CSV -> ``{volume: {region: sentence, "": whole-study report}}``.
+
+    Several rows for the same (volume, region) are joined with a space. Rows naming an anatomy that
+    is not one of the 10 regions are ignored (logged once per anatomy name).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: report CSV not found")
+    out: dict[str, dict[str, str]] = {}
+    unknown: set[str] = set()
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"Volumename", "Anatomy", "Sentence"} - set(reader.fieldnames or [])
+        if missing:
+            raise DatasetError(f"{path}: missing columns {sorted(missing)} (need Volumename, Anatomy, Sentence)")
+        for row in reader:
+            name = volume_key(row["Volumename"] or "")
+            if not name:
+                continue
+            anatomy = (row["Anatomy"] or "").strip()
+            sentence = " ".join((row["Sentence"] or "").split())
+            region = "" if not anatomy or anatomy.lower() == "nan" else canonical_region(anatomy)
+            if region is None:
+                if anatomy not in unknown:
+                    unknown.add(anatomy)
+                    logger.warning("%s: rows with anatomy %r (not one of the 10 regions) are ignored", path, anatomy)
+                continue
+            entry = out.setdefault(name, {})
+            entry[region] = f"{entry[region]} {sentence}".strip() if region in entry else sentence
+    return out
+
+
+def scan_volumes(root: str | os.PathLike) -> dict[str, str]:
+    """All volumes under ``root`` (any depth, ``seg_*`` mask folders excluded) -> ``{name: path}``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: data root folder not found")
+    found: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("seg_"))
+        for fname in sorted(filenames):
+            if fname.lower().endswith(VOLUME_SUFFIXES):
+                found.setdefault(volume_key(fname), os.path.join(dirpath, fname))
+    return found
+
+
+def read_split_names(path: str | os.PathLike) -> list[str]:
+    """Volume names from a split CSV (a ``Volumename`` column, or the first column)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: split file not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return []
+    header = [h.strip() for h in rows[0]]
+    column = header.index("Volumename") if "Volumename" in header else 0
+    body = rows[1:] if "Volumename" in header else rows
+    names = [volume_key(r[column]) for r in body if len(r) > column and r[column].strip()]
+    return list(dict.fromkeys(names))
+
+
+def resolve_splits(train_split: str | None, val_split: str | None, split_file: str | None,
+                   available: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Train and validation volume names from two CSVs, or a JSON ``{"train": [...], "val": [...]}``;
+    without any, every available volume is training data and there is no validation set."""
+    if split_file:
+        try:
+            with open(split_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise DatasetError(f"{split_file}: cannot read split file ({err})") from err
+        if not isinstance(data, dict) or "train" not in data:
+            raise DatasetError(f"{split_file}: expected a JSON object with a 'train' list (and 'val')")
+        val = data.get("val", data.get("validation", []))
+        return [volume_key(n) for n in data["train"]], [volume_key(n) for n in val]
+    train = read_split_names(train_split) if train_split else sorted(available)
+    val = read_split_names(val_split) if val_split else []
+    if not train_split:
+        held_out = set(val)
+        train = [n for n in train if n not in held_out]
+    return train, val
+
+
+def index_studies(root: str | os.PathLike, reports_csv: str | os.PathLike, names: Sequence[str] | None = None,
+                  mask_root: str | os.PathLike | None = None, skips: SkipLog | None = None) -> list[StudyRecord]:
+    """Match volumes, mask folders and reports; skip (and log) what cannot be a training sample.
+
+    Skipped here: CSV rows without a volume file, volumes without any region report, volumes without a
+    ``seg_<volume>`` mask folder. Unreadable volumes and empty masks are found when the study is read.
+    """
+    skips = skips if skips is not None else SkipLog()
+    mask_root = Path(mask_root) if mask_root else Path(root)
+    volumes = scan_volumes(root)
+    reports = read_reports(reports_csv)
+    wanted = list(names) if names is not None else sorted(set(volumes) | set(reports))
+    records: list[StudyRecord] = []
+    for name in wanted:
+        if name not in volumes:
+            skips.add(name, "no volume: named in the report CSV or split but no .nii.gz found"
+                      if name in reports else "no volume: named in the split but no .nii.gz found")
+            continue
+        entry = reports.get(name, {})
+        region_reports = {r: s for r, s in entry.items() if r and s}
+        if not region_reports:
+            skips.add(name, "no report: the volume has no region rows in the report CSV")
+            continue
+        mask_dir = _find_mask_folder(mask_root, Path(volumes[name]), name)
+        if mask_dir is None:
+            skips.add(name, f"no masks: seg_{name} folder not found under {mask_root}")
+            continue
+        records.append(StudyRecord(name=name, volume=volumes[name], masks=str(mask_dir),
+                                   reports=region_reports, report=entry.get("", "")))
+    return records
+
+
+def _find_mask_folder(mask_root: Path, volume: Path, name: str) -> Path | None:
+    """``seg_<volume>`` directly under the mask root, or mirrored in the volume's own folder tree."""
+    for candidate in (mask_root / f"seg_{name}", volume.parent / f"seg_{name}"):
+        if candidate.is_dir():
+            return candidate
+    try:
+        relative = volume.parent.relative_to(mask_root)
+    except ValueError:
+        return None
+    candidate = mask_root / relative / f"seg_{name}"
+    return candidate if candidate.is_dir() else None
+
+
+# ---- drawing samples --------------------------------------------------------------------------------
+
+def draw_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator for one draw of one sample: depends only on (seed, epoch, index), so a resumed
+    run, any worker count and any rank reproduce the same region order."""
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+def epoch_batches(num_samples: int, micro_batch: int, seed: int, epoch: int,
+                  rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's micro-batches for one epoch: a seeded permutation split evenly over ranks.
+
+    Every rank gets the same number of samples (the remainder of the permutation is dropped so that
+    ranks stay in step); the last micro-batch may be short.
+    """
+    order = np.random.default_rng([int(seed), int(epoch), 7919]).permutation(num_samples)
+    per_rank = num_samples // world_size
+    mine = order[rank::world_size][:per_rank].tolist()
+    return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
+
+
+@dataclass
+class StudyTensors:
+    """A pre-processed study (what `preprocess` returns, in tensors), as cached on disk."""
+
+    image: torch.Tensor                           # (3, H, W, D)
+    regions: dict[str, torch.Tensor]             # region -> (3, H, W, D)
+    masks: dict[str, torch.Tensor]               # region -> (1, H, W, D)
+    geometry: dict[str, Any] = field(default_factory=dict)
+
+
+class RegionReportDataset(torch.utils.data.Dataset):
+    """Samples for `Reg2RG.forward`: one study, its usable regions in a freshly shuffled slot order,
+    and the tokenized prompt + target.
+
+    A region is usable when it has both a report and a non-empty mask. A study with none is skipped
+    (see ``__getitem__``). Call `set_epoch` before each epoch.
+    """
+
+    def __init__(self, records: Sequence[StudyRecord], tokenizer, special, load_study, max_length: int,
+                 seed: int = 42, shuffle_regions: bool = True):
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.special = special
+        self.load_study = load_study              # StudyRecord -> StudyTensors (raises on bad input)
+        self.max_length = max_length
+        self.seed = seed
+        self.epoch = 0
+        self.shuffle_regions = shuffle_regions
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def region_order(self, index: int, usable: Sequence[str]) -> list[str]:
+        """Slot order of ``usable`` regions for this draw (published: shuffled every draw)."""
+        usable = list(usable)
+        if not self.shuffle_regions:
+            return usable
+        perm = draw_rng(self.seed, self.epoch, index).permutation(len(usable))
+        return [usable[i] for i in perm]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """One sample, or ``{"skipped": name, "reason": why}`` for a study that cannot be used (the
+        collator passes those on so the main process logs them, even from DataLoader workers)."""
+        from reg2rg.engine.errors import StudyError
+        from reg2rg.engine.tokens import build_example
+
+        record = self.records[index]
+        try:
+            tensors = self.load_study(record)
+        except (StudyError, OSError, ValueError) as err:
+            return {"skipped": record.name, "reason": f"unreadable: {err}"}
+        usable = [r for r in REGIONS if r in record.reports and r in tensors.regions]
+        if not usable:
+            return {"skipped": record.name, "reason": "empty masks: no region has both a report and a non-empty mask"}
+        order = self.region_order(index, usable)[: self.special.num_regions]
+        example = build_example(self.tokenizer, [(r, record.reports[r]) for r in order],
+                                max_length=self.max_length, special=self.special, pad=False)
+        return {
+            "name": record.name,
+            "input_ids": example["input_ids"],
+            "labels": example["labels"],
+            "attention_mask": example["attention_mask"],
+            "image": tensors.image,                                           # (3, H, W, D)
+            "region_images": torch.stack([tensors.regions[r] for r in order]),  # (n, 3, H, W, D)
+            "region_masks": torch.stack([tensors.masks[r] for r in order]),     # (n, 1, H, W, D)
+            "regions": order,
+        }
+
+
+def collate_regions(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
+    """Batch samples for `Reg2RG.forward`: text right-padded to the longest sample, images stacked,
+    regions flattened over the batch with their sample index and slot (no padding regions).
+
+    Skipped samples are left out and listed under ``"skipped"`` as (name, reason); when nothing is
+    left the batch has only that key.
+    """
+    skipped = [(s["skipped"], s["reason"]) for s in samples if "skipped" in s]
+    samples = [s for s in samples if "skipped" not in s]
+    if not samples:
+        return {"skipped": skipped}
+    length = max(len(s["input_ids"]) for s in samples)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        out = torch.full((len(samples), length), value, dtype=torch.long)
+        for i, s in enumerate(samples):
+            out[i, : len(s[key])] = s[key]
+        return out
+
+    region_sample = torch.cat([torch.full((len(s["regions"]),), i, dtype=torch.long) for i, s in enumerate(samples)])
+    region_slot = torch.cat([torch.arange(len(s["regions"]), dtype=torch.long) for s in samples])
+    return {
+        "input_ids": pad("input_ids", pad_id),                                 # (B, T)
+        "labels": pad("labels", -100),                                         # (B, T)
+        "attention_mask": pad("attention_mask", 0),                            # (B, T)
+        "images": torch.stack([s["image"] for s in samples]),                  # (B, 3, H, W, D)
+        "region_images": torch.cat([s["region_images"] for s in samples]),     # (N, 3, H, W, D)
+        "region_masks": torch.cat([s["region_masks"] for s in samples]),       # (N, 1, H, W, D)
+        "region_sample": region_sample,                                        # (N,)
+        "region_slot": region_slot,                                            # (N,)
+        "names": [s["name"] for s in samples],
+        "regions": [s["regions"] for s in samples],
+        "skipped": skipped,
+    }
+
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "images", "region_images", "region_masks",
+                    "region_sample", "region_slot")
