@@ -137,13 +137,13 @@ class Reg2RGConfig:
         """LLM hidden size when known without reading the LLM folder."""
         return None if self.llm_config is None else int(self.llm_config["hidden_size"])
 
-    def validate(self) -> None:
+    def validate(self, require_llm: bool = True) -> None:
         """Raise `ConfigError` when the dimensions cannot work together."""
         self.vision.validate(self.input_size, "vision encoder")
         self.mask_encoder.validate(self.input_size, "mask encoder")
         if self.train_llm not in ("lora", "full", "frozen"):
             raise ConfigError(f"train_llm must be 'lora', 'full' or 'frozen', got {self.train_llm!r}")
-        if self.llm_path is None and self.llm_config is None:
+        if require_llm and self.llm_path is None and self.llm_config is None:
             raise ConfigError(f"preset {self.name!r}: set llm_path (a local LLaMA folder) or llm_config")
 
     # ---- presets -------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ import torch
 from .config import ConfigError, Reg2RGConfig
 
 
-def build_llama(config: Reg2RGConfig, vocab_size: int, dtype: torch.dtype | None = None):
-    """A ``LlamaForCausalLM``: loaded from ``config.llm_path`` (``local_files_only``) or freshly built
-    from ``config.llm_config`` with ``vocab_size`` rows (pad 0, bos 1, eos 2)."""
+def build_llama(config: Reg2RGConfig, vocab_size: int, dtype: torch.dtype | None = None,
+                llm_path: str | os.PathLike | None = None):
+    """A ``LlamaForCausalLM``: loaded from ``llm_path`` or ``config.llm_path`` (``local_files_only``) or
+    freshly built from ``config.llm_config`` with ``vocab_size`` rows (pad 0, bos 1, eos 2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if config.llm_path is not None:
-        path = os.fspath(config.llm_path)
+    llm_path = llm_path if llm_path is not None else config.llm_path
+    if llm_path is not None:
+        path = os.fspath(llm_path)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{path}: not a local LLaMA folder (config.json missing)")
         kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -45,10 +47,11 @@ def lora_config(config: Reg2RGConfig):
                       lora_dropout=s.dropout, target_modules=s.target_modules)
 
 
-def build_language_model(config: Reg2RGConfig, vocab_size: int, dtype: torch.dtype | None = None):
+def build_language_model(config: Reg2RGConfig, vocab_size: int, dtype: torch.dtype | None = None,
+                         llm_path: str | os.PathLike | None = None):
     """The LLM as Reg2RG trains it: LoRA-wrapped (``train_llm="lora"``), fully trainable (``"full"``)
     or frozen; gradient checkpointing with input-embedding gradients when configured."""
-    model = build_llama(config, vocab_size, dtype)
+    model = build_llama(config, vocab_size, dtype, llm_path)
     if config.train_llm == "lora":
         from peft import get_peft_model
 

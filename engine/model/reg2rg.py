@@ -40,8 +40,9 @@ class Reg2RG(nn.Module):
         self.embedding_layer.weight = self.lang_model.get_input_embeddings().weight
 
     @classmethod
-    def from_config(cls, config: Reg2RGConfig, tokenizer=None, dtype: torch.dtype | None = None) -> "Reg2RG":
-        """Build the model (LLM from ``config.llm_path`` or fresh from ``config.llm_config``).
+    def from_config(cls, config: Reg2RGConfig, tokenizer=None, dtype: torch.dtype | None = None,
+                    llm_path: str | None = None) -> "Reg2RG":
+        """Build the model (LLM from ``llm_path``/``config.llm_path`` or fresh from ``config.llm_config``).
 
         The text vocabulary V comes from ``tokenizer`` (its special tokens are added if missing) or,
         without one, from ``config.vocab_size``. ``config.vocab_size`` is filled in.
@@ -53,8 +54,8 @@ class Reg2RG(nn.Module):
             config.vocab_size = vocab
         elif config.vocab_size is None:
             raise ConfigError("give a tokenizer or set config.vocab_size")
-        config.validate()
-        lang_model = build_language_model(config, config.vocab_size, dtype)
+        config.validate(require_llm=llm_path is None)
+        lang_model = build_language_model(config, config.vocab_size, dtype, llm_path)
         model = cls(config, lang_model, config.vocab_size)
         if dtype is not None:
             model.embedding_layer.to(dtype)
