@@ -1,0 +1,97 @@
+"""Generates the bad inputs of issue 2 in a temporary folder (nothing is checked in).
+
+Each function writes one bad case and returns its path; `make_all` writes them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from dicom_fixtures import write_series
+
+SHAPE = (32, 28, 10)
+
+
+def _affine():
+    a = np.diag([-0.8, -0.8, 2.5, 1.0])
+    a[:3, 3] = [5.0, 5.0, -20.0]
+    return a
+
+
+def _ct(rng=None):
+    rng = rng or np.random.default_rng(0)
+    vol = np.full(SHAPE, -1024, dtype=np.int16)
+    vol[3:29, 3:25, 1:9] = rng.integers(-900, 300, size=(26, 22, 8))
+    return vol
+
+
+def _save(path: Path, data, affine=None) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(data), _affine() if affine is None else affine), str(path))
+    return path
+
+
+def truncated_nifti(folder: Path) -> Path:
+    good = _save(folder / "full.nii.gz", _ct())
+    raw = good.read_bytes()
+    path = folder / "truncated.nii.gz"
+    path.write_bytes(raw[: len(raw) // 2])
+    good.unlink()
+    return path
+
+
+def image_2d(folder: Path) -> Path:
+    return _save(folder / "slice2d.nii.gz", _ct()[:, :, 4])
+
+
+def image_4d(folder: Path) -> Path:
+    return _save(folder / "timeseries.nii.gz", np.stack([_ct()] * 3, axis=-1))
+
+
+def with_nans(folder: Path) -> Path:
+    vol = _ct().astype(np.float32)
+    vol[5:8, 5:8, 2:4] = np.nan
+    return _save(folder / "nans.nii.gz", vol)
+
+
+def mr_like(folder: Path) -> Path:
+    rng = np.random.default_rng(1)
+    vol = rng.integers(0, 1800, size=SHAPE).astype(np.int16)   # MR: no negative values, no air at -1000
+    return _save(folder / "mr_like.nii.gz", vol)
+
+
+def mask_other_shape(folder: Path) -> tuple[Path, Path]:
+    """A CT and a mask folder whose lung mask has another shape (and the CT's affine)."""
+    ct = _save(folder / "ct.nii.gz", _ct())
+    seg = folder / "seg_ct"
+    seg.mkdir(exist_ok=True)
+    lung = np.zeros((20, 20, 10), np.uint8)
+    lung[4:12, 4:12, 2:8] = 1
+    _save(seg / "lung.nii.gz", lung)
+    heart = np.zeros(SHAPE, np.uint8)
+    heart[10:15, 10:15, 3:6] = 1
+    _save(seg / "heart.nii.gz", heart)
+    return ct, seg
+
+
+def dicom_two_series(folder: Path) -> Path:
+    path = folder / "dicom_two_series"
+    write_series(path, _ct(), _affine(), series_number=3, description="chest")
+    write_series(path, _ct(np.random.default_rng(5))[:, :, :4], _affine(), series_number=8, description="localizer")
+    return path
+
+
+def make_all(folder) -> dict[str, object]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "truncated": truncated_nifti(folder),
+        "2d": image_2d(folder),
+        "4d": image_4d(folder),
+        "nans": with_nans(folder),
+        "mr_like": mr_like(folder),
+        "mask_other_shape": mask_other_shape(folder),
+        "dicom_two_series": dicom_two_series(folder),
+    }
