@@ -160,7 +160,7 @@ class MainWindow(QMainWindow):
         group = QActionGroup(self)
         for preset in WINDOW_PRESETS:
             act = self._action(view_menu, preset.name,
-                               lambda p=preset: self.document.set_window_level(p.window, p.level), preset.shortcut)
+                               lambda _checked=False, p=preset: self.document.set_window_level(p.window, p.level), preset.shortcut)
             act.setCheckable(True)
             act.setToolTip(f"{preset.name}: W {preset.window:.0f} / L {preset.level:.0f} ({preset.shortcut})")
             group.addAction(act)
