@@ -603,28 +603,61 @@ class ReportEngine:
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | os.PathLike | None = None, device: str | torch.device = "auto",
-             dtype: str | torch.dtype | None = None) -> "ReportEngine":
+             dtype: str | torch.dtype | None = None, llm_path: str | os.PathLike | None = None) -> "ReportEngine":
         """Load a model folder (None = the embedded demo model) onto ``device`` (``"auto"``: CUDA bf16
-        if available, else CPU float32). Raises `ModelFolderError` when the folder or a file is missing
-        and `EngineOutOfMemory` when the weights do not fit."""
-        from .checkpoint import load_pretrained
+        if available, else CPU float32). ``llm_path`` overrides the base LLaMA folder of a LoRA
+        checkpoint. Raises `ModelFolderError` when the folder or one of its files is missing and
+        `EngineOutOfMemory` when the weights do not fit."""
+        from .checkpoint import CheckpointError, load_pretrained
 
         folder = Path(model_dir) if model_dir is not None else default_model_dir()
         if not folder.is_dir():
-            hint = " (the demo model has not been built: see README)" if model_dir is None else ""
+            hint = " (the embedded demo model is not built yet)" if model_dir is None else ""
             raise ModelFolderError(f"{folder}: model folder not found{hint}")
-        if not (folder / "config.json").is_file():
-            raise ModelFolderError(f"{folder}: not a Reg2RG model folder (config.json is missing)")
         dev, dt = resolve_device(device, dtype)
         try:
-            model, tokenizer = load_pretrained(folder, dev, dt)
-        except FileNotFoundError as err:
-            raise ModelFolderError(f"{folder}: {err}") from err
+            model, tokenizer = load_pretrained(folder, dev, dt, llm_path=llm_path)
+        except CheckpointError as err:
+            if "missing" in err.problem or "not found" in err.problem or "not on this machine" in err.problem:
+                raise ModelFolderError(str(err)) from err
+            raise
         except Exception as err:  # noqa: BLE001 - only memory errors are translated
             if _is_oom(err):
                 raise EngineOutOfMemory(_oom_message(dev, f"loading {folder}")) from err
             raise
         return cls(model, tokenizer, folder)
+
+    @classmethod
+    def from_published(cls, checkpoint: str | os.PathLike, llm_path: str | os.PathLike,
+                       device: str | torch.device = "auto", dtype: str | torch.dtype | None = None) -> "ReportEngine":
+        """The published Reg2RG checkpoint (a full state dict, safetensors or ``weights_only`` pickle)
+        on the published dimensions, with the LLaMA-2-7B-chat folder ``llm_path`` (tokenizer and base
+        weights, read offline)."""
+        from .checkpoint import import_published
+        from .model.config import Reg2RGConfig
+        from .model.reg2rg import Reg2RG
+        from .tokens import load_tokenizer
+
+        for path, what in ((checkpoint, "published checkpoint file"), (llm_path, "LLaMA folder")):
+            if not Path(path).exists():
+                raise ModelFolderError(f"{path}: {what} not found")
+        dev, dt = resolve_device(device, dtype)
+        config = Reg2RGConfig.preset("reg2rg-7b")
+        config.llm_path = os.fspath(llm_path)
+        config.gradient_checkpointing = False
+        try:
+            tokenizer = load_tokenizer(llm_path)
+            model = Reg2RG.from_config(config, tokenizer, dtype=dt)
+            report = import_published(model, checkpoint)
+            model.to(dev).eval()
+        except Exception as err:  # noqa: BLE001
+            if _is_oom(err):
+                raise EngineOutOfMemory(_oom_message(dev, f"loading {checkpoint}")) from err
+            raise
+        if report.missing:
+            logger.warning("%s: %d model weights were not in the checkpoint (first: %s)", checkpoint,
+                           len(report.missing), report.missing[:3])
+        return cls(model, tokenizer, Path(checkpoint).parent)
 
     # ---- regions and prompt -------------------------------------------------------------------
     def select_regions(self, study, regions: Sequence[str] | None = None) -> list[str]:

@@ -1,0 +1,287 @@
+"""``reg2rg-generate``: draft reports headlessly with the same engine the viewer uses.
+
+Three ways to name the studies:
+
+* ``--volume CT [--masks MASKS]``: one study; files go straight into ``--out``;
+* ``--demo``: the embedded demo study (with the demo model unless ``--model`` is given);
+* ``--dataset ROOT --masks MASK_ROOT --reports CSV``: every volume of a RadGenome-style dataset
+  (``ROOT/<patient>/<accession>/<volume>.nii.gz``, masks in ``MASK_ROOT/seg_<volume>/<region>.nii.gz``,
+  reports ``Volumename, Anatomy, Sentence``) that has a report; files go into ``--out/<volume>/`` and
+  one row per study is appended to ``--out/predictions.csv`` as soon as it is done, so an interrupted
+  run resumes where it stopped (studies already in the CSV are skipped).
+
+Per study: ``report.txt`` (the draft), ``report.json`` (sections with grounding, sentences, every token
+with probability, entropy and alternatives, confidence per region) and, with ``--attention``, one NIfTI
+per region section plus one for the whole report, aligned with the CT (same affine).
+
+``predictions.csv`` columns: ``AccNum, GT_combined_report, Pred_combined_report, Region_slots``
+(the JSON ``{"slot": "true region"}`` that ``reg2rg-eval --by-region`` grades the named areas against).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("reg2rg.engine.cli")
+
+PREDICTIONS = "predictions.csv"
+COLUMNS = ("AccNum", "GT_combined_report", "Pred_combined_report", "Region_slots")
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+
+
+class CliError(ValueError):
+    """A problem with the command line or its inputs; printed as is, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="reg2rg-generate",
+        description="Draft region-by-region chest CT reports with Reg2RG (no GUI). "
+                    "The embedded demo model is trained on synthetic phantoms: not for clinical use.")
+    src = p.add_argument_group("studies (choose one)")
+    src.add_argument("--volume", help="CT volume (NIfTI file or DICOM series folder)")
+    src.add_argument("--demo", action="store_true", help="the embedded demo study")
+    src.add_argument("--dataset", metavar="ROOT", help="RadGenome-style data root (needs --masks and --reports)")
+    p.add_argument("--masks", help="region masks: a folder of per-region NIfTIs or a label map "
+                                   "(with --dataset: the root holding seg_<volume>/ folders)")
+    p.add_argument("--reports", metavar="CSV", help="with --dataset: reference reports (Volumename, Anatomy, Sentence)")
+    p.add_argument("--limit", type=int, default=None, help="with --dataset: at most this many new studies")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", metavar="DIR", help="model folder (default: the embedded demo model)")
+    model.add_argument("--published", metavar="FILE", help="the published Reg2RG checkpoint (needs --llm)")
+    model.add_argument("--llm", metavar="DIR", help="local LLaMA-2-7B-chat folder (published checkpoint or LoRA model)")
+    model.add_argument("--device", default="auto", help="auto (CUDA bf16 if available, else CPU fp32), cpu, cuda, cuda:1")
+    model.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default follows the device)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--regions", nargs="+", metavar="REGION",
+                     help="report on these regions only (default: every region with a mask); quote multi-word names")
+    gen.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy",
+                     help="decoding (default greedy, the published behaviour)")
+    gen.add_argument("--max-new-tokens", type=int, default=500)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=30)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--num-beams", type=int, default=4)
+    p.add_argument("--attention", action="store_true", help="also write attention heatmaps (NIfTI, CT affine)")
+    p.add_argument("--out", default="reg2rg_output", help="output folder (default ./reg2rg_output)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or report echo")
+    return p
+
+
+def _settings(args):
+    from .generation import GenerationSettings
+
+    s = GenerationSettings(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_beams=args.num_beams)
+    s.validate()
+    return s
+
+
+def _load_engine(args):
+    from .generation import ReportEngine
+
+    if args.published:
+        if not args.llm:
+            raise CliError("--published needs --llm (the local LLaMA-2-7B-chat folder)")
+        return ReportEngine.from_published(args.published, args.llm, args.device, args.dtype)
+    return ReportEngine.load(args.model, args.device, args.dtype, llm_path=args.llm)
+
+
+# ---- writing one study ----------------------------------------------------------------------------
+def _slug(region: str) -> str:
+    return region.replace(" ", "_")
+
+
+def write_outputs(engine, result, out_dir: Path, attention: bool) -> dict:
+    """Write report.txt, report.json and (optionally) attention NIfTIs for one result; returns the JSON."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.txt").write_text(result.text.strip() + "\n", encoding="utf-8")
+    data = result.to_dict()
+    if attention and result.tokens:
+        maps = {}
+        selections = [("report", list(range(len(result.tokens))))]
+        for s in result.sections:
+            idx = result.token_indices_in_span(s.body_start, s.end)
+            if s.slot is not None and s.region is not None and idx:
+                selections.append((f"slot{s.slot}_{_slug(s.region)}", idx))
+        for name, idx in selections:
+            file = f"attention_{name}.nii.gz"
+            if file in maps:                      # a repeated slot: the first section wins
+                continue
+            am = engine.attention_map(result, idx)
+            am.save_nifti(out_dir / file)
+            maps[file] = {"token_indices": [idx[0], idx[-1]], "shares": am.shares, "other_share": am.other_share}
+        data["attention"] = maps
+    with open(out_dir / "report.json", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    return data
+
+
+def _run_one(engine, study, args, settings, out_dir: Path) -> None:
+    result = engine.draft(study, args.regions, settings)
+    write_outputs(engine, result, out_dir, args.attention)
+    if not args.quiet:
+        print(result.text.strip())
+        acc = "n/a" if result.region_accuracy is None else f"{result.region_accuracy:.2f}"
+        print(f"\n[{len(result.tokens)} tokens, stop: {result.stop_reason}, region accuracy {acc}, "
+              f"mean token prob {result.confidence.mean_prob:.3f}] -> {out_dir}", file=sys.stderr)
+
+
+# ---- datasets -------------------------------------------------------------------------------------
+def _volume_key(name: str) -> str:
+    name = os.path.basename(name.strip())
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_reference_reports(path: Path) -> dict[str, dict[str, str]]:
+    """``{volume: {region: sentence}}`` from a RadGenome report CSV (whole-study rows are ignored here)."""
+    from .regions import canonical_region
+
+    if not path.is_file():
+        raise CliError(f"{path}: report CSV not found")
+    out: dict[str, dict[str, str]] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"Volumename", "Anatomy", "Sentence"} - set(reader.fieldnames or [])
+        if missing:
+            raise CliError(f"{path}: missing columns {sorted(missing)} (need Volumename, Anatomy, Sentence)")
+        for row in reader:
+            name = _volume_key(row["Volumename"] or "")
+            region = canonical_region((row["Anatomy"] or "").strip()) if (row["Anatomy"] or "").strip() else None
+            if not name or region is None:
+                continue
+            sentence = " ".join((row["Sentence"] or "").split())
+            entry = out.setdefault(name, {})
+            entry[region] = f"{entry[region]} {sentence}".strip() if region in entry else sentence
+    return out
+
+
+def _scan_volumes(root: Path) -> dict[str, Path]:
+    if not root.is_dir():
+        raise CliError(f"{root}: data root folder not found")
+    found: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("seg_"))
+        for fname in sorted(filenames):
+            if fname.lower().endswith(VOLUME_SUFFIXES):
+                found.setdefault(_volume_key(fname), Path(dirpath) / fname)
+    return found
+
+
+def _done_ids(csv_path: Path) -> set[str]:
+    if not csv_path.is_file():
+        return set()
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return {row["AccNum"] for row in csv.DictReader(f) if row.get("AccNum")}
+
+
+def combined_reference(region_reports: dict[str, str], slot_regions: dict[int, str]) -> str:
+    """The reference report in the model's slot order, ``The region {i} is {area}: {report} `` per slot
+    (slots whose region has no reference sentence are left out)."""
+    from .tokens import TARGET_REGION
+
+    return "".join(TARGET_REGION.format(index=slot, area=region, report=region_reports[region])
+                   for slot, region in sorted(slot_regions.items()) if region in region_reports)
+
+
+def run_dataset(engine, args, settings, out: Path) -> int:
+    from tqdm import tqdm
+
+    from .errors import StudyError
+    from .studyio import read_study
+
+    if not args.masks or not args.reports:
+        raise CliError("--dataset needs --masks MASK_ROOT and --reports CSV")
+    reports = read_reference_reports(Path(args.reports))
+    volumes = _scan_volumes(Path(args.dataset))
+    names = sorted(n for n in volumes if n in reports)
+    if not names:
+        raise CliError(f"{args.dataset}: no volume has a report in {args.reports}")
+    csv_path = out / PREDICTIONS
+    done = _done_ids(csv_path)
+    todo = [n for n in names if n not in done]
+    if args.limit is not None:
+        todo = todo[: args.limit]
+    out.mkdir(parents=True, exist_ok=True)
+    new_file = not csv_path.is_file()
+    failures = 0
+    with open(csv_path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if new_file:
+            writer.writerow(COLUMNS)
+        bar = tqdm(todo, desc="reg2rg-generate", unit="study", disable=args.quiet, initial=0,
+                   total=len(todo), file=sys.stderr)
+        for name in bar:
+            bar.set_postfix_str(name)
+            try:
+                study = read_study(volumes[name], Path(args.masks) / f"seg_{name}")
+                regions = args.regions
+                result = engine.draft(study, regions, settings)
+            except (StudyError, ValueError, FileNotFoundError) as err:
+                failures += 1
+                logger.warning("%s: skipped (%s)", name, err)
+                print(f"{name}: skipped ({err})", file=sys.stderr)
+                continue
+            write_outputs(engine, result, out / name, args.attention)
+            gt = combined_reference(reports[name], result.slot_regions).strip()
+            slots = json.dumps({str(k): v for k, v in sorted(result.slot_regions.items())})
+            writer.writerow([name, gt, result.text.strip(), slots])
+            f.flush()                       # a finished study survives an interruption
+    if not args.quiet:
+        print(f"{len(todo) - failures} studies written, {len(done)} already done, {failures} skipped -> {csv_path}",
+              file=sys.stderr)
+    # partial success is success (the skipped studies are listed above); all failing is not
+    return 1 if todo and failures == len(todo) else 0
+
+
+# ---- entry point -----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of ``reg2rg-generate``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    chosen = [bool(args.volume), bool(args.demo), bool(args.dataset)]
+    if sum(chosen) != 1:
+        print("reg2rg-generate: choose exactly one of --volume, --demo or --dataset", file=sys.stderr)
+        return 2
+    from .checkpoint import CheckpointError
+    from .errors import StudyError
+    from .generation import EngineOutOfMemory, GenerationError, ModelFolderError
+    from .model.config import ConfigError
+
+    out = Path(args.out)
+    try:
+        settings = _settings(args)
+        engine = _load_engine(args)
+        if args.dataset:
+            return run_dataset(engine, args, settings, out)
+        if args.demo:
+            from .phantom import demo_study
+
+            study = demo_study()
+        else:
+            from .studyio import read_study
+
+            study = read_study(args.volume, args.masks)
+        _run_one(engine, study, args, settings, out)
+        return 0
+    except (CliError, StudyError, GenerationError, ModelFolderError, EngineOutOfMemory, CheckpointError,
+            ConfigError) as err:
+        print(f"reg2rg-generate: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reg2rg-generate: interrupted (finished studies are kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

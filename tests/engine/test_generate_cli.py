@@ -1,0 +1,100 @@
+"""``reg2rg-generate`` on one study and on a RadGenome-style dataset folder (resumable), with a tiny
+random model saved in the project's checkpoint format."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from reg2rg.engine.checkpoint import save_pretrained
+from reg2rg.engine.cli import main
+from reg2rg.engine.generation import GenerationSettings, ReportEngine
+from reg2rg.engine.studyio import write_study
+
+from generation_fixtures import box_study, tiny_engine
+
+ARGS = ["--max-new-tokens", "6", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    engine = tiny_engine()
+    return save_pretrained(engine.model, engine.tokenizer, tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    names = ["valid_1_a_1", "valid_2_a_1", "valid_3_a_1"]
+    rows = []
+    for i, name in enumerate(names):
+        patient = name.rsplit("_", 2)[0]
+        write_study(box_study(flip_axis=0 if i == 1 else None, name=name),
+                    root / "ct" / patient / f"{patient}_a" / f"{name}.nii.gz", root / "masks" / f"seg_{name}")
+        rows += [(f"{name}.nii.gz", "heart", f"Heart normal {i}."), (f"{name}.nii.gz", "lung", "Lungs clear."),
+                 (f"{name}.nii.gz", "", "Whole report.")]
+    with open(root / "reports.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Volumename", "Anatomy", "Sentence"])
+        w.writerows(rows)
+    return root, names
+
+
+def test_one_study_writes_report_json_and_attention(model_dir, tmp_path):
+    study = box_study()
+    write_study(study, tmp_path / "ct.nii.gz", tmp_path / "masks")
+    out = tmp_path / "out"
+    assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--masks", str(tmp_path / "masks"), "--model", str(model_dir),
+                 "--out", str(out), "--attention", "--regions", "heart", "lung", *ARGS]) == 0
+    data = json.loads((out / "report.json").read_text())
+    # the same engine on the same weights gives the same draft
+    expected = ReportEngine.load(model_dir).draft(study, ["heart", "lung"], GenerationSettings(max_new_tokens=6))
+    assert data["text"] == expected.text and (out / "report.txt").read_text().strip() == expected.text.strip()
+    assert data["slot_regions"] == {"0": "heart", "1": "lung"}
+    assert len(data["tokens"]) == 6 and len(data["tokens"][0]["top"]) == 5
+    img = nib.load(out / "attention_report.nii.gz")
+    np.testing.assert_allclose(img.affine, study.affine, atol=1e-5)
+    assert img.shape == study.shape
+    assert set(data["attention"]["attention_report.nii.gz"]["shares"]) == {"global", "heart", "lung"}
+
+
+def test_dataset_run_is_resumable(model_dir, dataset, tmp_path):
+    root, names = dataset
+    out = tmp_path / "preds"
+    base = ["--dataset", str(root / "ct"), "--masks", str(root / "masks"), "--reports", str(root / "reports.csv"),
+            "--model", str(model_dir), "--out", str(out), *ARGS]
+    assert main(base + ["--limit", "1"]) == 0
+    with open(out / "predictions.csv", newline="") as f:
+        first = list(csv.DictReader(f))
+    assert [r["AccNum"] for r in first] == names[:1]
+    assert main(base) == 0
+    assert main(base) == 0                  # nothing left: no duplicate rows
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["AccNum", "GT_combined_report", "Pred_combined_report", "Region_slots"]
+    assert [r["AccNum"] for r in rows] == names
+    row = rows[2]
+    slots = json.loads(row["Region_slots"])
+    assert slots == {"0": "bone", "1": "heart", "2": "lung"}
+    # the reference in the model's slot order, regions without a reference sentence left out
+    assert row["GT_combined_report"] == "The region 1 is heart: Heart normal 2. The region 2 is lung: Lungs clear."
+    report = json.loads((out / names[2] / "report.json").read_text())
+    assert report["text"].strip() == row["Pred_combined_report"]
+
+
+def test_clear_errors(model_dir, dataset, tmp_path, capsys):
+    root, _ = dataset
+    assert main(["--demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "missing: model folder not found" in capsys.readouterr().err
+    assert main(["--dataset", str(root / "ct"), "--model", str(model_dir), "--out", str(tmp_path)]) == 2
+    assert "--reports" in capsys.readouterr().err
+    assert main(["--volume", str(tmp_path / "nope.nii.gz"), "--model", str(model_dir), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nope.nii.gz" in err and "Traceback" not in err
+    assert main(["--demo", "--volume", "x"]) == 2
