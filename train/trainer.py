@@ -140,7 +140,8 @@ def load_training_tokenizer(config: TrainConfig, model_config):
     """The tokenizer (``config.tokenizer``, else the LLM folder) with Reg2RG's special tokens."""
     from reg2rg.engine.tokens import add_special_tokens, load_tokenizer
 
-    path = config.tokenizer or model_config.llm_path
+    path = config.tokenizer or (os.path.join(config.model.init_from, "tokenizer") if config.model.init_from
+                                else model_config.llm_path)
     if not path:
         raise TrainConfigError(f"{config.source}: set 'tokenizer' (a tokenizer folder) or model.overrides.llm_path")
     tokenizer = load_tokenizer(path)
@@ -176,16 +177,15 @@ def build_model(config: TrainConfig, model_config, tokenizer, dtype: torch.dtype
     torch.manual_seed(config.train.seed)
     model = Reg2RG.from_config(model_config, tokenizer, dtype=dtype)
     if config.model.init_from:
-        from reg2rg.engine.checkpoint import load_model_weights
+        from reg2rg.engine.checkpoint import load_pretrained
 
-        load_model_weights(model, config.model.init_from)
+        source, _ = load_pretrained(config.model.init_from)
+        model.load_state_dict(source.state_dict(), strict=False)
+        del source
     if config.model.vision_weights or config.model.perceiver_weights:
-        from reg2rg.engine import checkpoint as engine_checkpoint
+        from reg2rg.engine.checkpoint import import_radfm
 
-        loader = getattr(engine_checkpoint, "load_radfm_weights", None)
-        if loader is None:
-            raise TrainConfigError("this engine cannot load RadFM weight files yet (engine.checkpoint.load_radfm_weights)")
-        loader(model, config.model.vision_weights, config.model.perceiver_weights)
+        import_radfm(model, config.model.vision_weights, config.model.perceiver_weights)
     return model
 
 
@@ -490,7 +490,10 @@ class Trainer:
                 f"{'this' if not math.isfinite(value) else 'another'} rank; training stopped. "
                 f"Last good checkpoint: {where}. Try a lower train.lr or check the data.")
         if self.engine is not None:
+            # DeepSpeed counts micro-batches itself: step() after every backward, it only updates
+            # the weights (and the scheduler) at the accumulation boundary.
             self.engine.backward(loss)
+            self.engine.step()
         else:
             (loss / self.config.train.grad_accum).backward()
         return (value if n else float("nan")), acc, n
@@ -498,7 +501,6 @@ class Trainer:
     def _optimizer_step(self) -> float:
         """Clip, step, schedule; returns the gradient norm before clipping."""
         if self.engine is not None:
-            self.engine.step()
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
         params = [p for p in self.model.parameters() if p.requires_grad]
