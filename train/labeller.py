@@ -54,13 +54,17 @@ class AbnormalityRule:
 
     ``patterns`` find a mention in a sentence; ``mask`` is removed from the sentence first (a
     look-alike that is another finding, e.g. "subcutaneous emphysema"); a mention with ``exclude``
-    within the same clause is not this abnormality (e.g. a thyroid nodule).
+    within the same clause is not this abnormality (e.g. a thyroid nodule). ``weak`` patterns count
+    only when the clause has none of ``weak_exclude`` (e.g. "atherosclerotic" is arterial unless
+    the clause is about the coronaries).
     """
 
     name: str
     patterns: tuple[str, ...]
     mask: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    weak: tuple[str, ...] = ()
+    weak_exclude: tuple[str, ...] = ()
 
 
 RULES: tuple[AbnormalityRule, ...] = (
@@ -80,11 +84,10 @@ RULES: tuple[AbnormalityRule, ...] = (
         (
             rf"\b{_CALCIFIC}{_W}{{0,6}}?\s+{_VESSEL}\b",
             rf"\b{_VESSEL}{_W}{{0,6}}?\s+{_CALCIFIC}",
-            r"\batheroscl\w*",
-            r"\bcalcified\s+atherom\w*",
         ),
         mask=(r"\bcoronar\w*(?:\s+arter\w*)?(?:\s+(?:wall|walls|tree|system))?",),
-        exclude=(r"\bcoronar\w*",),
+        weak=(r"\batheroscl\w*", r"\bcalcified\s+atherom\w*"),
+        weak_exclude=(r"\bcoronar\w*",),
     ),
     AbnormalityRule(
         "Cardiomegaly",
@@ -125,6 +128,9 @@ RULES: tuple[AbnormalityRule, ...] = (
             r"(?:\s+[\w-]+){0,2}?\s+(?:lymph\s+)?nodes?\b",
             r"\blymph\s+nodes?(?:\s+[\w-]+){0,6}?\s+(?:enlarged|enlargement|pathologic\w*(?:\s+(?:size|sizes|dimensions?))?)",
             r"\blymph\s+node\s+enlargement",
+            # a node of 10 mm or more (short axis) is pathological by size
+            r"\blymph\s+nodes?\b(?:\s+[\w-]+){0,3}?\s+(?:measuring|of|with\s+a\s+(?:size|diameter)\s+of)\s+(?:up\s+to\s+)?"
+            r"(?:[1-9]\d(?:\.\d+)?\s*mm|[1-9]\d*(?:\.\d+)?\s*cm)\b",
         ),
     ),
     AbnormalityRule(
@@ -277,10 +283,9 @@ def _classify(sentence: str, start: int, end: int) -> str:
 
 
 _COMPILED = {
-    rule.name: (
-        [re.compile(p, re.IGNORECASE) for p in rule.patterns],
-        [re.compile(p, re.IGNORECASE) for p in rule.mask],
-        [re.compile(p, re.IGNORECASE) for p in rule.exclude],
+    rule.name: tuple(
+        [re.compile(p, re.IGNORECASE) for p in group]
+        for group in (rule.patterns, rule.mask, rule.exclude, rule.weak, rule.weak_exclude)
     )
     for rule in RULES
 }
@@ -288,22 +293,23 @@ _COMPILED = {
 
 def find_mentions(sentence: str, abnormality: str) -> list[tuple[int, int, str]]:
     """Mentions of ``abnormality`` in one sentence: ``(start, end, affirmed|negated|uncertain)``."""
-    patterns, masks, excludes = _COMPILED[abnormality]
+    patterns, masks, excludes, weak, weak_excludes = _COMPILED[abnormality]
     text = sentence
     for m in masks:
         text = _masked(text, m)
-    spans: list[tuple[int, int]] = []
-    for p in patterns:
-        for m in p.finditer(text):
-            if any(s <= m.start() < e or m.start() <= s < m.end() for s, e in spans):
-                continue  # one mention per stretch of text
-            spans.append((m.start(), m.end()))
+    spans: list[tuple[int, int, bool]] = []  # (start, end, weak)
+    for is_weak, group in ((False, patterns), (True, weak)):
+        for p in group:
+            for m in p.finditer(text):
+                if any(s <= m.start() < e or m.start() <= s < m.end() for s, e, _ in spans):
+                    continue  # one mention per stretch of text
+                spans.append((m.start(), m.end(), is_weak))
     mentions = []
-    for s, e in sorted(spans):
+    for s, e, is_weak in sorted(spans):
         clause_from = max((b.end() for b in _BREAK.finditer(text, 0, s)), default=0)
         nxt = _BREAK.search(text, e)
-        clause = text[clause_from : nxt.start() if nxt else len(text)]
-        if any(x.search(clause) for x in excludes):
+        clause = sentence[clause_from : nxt.start() if nxt else len(text)]  # unmasked: the look-alike counts
+        if any(x.search(clause) for x in excludes) or (is_weak and any(x.search(clause) for x in weak_excludes)):
             continue
         mentions.append((s, e, _classify(text, s, e)))
     return mentions
