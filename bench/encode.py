@@ -1,0 +1,84 @@
+"""Encoding one study (global + 10 regions) at the published ViT/perceiver dims on CPU.
+
+Reference way: the global volume, then each region, one ViT + perceiver pass at a time (facts §7).
+Ours: `RegionFusionEmbedding.encode_visual`, all 11 volumes in one batched pass. Random weights.
+Each variant runs in its own subprocess so its peak RSS is its own.
+
+    .venv/bin/python bench/encode.py [--regions 10] [--repeats 1] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_variant(mode: str, regions: int, repeats: int, threads: int) -> dict:
+    import torch
+
+    from reg2rg.engine.model.config import Reg2RGConfig
+    from reg2rg.engine.model.embedding import RegionFusionEmbedding
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = Reg2RGConfig.preset("reg2rg-7b")
+    layer = RegionFusionEmbedding(config, hidden_size=4096, vocab_size=32000).eval()
+    H, W, D = config.input_size
+    images = torch.rand(1, 3, H, W, D)
+    region_images = torch.rand(regions, 3, H, W, D)
+    region_masks = (torch.rand(regions, 1, H, W, D) > 0.5).float()
+    base = rss_mb()
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            if mode == "batched":
+                out = layer.encode_visual(images, region_images, region_masks)
+                checksum = float(out.region_tokens.sum() + out.global_tokens.sum())
+            else:
+                enc = lambda v: layer.fc(layer.perceiver(layer.vision_encoder(v)))       # noqa: E731
+                g = enc(images)
+                parts = []
+                for r in range(regions):
+                    tok = enc(region_images[r:r + 1])
+                    m = layer.mask_fc(layer.mask_encoder(region_masks[r:r + 1]).mean(dim=1))
+                    parts.append(torch.cat([tok, m[:, None]], dim=1))
+                checksum = float(torch.cat(parts).sum() + g.sum())
+            times.append(time.perf_counter() - t)
+    return {"mode": mode, "seconds": min(times), "peak_rss_mb": rss_mb(), "model_rss_mb": base, "checksum": checksum}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--regions", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mode", choices=["sequential", "batched"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mode:
+        print(json.dumps(run_variant(args.mode, args.regions, args.repeats, args.threads)))
+        return
+    results = {}
+    for mode in ("sequential", "batched"):
+        cmd = [sys.executable, __file__, "--mode", mode, "--regions", str(args.regions),
+               "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        results[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    seq, bat = results["sequential"], results["batched"]
+    print(f"published dims, 1 global + {args.regions} regions, 3x256x256x64, CPU threads={args.threads}")
+    for r in (seq, bat):
+        print(f"  {r['mode']:>10}: {r['seconds']:.2f} s   peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"(model alone {r['model_rss_mb']:.0f} MB, activations ~{r['peak_rss_mb'] - r['model_rss_mb']:.0f} MB)")
+    print(f"  speed-up batched vs sequential: {seq['seconds'] / bat['seconds']:.2f}x; "
+          f"checksums {seq['checksum']:.4f} / {bat['checksum']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
