@@ -152,6 +152,11 @@ class View3D(QVTKRenderWindowInteractor):
         ct = np.asfortranarray(vol.ct[::s, ::s, ::s].astype(np.float32))  # (I/s, J/s, K/s)
         image = image_from_array(ct, tuple(v * s for v in vol.spacing))
         mapper = vtkSmartVolumeMapper()
+        # On software OpenGL (llvmpipe, remote desktops) the GPU ray caster takes seconds per frame;
+        # VTK's CPU ray caster stays interactive at this resolution.
+        caps = self.GetRenderWindow().ReportCapabilities() or ""
+        if any(name in caps for name in ("llvmpipe", "softpipe", "SWR", "Software Rasterizer")):
+            mapper.SetRequestedRenderModeToRayCast()
         mapper.SetInputData(image)
         self._volume_actor = vtkVolume()
         self._volume_actor.SetMapper(mapper)

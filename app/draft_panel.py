@@ -1,0 +1,509 @@
+"""The draft panel: generate, stream, edit, accept, regenerate and export a region-by-region report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor, QTextDocument
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QMessageBox,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSlider,
+    QSpinBox,
+    QTextEdit,
+    QToolTip,
+    QVBoxLayout,
+    QWidget,
+)
+
+from reg2rg.engine.regions import REGIONS
+
+from .document import ViewerDocument
+from .draft import (
+    ACCEPTED,
+    EDITED,
+    DraftFileError,
+    DraftSection,
+    DraftStore,
+    ReportDraft,
+    export_json,
+    export_text,
+    section_from_result,
+    study_key,
+)
+from .generation import EngineLoader, GenerationWorker, start_in_thread
+
+logger = logging.getLogger("reg2rg.app.draft")
+
+AUTOSAVE_DELAY_MS = 800
+
+
+def confidence_color(prob: float, threshold: float) -> QColor:
+    """Background for a token below the threshold: red when very unsure, amber near the threshold."""
+    t = max(0.0, min(1.0, prob / max(threshold, 1e-6)))
+    return QColor(int(200 + 30 * t), int(50 + 130 * t), 50, 150)
+
+
+class SectionEditor(QFrame):
+    """One region section: header (region, grounding, state, low-confidence words), text, actions."""
+
+    textEdited = Signal(object, str)      # slot, text
+    acceptRequested = Signal(object)
+    resetRequested = Signal(object)
+    regenerateRequested = Signal(str)     # region
+
+    def __init__(self, section: DraftSection, parent=None) -> None:
+        super().__init__(parent)
+        self.section = section
+        self.setFrameShape(QFrame.StyledPanel)
+        self.setObjectName(f"section_{section.slot}")
+        self.header = QLabel()
+        self.header.setTextFormat(Qt.RichText)
+        self.low_label = QLabel()
+        self.low_label.setStyleSheet("color: #c9a15a; font-size: 11px;")
+        self.low_label.setWordWrap(True)
+        self.editor = QTextEdit()
+        self.editor.setAcceptRichText(False)
+        self.editor.setPlainText(section.text)
+        self.editor.setMinimumHeight(60)
+        self.editor.setMaximumHeight(140)
+        self.editor.viewport().installEventFilter(self)
+        self.editor.textChanged.connect(lambda: self.textEdited.emit(self.section.slot, self.editor.toPlainText()))
+        self.accept_button = QPushButton("Accept")
+        self.reset_button = QPushButton("Reset")
+        self.regenerate_button = QPushButton("Regenerate")
+        self.accept_button.clicked.connect(lambda: self.acceptRequested.emit(self.section.slot))
+        self.reset_button.clicked.connect(lambda: self.resetRequested.emit(self.section.slot))
+        self.regenerate_button.clicked.connect(lambda: self.regenerateRequested.emit(self.section.region or ""))
+        self.regenerate_button.setEnabled(bool(section.region))
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
+        for b in (self.accept_button, self.regenerate_button, self.reset_button):
+            buttons.addWidget(b)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(6, 6, 6, 6)
+        lay.setSpacing(3)
+        lay.addWidget(self.header)
+        lay.addWidget(self.editor)
+        lay.addWidget(self.low_label)
+        lay.addLayout(buttons)
+        self.threshold = 0.5
+        self.colour_on = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        s = self.section
+        state = {ACCEPTED: "<span style='color:#6fcf7f'>✔ accepted</span>",
+                 EDITED: "<span style='color:#8fb8ff'>✎ edited</span>"}.get(s.state, "<span style='color:#999'>draft</span>")
+        slot = f"region {s.slot}" if s.slot is not None else "report"
+        grounding = "" if s.grounding_ok or s.slot is None else (
+            f" &nbsp;<span style='color:#ff7a5c'>⚠ the model named “{s.area or 'no area'}”, "
+            f"the mask is {s.region or 'missing'}</span>")
+        self.header.setText(f"<b>{s.title}</b> <span style='color:#888'>· {slot}</span> &nbsp;{state}{grounding}")
+        self.setStyleSheet("SectionEditor { border: 1px solid %s; }" % ("#3b424d" if s.grounding_ok else "#a5503c"))
+        if self.editor.toPlainText() != s.text:
+            self.editor.blockSignals(True)
+            self.editor.setPlainText(s.text)
+            self.editor.blockSignals(False)
+        self.apply_confidence(self.colour_on, self.threshold)
+
+    def apply_confidence(self, on: bool, threshold: float) -> None:
+        """Colour words below ``threshold``; list the section's lowest-confidence words."""
+        self.colour_on, self.threshold = on, threshold
+        s = self.section
+        low = s.low_confidence(threshold)
+        words = ", ".join(f"{t.text.strip()} ({t.prob:.0%})" for t in low[:5])
+        self.low_label.setText(f"{len(low)} word(s) below {threshold:.0%}: {words}" if low else "")
+        self.low_label.setVisible(on and bool(low))
+        selections = []
+        if on and not s.is_edited:              # offsets only hold for the generated text
+            for t in low:
+                sel = QTextEdit.ExtraSelection()
+                cur = QTextCursor(self.editor.document())
+                cur.setPosition(t.start)
+                cur.setPosition(t.end, QTextCursor.KeepAnchor)
+                fmt = QTextCharFormat()
+                fmt.setBackground(confidence_color(t.prob, threshold))
+                sel.cursor, sel.format = cur, fmt
+                selections.append(sel)
+        self.editor.setExtraSelections(selections)
+
+    def token_at(self, pos: int):
+        if self.section.is_edited:
+            return None
+        return next((t for t in self.section.tokens if t.start <= pos < t.end), None)
+
+    def eventFilter(self, obj: QObject, ev: QEvent) -> bool:  # noqa: N802
+        if ev.type() == QEvent.ToolTip:
+            tok = self.token_at(self.editor.cursorForPosition(ev.pos()).position())
+            if tok is not None:
+                alts = "<br>".join(f"{a!r}: {p:.1%}" for a, p in tok.top[:5])
+                QToolTip.showText(ev.globalPos(), f"<b>{tok.text.strip() or '␣'}</b>: {tok.prob:.1%}<br>{alts}", self.editor)
+            else:
+                QToolTip.hideText()
+            return True
+        return False
+
+
+class DraftPanel(QWidget):
+    """Drafting with the engine; observes the document's study, owns the ReportDraft and its autosave."""
+
+    errorOccurred = Signal(str)
+    generationFinished = Signal()
+    draftChanged = Signal()
+
+    def __init__(self, document: ViewerDocument, parent=None, store: DraftStore | None = None) -> None:
+        super().__init__(parent)
+        self.document = document
+        self.setObjectName("draft_panel")
+        self.store = store or DraftStore()
+        self.engine = None
+        self.model_dir: str | None = None
+        self.draft: ReportDraft | None = None
+        self.restore_box: QMessageBox | None = None
+        self._jobs: list = []          # (thread, worker) pairs kept alive while they run
+        self._worker: GenerationWorker | None = None
+        self._regenerating: str | None = None
+        self._editors: list[SectionEditor] = []
+        self._autosave = QTimer(self)
+        self._autosave.setSingleShot(True)
+        self._autosave.setInterval(AUTOSAVE_DELAY_MS)
+        self._autosave.timeout.connect(self.autosave_now)
+        self._build()
+        document.studyChanged.connect(self._on_study)
+
+    # -- layout ------------------------------------------------------------------------------
+    def _build(self) -> None:
+        self.model_label = QLabel("Model: demo")
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cpu", "cuda"])
+        self.strategy = QComboBox()
+        self.strategy.addItems(["greedy", "sample", "beam"])
+        self.max_tokens = QSpinBox()
+        self.max_tokens.setRange(8, 2048)
+        self.max_tokens.setValue(500)
+        self.max_tokens.setPrefix("max ")
+        choose = QPushButton("Model…")
+        choose.clicked.connect(self._choose_model)
+        row1 = QHBoxLayout()
+        for w in (self.model_label, choose, self.device, self.strategy, self.max_tokens):
+            row1.addWidget(w)
+        row1.addStretch(1)
+        self.region_list = QListWidget()
+        self.region_list.setFlow(QListWidget.LeftToRight)
+        self.region_list.setWrapping(True)
+        self.region_list.setMaximumHeight(58)
+        self.generate_button = QPushButton("Generate")
+        self.generate_button.setStyleSheet("QPushButton { background: #2f6f4f; font-weight: bold; }")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.generate_button.clicked.connect(lambda: self.generate())
+        self.stop_button.clicked.connect(self.stop)
+        self.status = QLabel("Open a study to draft a report")
+        self.busy = QProgressBar()
+        self.busy.setMaximumHeight(8)
+        self.busy.setTextVisible(False)
+        self.busy.hide()
+        row2 = QHBoxLayout()
+        row2.addWidget(self.generate_button)
+        row2.addWidget(self.stop_button)
+        row2.addWidget(self.status, 1)
+        self.colour_box = QCheckBox("Confidence colours")
+        self.threshold = QSlider(Qt.Horizontal)
+        self.threshold.setRange(5, 95)
+        self.threshold.setValue(50)
+        self.threshold_label = QLabel("50%")
+        self.colour_box.toggled.connect(self._apply_confidence)
+        self.threshold.valueChanged.connect(self._apply_confidence)
+        row3 = QHBoxLayout()
+        row3.addWidget(self.colour_box)
+        row3.addWidget(self.threshold, 1)
+        row3.addWidget(self.threshold_label)
+        self.stream = QPlainTextEdit()
+        self.stream.setReadOnly(True)
+        self.stream.setPlaceholderText("The draft streams here while the model writes.")
+        self.stream.setMaximumHeight(120)
+        self.sections_host = QWidget()
+        self.sections_layout = QVBoxLayout(self.sections_host)
+        self.sections_layout.setContentsMargins(0, 0, 0, 0)
+        self.sections_layout.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(self.sections_host)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addLayout(row1)
+        lay.addWidget(self.region_list)
+        lay.addLayout(row2)
+        lay.addWidget(self.busy)
+        lay.addLayout(row3)
+        lay.addWidget(self.stream)
+        lay.addWidget(scroll, 1)
+
+    # -- engine ------------------------------------------------------------------------------
+    def set_engine(self, engine) -> None:
+        """Use this engine (injected by tests or after loading a model)."""
+        self.engine = engine
+        self.model_label.setText(f"Model: {getattr(engine, 'model_dir', None) or 'in memory'}")
+
+    def set_model_dir(self, path: str | None) -> None:
+        self.model_dir, self.engine = path, None
+        self.model_label.setText(f"Model: {Path(path).name if path else 'demo'}")
+
+    def _choose_model(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Choose a model folder")
+        if path:
+            self.set_model_dir(path)
+
+    def can_generate(self) -> bool:
+        return self.document.study is not None and self._worker is None
+
+    def selected_regions(self) -> list[str]:
+        return [self.region_list.item(i).text() for i in range(self.region_list.count())
+                if self.region_list.item(i).checkState() == Qt.Checked]
+
+    def settings(self):
+        from reg2rg.engine.generation import GenerationSettings
+
+        return GenerationSettings(strategy=self.strategy.currentText(), max_new_tokens=self.max_tokens.value())
+
+    def generate(self, regions: list[str] | None = None, regenerate: str | None = None) -> None:
+        """Draft the report (or one region's section); loads the engine first when needed."""
+        if not self.can_generate():
+            return
+        if self.engine is None:
+            self._set_busy(True, "Loading the model…")
+            loader = EngineLoader(self.model_dir, self.device.currentText())
+            loader.loaded.connect(lambda eng: (self.set_engine(eng), self._set_busy(False, ""),
+                                               self.generate(regions, regenerate)))
+            loader.failed.connect(self._on_failed)
+            self._run(loader)
+            return
+        regions = [regenerate] if regenerate else (regions or self.selected_regions() or None)
+        self._regenerating = regenerate
+        worker = GenerationWorker(self.engine, self.document.study, regions, self.settings())
+        worker.encodingStarted.connect(lambda ev: self._set_busy(True, f"Encoding {len(ev.regions)} region(s)…"))
+        worker.encodingDone.connect(lambda ev: (self.busy.setRange(0, 0), self.status.setText(
+            f"Writing… (prompt {ev.prompt_tokens} tokens, encoded in {ev.seconds:.1f} s)")))
+        worker.tokenGenerated.connect(self._on_token)
+        worker.finished.connect(self._on_finished)
+        worker.failed.connect(self._on_failed)
+        worker.done.connect(self._on_done)
+        self._worker = worker
+        self.stream.clear()
+        self.generate_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        self._set_busy(True, "Starting…")
+        self._run(worker)
+
+    def regenerate(self, region: str) -> None:
+        if region:
+            self.generate(regenerate=region)
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self.status.setText("Stopping…")
+
+    def _run(self, worker) -> None:
+        job = [None, worker]
+        worker.done.connect(lambda: QTimer.singleShot(0, lambda: self._jobs.remove(job) if job in self._jobs else None))
+        self._jobs.append(job)
+        job[0] = start_in_thread(worker, self)
+
+    def _set_busy(self, on: bool, text: str) -> None:
+        self.busy.setVisible(on)
+        self.busy.setRange(0, 0)
+        if text:
+            self.status.setText(text)
+
+    def _on_token(self, ev) -> None:
+        if ev.text:
+            self.stream.moveCursor(QTextCursor.End)
+            self.stream.insertPlainText(ev.text)
+        self.status.setText(f"Writing… {ev.index + 1} tokens")
+
+    def _on_finished(self, result) -> None:
+        study = self.document.study
+        if study is None:
+            return
+        if self._regenerating and self.draft is not None:
+            for s in result.sections:
+                if s.region == self._regenerating:
+                    self.draft.replace_section(section_from_result(result, s))
+        else:
+            self.draft = ReportDraft.from_result(result, study, model=str(self.model_dir or "demo"))
+        how = "stopped" if result.cancelled else f"{len(result.tokens)} tokens"
+        self.status.setText(f"Draft ready ({how})")
+        self._rebuild_sections()
+        self._changed()
+
+    def _on_failed(self, message: str) -> None:
+        self._set_busy(False, "Generation failed")
+        self.errorOccurred.emit(message)
+
+    def _on_done(self) -> None:
+        self._worker = None
+        self._regenerating = None
+        self.generate_button.setEnabled(self.document.study is not None)
+        self.stop_button.setEnabled(False)
+        self.busy.hide()
+        self.generationFinished.emit()
+
+    # -- draft -------------------------------------------------------------------------------
+    def _rebuild_sections(self) -> None:
+        for ed in self._editors:
+            ed.setParent(None)
+            ed.deleteLater()
+        self._editors = []
+        if self.draft is None:
+            return
+        for s in self.draft.sections:
+            ed = SectionEditor(s, self.sections_host)
+            ed.textEdited.connect(self._on_text)
+            ed.acceptRequested.connect(lambda slot: (self.draft.accept(slot), self._refresh(slot), self._changed()))
+            ed.resetRequested.connect(lambda slot: (self.draft.reset(slot), self._refresh(slot), self._changed()))
+            ed.regenerateRequested.connect(self.regenerate)
+            self.sections_layout.insertWidget(self.sections_layout.count() - 1, ed)
+            self._editors.append(ed)
+        self._apply_confidence()
+
+    def section_editor(self, slot) -> SectionEditor:
+        return next(e for e in self._editors if e.section.slot == slot)
+
+    def _refresh(self, slot) -> None:
+        self.section_editor(slot).refresh()
+
+    def _on_text(self, slot, text: str) -> None:
+        if self.draft is not None and self.draft.set_text(slot, text):
+            self._refresh(slot)
+            self._changed()
+
+    def _apply_confidence(self, *_args) -> None:
+        thr = self.threshold.value() / 100.0
+        self.threshold_label.setText(f"{thr:.0%}")
+        for ed in self._editors:
+            ed.apply_confidence(self.colour_box.isChecked(), thr)
+
+    def _changed(self) -> None:
+        self._autosave.start()
+        self.draftChanged.emit()
+
+    def autosave_now(self) -> None:
+        if self.draft is not None:
+            try:
+                self.store.save(self.draft, clean=False)
+            except OSError as exc:
+                self.errorOccurred.emit(f"{self.store.path_for(self.draft.study_key)}: could not autosave ({exc})")
+
+    def close_study_cleanly(self) -> None:
+        """Normal close: save the draft marked clean so reopening restores it without a prompt."""
+        self._autosave.stop()
+        if self._worker is not None:
+            self._worker.cancel()
+        if self.draft is not None:
+            try:
+                self.store.save(self.draft, clean=True)
+            except OSError:
+                logger.warning("could not save the draft on close")
+
+    # -- study changes and restore -----------------------------------------------------------
+    def _on_study(self) -> None:
+        if self.draft is not None and self.draft.study_key != (study_key(self.document.study) if self.document.study else None):
+            self.close_study_cleanly()
+        self.draft = None
+        self._rebuild_sections()
+        self.stream.clear()
+        study = self.document.study
+        self.region_list.clear()
+        if study is None:
+            self.generate_button.setEnabled(False)
+            return
+        for region in REGIONS:
+            if region in study.regions_present:
+                item = QListWidgetItem(region)
+                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                item.setCheckState(Qt.Checked)
+                self.region_list.addItem(item)
+        self.generate_button.setEnabled(self._worker is None)
+        self.status.setText(f"{len(study.regions_present)} region(s) to report on")
+        try:
+            saved = self.store.load(study_key(study))
+        except DraftFileError as exc:
+            self.errorOccurred.emit(str(exc))
+            return
+        if saved is None:
+            return
+        if saved.clean:
+            self._restore(saved.draft, "Restored the saved draft")
+            return
+        box = QMessageBox(QMessageBox.Question, "Restore draft?",
+                          f"The viewer did not close normally. Restore the draft of {saved.draft.study_name or 'this study'} "
+                          f"autosaved at {saved.saved_at}?", QMessageBox.Yes | QMessageBox.No, self)
+        box.setWindowModality(Qt.WindowModal)
+        box.finished.connect(lambda code, d=saved.draft: self._restore(d, "Restored the autosaved draft")
+                             if code == QMessageBox.Yes else self.store.discard(d.study_key))
+        self.restore_box = box
+        box.open()
+
+    def _restore(self, draft: ReportDraft, message: str) -> None:
+        self.draft = draft
+        self._rebuild_sections()
+        self.status.setText(message)
+        self.draftChanged.emit()
+
+    # -- export ------------------------------------------------------------------------------
+    def export(self, path: str | Path) -> Path:
+        """Export by extension: .txt (report), .json (sections, tokens, confidences, edits), .pdf."""
+        path = Path(path)
+        if self.draft is None:
+            raise ValueError("there is no draft to export")
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            export_json(self.draft, path)
+        elif suffix == ".pdf":
+            self._export_pdf(path)
+        else:
+            export_text(self.draft, path)
+        return path
+
+    def _export_pdf(self, path: Path) -> None:
+        from html import escape
+
+        from PySide6.QtGui import QPageSize, QPdfWriter
+
+        d = self.draft
+        html = [f"<h2>CT chest report — {escape(d.study_name)}</h2>",
+                f"<p style='color:#555'>Drafted with Reg2RG ({escape(d.model or 'demo')}), reviewed {escape(d.modified)}</p>"]
+        for s in d.sections:
+            if s.text.strip():
+                html.append(f"<p><b>{escape(s.title)}:</b> {escape(s.text.strip())}</p>")
+        doc = QTextDocument()
+        doc.setHtml("\n".join(html))
+        writer = QPdfWriter(str(path))
+        writer.setPageSize(QPageSize(QPageSize.A4))
+        writer.setResolution(150)
+        doc.setPageSize(writer.pageLayout().paintRectPixels(writer.resolution()).size().toSizeF())
+        doc.print_(writer)
+
+    def export_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export report", f"{self.draft.study_name or 'report'}.txt",
+                                              "Text (*.txt);;JSON (*.json);;PDF (*.pdf)")
+        if path:
+            try:
+                self.export(path)
+            except OSError as exc:
+                self.errorOccurred.emit(f"{path}: could not export ({exc})")

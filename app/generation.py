@@ -1,0 +1,117 @@
+"""Running the report engine off the GUI thread.
+
+`EngineLoader` loads a `ReportEngine`; `GenerationWorker` consumes `engine.generate(...)` and turns
+its events into Qt signals. Both are QObjects moved to a QThread. The engine is injected, so tests
+pass a real small engine and the app passes whichever model the user chose. Stop sets a
+`threading.Event` the engine checks between tokens; the engine then finishes with a cancelled result.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+
+logger = logging.getLogger("reg2rg.app.generation")
+
+
+def describe_engine_error(exc: BaseException) -> str:
+    """A message for the radiologist; out-of-memory gets advice instead of a stack trace."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+        if "try" not in text.lower():
+            text += " — try fewer regions, fewer new tokens, or the CPU."
+        return f"Out of memory: {text}"
+    return text if type(exc).__name__ in ("ModelFolderError", "GenerationError", "CheckpointError") \
+        else f"{type(exc).__name__}: {text}"
+
+
+class EngineLoader(QObject):
+    """Loads a ReportEngine (model folder or None for the demo model) on a worker thread."""
+
+    loaded = Signal(object)
+    failed = Signal(str)
+    done = Signal()
+
+    def __init__(self, model_dir: str | None = None, device: str = "auto") -> None:
+        super().__init__()
+        self.model_dir, self.device = model_dir, device
+
+    @Slot()
+    def run(self) -> None:
+        try:
+            from reg2rg.engine.generation import ReportEngine
+
+            engine = ReportEngine.load(self.model_dir, device=self.device)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, the app stays open
+            logger.debug("engine load failed:\n%s", traceback.format_exc())
+            self.failed.emit(describe_engine_error(exc))
+        else:
+            self.loaded.emit(engine)
+        finally:
+            self.done.emit()
+
+
+class GenerationWorker(QObject):
+    """Streams one generation: ``encodingStarted`` → ``encodingDone`` → ``tokenGenerated``… → ``finished``.
+
+    ``failed`` replaces ``finished`` when the engine raises; ``done`` always comes last.
+    """
+
+    encodingStarted = Signal(object)      # engine EncodingStarted
+    encodingDone = Signal(object)         # engine EncodingDone
+    tokenGenerated = Signal(object)       # engine TokenEvent
+    finished = Signal(object)             # engine DraftResult (result.cancelled after Stop)
+    failed = Signal(str)
+    done = Signal()
+
+    def __init__(self, engine, study, regions=None, settings=None) -> None:
+        super().__init__()
+        self.engine, self.study, self.regions, self.settings = engine, study, regions, settings
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop after the current token (thread-safe)."""
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    @Slot()
+    def run(self) -> None:
+        from reg2rg.engine.generation import EncodingDone, EncodingStarted, Finished, GenerationSettings, TokenEvent
+
+        try:
+            events = self.engine.generate(self.study, regions=self.regions,
+                                          settings=self.settings or GenerationSettings(), cancel=self._cancel)
+            for event in events:
+                if isinstance(event, TokenEvent):
+                    self.tokenGenerated.emit(event)
+                elif isinstance(event, EncodingStarted):
+                    self.encodingStarted.emit(event)
+                elif isinstance(event, EncodingDone):
+                    self.encodingDone.emit(event)
+                elif isinstance(event, Finished):
+                    self.finished.emit(event.result)
+        except Exception as exc:  # noqa: BLE001 - the draft and the study stay open
+            logger.debug("generation failed:\n%s", traceback.format_exc())
+            self.failed.emit(describe_engine_error(exc))
+        finally:
+            self.done.emit()
+
+
+def start_in_thread(worker: QObject, parent: QObject) -> QThread:
+    """Move ``worker`` (with ``run`` and ``done``) to a new thread that ends and cleans up when done.
+
+    The caller keeps a reference to ``worker`` until ``done``: it has no Qt parent.
+    """
+    thread = QThread(parent)
+    worker.moveToThread(thread)
+    thread.started.connect(worker.run)
+    worker.done.connect(thread.quit)
+    thread.finished.connect(thread.deleteLater)
+    thread.start()
+    return thread

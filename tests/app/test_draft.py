@@ -1,0 +1,187 @@
+"""The draft document model, its autosave/restore, and drafting with a real (tiny) engine in the panel."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from reg2rg.app.draft import ACCEPTED, EDITED, GENERATED, DraftFileError, DraftStore, ReportDraft, study_key
+from reg2rg.engine.confidence import TokenConfidence
+from reg2rg.engine.generation import ground_sections
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+
+TEXT = ("The region 0 is heart: The heart is enlarged. The region 1 is lung: "
+        "No nodule. The region 2 is lung: Bone is intact.")
+SLOTS = {0: "heart", 1: "lung", 2: "bone"}
+
+
+def word_tokens(text: str) -> list[TokenConfidence]:
+    """Tokens = words with their leading space; probabilities fall along the text (known answers)."""
+    tokens, pos = [], 0
+    for i, word in enumerate(text.split(" ")):
+        piece = word if i == 0 else " " + word
+        tokens.append(TokenConfidence(index=i, token_id=100 + i, text=piece, start=pos, end=pos + len(piece),
+                                      prob=1.0 - i / 40, entropy=0.1 * i, top=((piece, 1.0 - i / 40), (" x", 0.01))))
+        pos += len(piece)
+    return tokens
+
+
+def make_result(text=TEXT, slots=SLOTS):
+    tokens = word_tokens(text)
+    sections = ground_sections(text, slots, tokens)
+    return SimpleNamespace(text=text, tokens=tokens, sections=sections, settings=None, stop_reason="eos",
+                           cancelled=False)
+
+
+def study(source="/data/ct_001.nii.gz"):
+    return SimpleNamespace(name="ct_001", source=source)
+
+
+def test_draft_sections_follow_the_report_and_its_grounding():
+    draft = ReportDraft.from_result(make_result(), study())
+    assert [s.slot for s in draft.sections] == [0, 1, 2]
+    heart, lung, bone = draft.sections
+    assert heart.text == "The heart is enlarged." and heart.region == "heart" and heart.grounding_ok
+    assert bone.region == "bone" and bone.area == "lung" and not bone.grounding_ok     # named the wrong area
+    # Token offsets are re-based on each section body: they select exactly the token's characters.
+    for s in draft.sections:
+        for t in s.tokens:
+            assert s.generated_text[t.start:t.end] == t.text[len(t.text) - (t.end - t.start):]
+    assert "enlarged." in [t.text.strip() for t in heart.tokens]
+    low = bone.low_confidence(0.6)
+    assert low and low == sorted(low, key=lambda t: t.prob) and all(t.prob < 0.6 for t in low)
+    assert draft.report_text().startswith("Heart: The heart is enlarged.\n\nLung: No nodule.")
+
+
+def test_editing_accepting_resetting_and_regenerating_are_recorded():
+    draft = ReportDraft.from_result(make_result(), study())
+    assert draft.set_text(0, "The heart is mildly enlarged.")
+    assert not draft.set_text(0, "The heart is mildly enlarged.")          # no change, no edit
+    assert draft.section(0).state == EDITED
+    draft.accept(1)
+    assert draft.section(1).state == ACCEPTED
+    draft.reset(0)
+    assert draft.section(0).text == "The heart is enlarged." and draft.section(0).state == GENERATED
+    one = ReportDraft.from_result(make_result("The region 0 is bone: Old rib fracture.", {0: "bone"}), study())
+    draft.replace_section(one.sections[0])
+    assert draft.section(2).text == "Old rib fracture." and draft.section(2).grounding_ok
+    assert [e.action for e in draft.edits] == ["edit", "accept", "reset", "regenerate"]
+    again = ReportDraft.from_dict(json.loads(json.dumps(draft.to_dict())))
+    assert again == draft
+
+
+def test_autosave_round_trip_keys_and_crash_flag(tmp_path):
+    store = DraftStore(tmp_path / "drafts")
+    draft = ReportDraft.from_result(make_result(), study())
+    draft.set_text(0, "Edited.")
+    path = store.save(draft)
+    assert path.name == f"{study_key(study())}.json" and "ct_001" not in path.name   # no identifiers in names
+    saved = store.load(draft.study_key)
+    assert saved.draft == draft and saved.clean is False
+    store.mark_clean(draft.study_key)
+    assert store.load(draft.study_key).clean is True
+    assert study_key(study("/data/other.nii.gz")) != draft.study_key
+    assert store.load(study_key(study("/data/other.nii.gz"))) is None
+    path.write_text("{ not json", encoding="utf-8")
+    with pytest.raises(DraftFileError, match=str(path.name)):
+        store.load(draft.study_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# the panel, with a real tiny engine (random weights: the text is gibberish, the plumbing is real)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine():
+    import torch
+
+    torch.set_num_threads(1)
+    from generation_fixtures import tiny_engine
+
+    return tiny_engine()
+
+
+@pytest.fixture
+def panel(qtbot, tmp_path):
+    from generation_fixtures import box_study
+
+    from reg2rg.app.display import build_display_volume
+    from reg2rg.app.document import ViewerDocument
+    from reg2rg.app.draft_panel import DraftPanel
+
+    doc = ViewerDocument()
+    p = DraftPanel(doc, store=DraftStore(tmp_path / "drafts"))
+    qtbot.addWidget(p)
+    p.show()
+    st = box_study()
+    doc.set_study(st, build_display_volume(st))
+    return p
+
+
+def test_generation_streams_into_the_draft_and_stop_cancels(qtbot, panel, engine, screenshot_dir):
+    panel.set_engine(engine)
+    panel.max_tokens.setValue(16)
+    assert [panel.region_list.item(i).text() for i in range(panel.region_list.count())] == ["bone", "heart", "lung"]
+    tokens = []
+    with qtbot.waitSignal(panel.generationFinished, timeout=60000):
+        panel._worker = None
+        panel.generate()
+        panel._worker.tokenGenerated.connect(lambda ev: tokens.append(ev))
+    assert panel.draft is not None and panel.draft.sections
+    assert panel.stream.toPlainText() == "".join(t.text for t in tokens)
+    assert panel.draft.study_key == study_key(panel.document.study)
+    panel.colour_box.setChecked(True)
+    panel.threshold.setValue(95)          # random weights: every word is below 95 %
+    ed = panel._editors[0]
+    assert ed.editor.extraSelections() and ed.low_label.isVisible()
+    panel.grab().save(str(screenshot_dir / "draft_panel.png"))
+    # Stop: a long generation ends early with a cancelled result, and the panel is usable again.
+    panel.max_tokens.setValue(2000)
+    results = []
+    with qtbot.waitSignal(panel.generationFinished, timeout=60000):
+        panel.generate()
+        panel._worker.finished.connect(results.append)
+        panel._worker.tokenGenerated.connect(lambda ev: panel.stop() if ev.index == 2 else None)
+    assert results and results[0].stop_reason == "cancelled" and len(results[0].tokens) < 50
+    assert panel.generate_button.isEnabled() and not panel.stop_button.isEnabled()
+
+
+def test_engine_error_is_a_message_and_the_draft_stays(qtbot, panel, engine):
+    panel.set_engine(engine)
+    errors = []
+    panel.errorOccurred.connect(errors.append)
+    with qtbot.waitSignal(panel.generationFinished, timeout=60000):
+        panel.generate(regions=["thyroid"])            # no thyroid mask in this study
+    assert errors and "thyroid" in errors[0] and "Traceback" not in errors[0]
+    assert panel.document.study is not None and panel.can_generate()
+
+
+def test_restore_prompt_after_a_crash(qtbot, panel):
+    from reg2rg.app.draft_panel import DraftPanel
+
+    st = panel.document.study
+    draft = ReportDraft.from_result(make_result(), st)
+    draft.set_text(0, "Unsaved work.")
+    panel.store.save(draft, clean=False)               # what autosave left when the app died
+    other = DraftPanel(panel.document, store=panel.store)
+    qtbot.addWidget(other)
+    panel.document.set_study(st, panel.document.volume)   # reopen the study
+    box = other.restore_box
+    assert box is not None and box.isVisible() and "did not close normally" in box.text()
+    box.done(box.standardButton(box.button(box.StandardButton.Yes)))
+    assert other.draft is not None and other.draft.section(0).text == "Unsaved work."
+    assert other._editors[0].editor.toPlainText() == "Unsaved work."
+
+
+def test_export_text_json_pdf(panel, tmp_path):
+    panel._restore(ReportDraft.from_result(make_result(), panel.document.study), "")
+    txt = panel.export(tmp_path / "r.txt")
+    assert txt.read_text().startswith("Heart: The heart is enlarged.")
+    data = json.loads(panel.export(tmp_path / "r.json").read_text())
+    assert data["sections"][0]["tokens"][0]["prob"] == pytest.approx(1 - 5 / 40)  # 6th word: "The" and "edits" in data
+    pdf = panel.export(tmp_path / "r.pdf")
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
