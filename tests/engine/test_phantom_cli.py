@@ -1,0 +1,92 @@
+"""`reg2rg-phantom`: RadGenome layout, reports CSV, manifest, byte-for-byte determinism, read-back; demo study."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reg2rg.engine.phantom import DEMO_SEED, make_study
+from reg2rg.engine.phantom_cli import main
+from reg2rg.engine.regions import REGIONS
+from reg2rg.engine.studyio import read_study
+
+ARGS = ["--n", "2", "--seed", "40", "--shape", "72", "72", "36"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    assert main(["--out", str(out)] + ARGS) == 0
+    return out
+
+
+def test_layout_csv_and_manifest(dataset: Path):
+    names = ["phantom_000040_a_1", "phantom_000041_a_1"]
+    for name in names:
+        patient, accession = name.rsplit("_", 2)[0], name.rsplit("_", 1)[0]
+        assert (dataset / patient / accession / f"{name}.nii.gz").is_file()
+        assert sorted(p.name for p in (dataset / "masks" / f"seg_{name}").iterdir()) == sorted(
+            f"{r}.nii.gz" for r in REGIONS)
+    with open(dataset / "reports.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["Volumename", "Anatomy", "Sentence"]
+    assert len(rows) == 2 * (1 + len(REGIONS))
+    for name in names:
+        mine = [r for r in rows if r["Volumename"] == f"{name}.nii.gz"]
+        assert sorted(r["Anatomy"] for r in mine) == sorted([""] + list(REGIONS))
+        whole = next(r["Sentence"] for r in mine if r["Anatomy"] == "")
+        assert all(r["Sentence"] and r["Sentence"] in whole for r in mine if r["Anatomy"])
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert [s["volume"] for s in manifest["studies"]] == [f"{n}.nii.gz" for n in names]
+    for entry in manifest["studies"]:
+        expected = make_study(entry["seed"], shape=(72, 72, 36)).metadata["findings"]
+        assert [f["type"] for f in entry["findings"]] == [f["type"] for f in expected]
+        assert all(len(f["centre_voxel"]) == 3 for f in entry["findings"])
+
+
+def test_written_study_reads_back(dataset: Path):
+    name = "phantom_000041_a_1"
+    study = read_study(dataset / "phantom_000041" / "phantom_000041_a" / f"{name}.nii.gz",
+                       dataset / "masks" / f"seg_{name}")
+    made = make_study(41, shape=(72, 72, 36))
+    assert study.orientation == "LPS" and np.allclose(study.affine, made.affine)
+    assert np.array_equal(study.voxels, made.voxels)
+    assert set(study.regions_present) == set(REGIONS)
+    assert all(np.array_equal(study.masks[r], made.masks[r]) for r in REGIONS)
+
+
+def test_same_seed_same_bytes(dataset: Path, tmp_path: Path):
+    assert main(["--out", str(tmp_path)] + ARGS) == 0
+    files = sorted(p.relative_to(dataset) for p in dataset.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    for rel in files:
+        assert (dataset / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
+
+
+def test_bad_arguments(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--n", "0"])
+    assert "--n must be at least 1" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--shape", "4", "4", "4"]) == 2
+    assert "shape" in capsys.readouterr().err
+
+
+def test_embedded_demo_study():
+    root = Path(__file__).resolve().parents[2] / "resources" / "demo_study"
+    volumes = sorted(root.glob("*.nii.gz"))
+    assert len(volumes) == 1
+    assert sorted(p.name for p in (root / "masks").iterdir()) == sorted(f"{r}.nii.gz" for r in REGIONS)
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 5_000_000
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["seed"] == DEMO_SEED
+    types = {f["type"]: f for f in manifest["findings"]}
+    assert types["Lung nodule"]["side"] == "right" and types["Lung nodule"]["lobe"] == "upper"
+    assert types["Pleural effusion"]["side"] == "left"
+    study = read_study(volumes[0], root / "masks")
+    nodule = tuple(types["Lung nodule"]["centre_voxel"])
+    assert study.masks["lung"][nodule] and study.voxels[nodule] > -200
+    assert "nodule" in (root / "report.txt").read_text()
