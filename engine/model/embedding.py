@@ -63,7 +63,9 @@ class RegionFusionEmbedding(nn.Module):
         B, N = images.shape[0], region_images.shape[0]
         if region_masks.shape[0] != N:
             raise ValueError(f"{N} region volumes but {region_masks.shape[0]} region masks")
-        volumes = torch.cat([images, region_images.to(images.dtype)], dim=0)   # (B+N, C, H, W, D)
+        dtype = self.fc.weight.dtype   # volumes arrive as float32; follow the model's dtype (bf16/fp16)
+        images = images.to(dtype)
+        volumes = torch.cat([images, region_images.to(dtype)], dim=0)         # (B+N, C, H, W, D)
         patches = self.vision_encoder(volumes)                                 # (B+N, P, dim)
         if return_attention:
             latents, attention = self.perceiver(patches, return_attention=True)

@@ -59,7 +59,8 @@ def build_language_model(config: Reg2RGConfig, vocab_size: int, dtype: torch.dty
     elif config.train_llm == "frozen":
         model.requires_grad_(False)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         # The LLM receives inputs_embeds, so the checkpointed blocks need inputs that require grad.
         model.enable_input_require_grads()
     return model

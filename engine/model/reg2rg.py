@@ -88,7 +88,8 @@ class Reg2RG(nn.Module):
             region_masks = images.new_zeros(0, 1, *images.shape[2:])
             region_sample = region_slot = torch.zeros(0, dtype=torch.long, device=images.device)
         embeds = self.embed_inputs(input_ids, images, region_images, region_masks, region_sample, region_slot)
-        out = self.lang_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        # The training/scoring pass never reuses a KV cache (and caching clashes with checkpointing).
+        out = self.lang_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
         token_acc = seq_acc = None
         if labels is not None:
             token_acc, seq_acc = next_token_accuracy(out.logits, labels)

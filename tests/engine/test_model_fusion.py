@@ -136,7 +136,9 @@ def test_forward_loss_is_reference_loss(model_and_tokenizer):
 def test_training_step_updates_trainable_parts(model_and_tokenizer):
     _, tok = model_and_tokenizer
     torch.manual_seed(0)
-    model = Reg2RG.from_config(Reg2RGConfig.preset("tiny"), tok).train()
+    config = Reg2RGConfig.preset("tiny")
+    config.gradient_checkpointing = True      # published setting: needs input-embedding grads to reach LoRA
+    model = Reg2RG.from_config(config, tok).train()
     H, W, D = model.config.input_size
     ex = build_example(tok, [("lung", "clear lung.")], 450, model.special)
     out = model(ex["input_ids"][None], ex["attention_mask"][None], ex["labels"][None], torch.rand(1, 3, H, W, D),
