@@ -176,3 +176,22 @@ def test_pickled_code_is_refused(tokenizer_dir, tmp_path):
     torch.save({"embedding_layer.fc.bias": NotATensor()}, path)
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         import_published(target, path)
+
+
+def test_lora_on_external_llama_folder(tokenizer_dir, tmp_path):
+    """The published layout: base LLaMA from a local folder, only the adapter saved with the checkpoint."""
+    from reg2rg.engine.model.llm import base_llama
+    fresh, tok = build(tokenizer_dir, 0, train_llm="full")
+    llama_dir = tmp_path / "llama"
+    base_llama(fresh.lang_model).save_pretrained(llama_dir)
+    model, tok = build(tokenizer_dir, 0, llm_path=str(llama_dir), llm_config=None)
+    before = logits(model, tok)
+    out = save_pretrained(model, tok, tmp_path / "ckpt")
+    assert not os.path.exists(os.path.join(out, "llm")) and os.path.isdir(os.path.join(out, "adapter"))
+    loaded, tok2 = load_pretrained(out)
+    torch.testing.assert_close(logits(loaded, tok2), before, atol=0, rtol=0)
+    os.rename(llama_dir, tmp_path / "moved")
+    with pytest.raises(CheckpointError, match="llm_path"):
+        load_pretrained(out)
+    loaded, tok2 = load_pretrained(out, llm_path=tmp_path / "moved")
+    torch.testing.assert_close(logits(loaded, tok2), before, atol=0, rtol=0)
