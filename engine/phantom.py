@@ -140,12 +140,12 @@ class Patient:
     def wall(self, depth: str) -> tuple[float, float, float]:
         f, m = self.fat, self.muscle
         rib = 10.0
-        total = (rib + m + f + 2, rib + m + f + 2, rib + m + 16 + 0.7 * f + 2)
+        total = (rib + m + f + 2, rib + m + f + 2, rib + m + 6 + 0.7 * f + 2)
         inner = {
             "skin": (0.0, 0.0, 0.0),
             "fat": (2.0, 2.0, 2.0),
             "muscle": (2 + f, 2 + f, 2 + 0.7 * f),
-            "ribs": (2 + f + m, 2 + f + m, 2 + 0.7 * f + m + 16),
+            "ribs": (2 + f + m, 2 + f + m, 2 + 0.7 * f + m + 6),
         }[depth]
         return tuple(t - d for t, d in zip(total, inner))  # type: ignore[return-value]
 
@@ -613,17 +613,17 @@ def _vessel_tree(rng, root, direction, radius, min_radius, out, inside, depth=0)
     ``inside(p)`` says whether a point is in the lung; branches that leave it stop growing.
     """
     direction = direction / np.linalg.norm(direction)
-    length = 8.0 + 4.5 * radius * rng.uniform(0.8, 1.3)
+    length = 6.0 + 3.2 * radius * rng.uniform(0.7, 1.3)
     end = root + direction * length
     out.append((root, end, radius))
-    if radius < min_radius or depth > 9 or (depth >= 2 and not inside(end)):
+    if radius < min_radius or depth > 11 or (depth >= 2 and not inside(end)):
         return
     for sign in (-1.0, 1.0):
         turn = rng.standard_normal(3)
         turn -= turn @ direction * direction
         turn /= max(np.linalg.norm(turn), 1e-6)
         child = direction + sign * rng.uniform(0.35, 0.7) * turn
-        _vessel_tree(rng, end, child, radius * rng.uniform(0.7, 0.82), min_radius, out, inside, depth + 1)
+        _vessel_tree(rng, end, child, radius * rng.uniform(0.72, 0.86), min_radius, out, inside, depth + 1)
 
 
 def _paint_lung_vessels(cv: _Canvas, pt: Patient, lm: _Landmarks, rng: np.random.Generator) -> None:
@@ -631,10 +631,15 @@ def _paint_lung_vessels(cv: _Canvas, pt: Patient, lm: _Landmarks, rng: np.random
     vox = float(min(cv.spacing[:2]))
     segments = []
 
-    def inside(p):
-        return cv.region[tuple(cv.to_voxel(p))] == R_LUNG
+    origin = (float(cv.xs[0]), float(cv.ys[0]), float(cv.zs[0]))
 
-    min_r = max(0.45, 0.22 * vox)
+    def inside(p):
+        ijk = [int(round((p[a] - origin[a]) / cv.spacing[a])) for a in range(3)]
+        if any(v < 0 or v >= n for v, n in zip(ijk, cv.shape)):
+            return False
+        return cv.region[ijk[0], ijk[1], ijk[2]] == R_LUNG
+
+    min_r = max(0.6, 0.26 * vox)
     for side, sgn in (("right", -1.0), ("left", 1.0)):
         h = lm.hilum[side]
         for d in ([sgn * 0.6, 0.1, 0.9], [sgn * 0.5, -0.5, 0.8], [sgn * 0.4, 0.6, 0.8], [sgn * 1.0, 0.0, 0.1],
@@ -644,9 +649,29 @@ def _paint_lung_vessels(cv: _Canvas, pt: Patient, lm: _Landmarks, rng: np.random
         vein_root = lm.heart_centre + np.array([sgn * 30.0 + 6.0, 32.0, 12.0]) * pt.heart_scale
         for d in ([sgn * 1.0, 0.3, 0.5], [sgn * 1.0, 0.4, -0.5]):
             _vessel_tree(rng, vein_root + np.array([sgn * 18.0, 0, 0]), np.array(d), 5.0, min_r, segments, inside)
+    # sub-voxel vessels: one vectorised pass of points sampled along every segment
+    thin = [(p0, p1, r) for p0, p1, r in segments if r < 0.5 * vox]
+    if thin:
+        pts, val = [], []
+        for p0, p1, r in thin:
+            n = max(2, int(np.linalg.norm(p1 - p0) / (0.5 * vox)) + 1)
+            t = np.linspace(0.0, 1.0, n)[:, None]
+            pts.append(p0 + t * (p1 - p0))
+            val.append(np.full(n, HU["lung"] + (HU["blood"] - HU["lung"]) * min(1.0, 1.6 * r / vox), np.float32))
+        pts, val = np.concatenate(pts), np.concatenate(val)
+        ijk = np.rint((pts - np.array(origin)) / np.array(cv.spacing)).astype(np.int64)
+        ok = np.all((ijk >= 0) & (ijk < np.array(cv.shape)), axis=1)
+        ijk, val = ijk[ok], val[ok]
+        i, j, k = ijk.T
+        ok = (cv.region[i, j, k] == R_LUNG) & ((cv.tissue[i, j, k] == LUNG) | (cv.tissue[i, j, k] == BLOOD))
+        i, j, k, val = i[ok], j[ok], k[ok], val[ok]
+        np.maximum.at(cv.hu, (i, j, k), val)
+        cv.tissue[i, j, k] = BLOOD
     for p0, p1, r in segments:
-        paint_r = max(r, 0.5 * vox)
-        contrast = min(1.0, (2.0 * r / vox) ** 2)
+        if r < 0.5 * vox:
+            continue
+        paint_r = r
+        contrast = min(1.0, 1.6 * r / vox)      # sub-voxel vessels still show, fainter (partial volume)
         got = cv.capsule(p0, p1, paint_r)
         if got is None:
             continue
@@ -867,7 +892,7 @@ def _paint_sternum_clavicles_scapulae(cv: _Canvas, pt: Patient) -> None:
         sl, x, y, z = w
         half = 13.0 + 12.0 * np.clip((z - (z_top - pt.z(45))) / pt.z(45), 0, 1)   # the wide manubrium
         lev = (x / half) ** 2 + ((y - y_st) / 6.5) ** 2
-        cv.paint(sl, lev <= 1, np.where(lev > 0.55, HU["cortex"] - 150, HU["marrow"] - 40), BONE_MARROW, R_BONE)
+        cv.paint(sl, lev <= 1, np.where(lev > 0.7, HU["cortex"] - 150, HU["marrow"] - 30), BONE_MARROW, R_BONE)
     for side in (-1.0, 1.0):
         pts = [np.array([side * 22.0, y_st - 6.0, z_top - 2.0]),
                np.array([side * 70.0, y_st - 14.0, z_top + pt.z(8)]),

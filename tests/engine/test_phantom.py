@@ -149,7 +149,10 @@ def test_nodule_and_effusion_where_the_manifest_says(study_a, normal):
     pleura = study_a.masks["pleura"]
     fluid = pleura & (study_a.voxels > -40) & (study_a.voxels < 60)
     left, right = fluid[X // 2:].sum(), fluid[: X // 2].sum()
-    assert left > 20 * max(right, 1)
+    # the thin normal pleura has some partial-volume voxels in this range; the fluid is many more
+    base = normal.masks["pleura"] & (normal.voxels > -40) & (normal.voxels < 60)
+    assert left > 5 * right and left > 5 * base[X // 2:].sum()
+    assert right < 2 * base[: X // 2].sum() + 50
     assert study_a.region_volume_ml("pleura") > normal.region_volume_ml("pleura") + 50
 
 
