@@ -299,15 +299,21 @@ class Decoder:
 
     def _step(self, embeds: torch.Tensor, cache) -> torch.Tensor:
         """Run ``embeds`` (N, T, H) through the LM; returns the (N, V) next-token logits."""
-        out = self.lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        # inference mode per step, not around the generator: a suspended generator must not leave the
+        # consumer's thread in inference mode between tokens
+        with torch.inference_mode():
+            out = self.lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1, :]
 
-    def __iter__(self) -> Iterator[StepDistribution]:
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            if self.settings.strategy == "beam" and self.settings.num_beams > 1:
-                yield from self._beam()
-            else:
-                yield from self._greedy_or_sample()
+            return self.embed_tokens(tokens)
+
+    def __iter__(self) -> Iterator[StepDistribution]:
+        if self.settings.strategy == "beam" and self.settings.num_beams > 1:
+            yield from self._beam()
+        else:
+            yield from self._greedy_or_sample()
 
     def _greedy_or_sample(self) -> Iterator[StepDistribution]:
         s = self.settings
@@ -332,7 +338,7 @@ class Decoder:
                 return
             if self._cancelled():
                 return
-            embeds = self.embed_tokens(token.view(1, 1))                       # (1, 1, H)
+            embeds = self._embed(token.view(1, 1))                       # (1, 1, H)
             logits = self._step(embeds, cache)
         self.stop_reason = "max_new_tokens"
 
@@ -390,7 +396,7 @@ class Decoder:
             scores = torch.tensor(keep_scores, device=logits.device)
             histories = keep_hist
             tokens = torch.tensor(keep_tokens, device=logits.device).view(-1, 1)
-            logits = self._step(self.embed_tokens(tokens), cache)             # (B, V)
+            logits = self._step(self._embed(tokens), cache)             # (B, V)
         if finished:
             best = max(finished, key=lambda x: x[0])[1]
             if self.eos is not None and best and best[-1].token_id == self.eos and self.stop_reason != "cancelled":

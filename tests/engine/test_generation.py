@@ -117,6 +117,7 @@ def test_cancel_stops_between_tokens(engine, study):
     events = []
     for e in engine.generate(study, settings=GenerationSettings(max_new_tokens=N), cancel=cancel):
         events.append(e)
+        assert not torch.is_inference_mode_enabled()     # the consumer's thread is left as it was
         if isinstance(e, TokenEvent) and e.index == 2:
             cancel.set()
     result = _result(events)
