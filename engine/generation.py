@@ -792,7 +792,7 @@ class ReportEngine:
         ``heads``: ``"mean"`` (all heads, cached after the first call) or head indices.
         One teacher-forced pass with eager attention per call (the head-mean of all tokens and layers
         is kept after the first call, so later selections are instant)."""
-        from .attention import AttentionMap, capture_attention, project_to_ct, visual_positions
+        from .attention import AttentionMap, capture_attention, group_shares, project_to_ct, visual_positions
 
         prepared: PreparedStudy | None = result.cache.get("prepared")
         if prepared is None:
@@ -834,7 +834,7 @@ class ReportEngine:
                 raise EngineOutOfMemory(_oom_message(self.device, "computing an attention map")) from err
             raise
         weights = sel.mean(dim=(0, 1)).numpy()                                      # (K,)
-        shares = {g: float(weights[cols].sum()) for g, cols in columns.items()}
+        shares = group_shares(weights, columns)
         visual_weights = {g: weights[cols] for g, cols in columns.items()}
         latent_patch = {g: t.float().cpu().numpy() for g, t in prepared.latent_patch.items()}
         heatmap = project_to_ct(visual_weights, latent_patch, prepared.inputs.geometry, prepared.patch_grid)
