@@ -162,6 +162,8 @@ class DraftPanel(QWidget):
     """Drafting with the engine; observes the document's study, owns the ReportDraft and its autosave."""
 
     errorOccurred = Signal(str)
+    tokenStreamed = Signal(object)        # engine TokenEvent, re-emitted on the GUI thread
+    resultReady = Signal(object)          # engine DraftResult
     generationFinished = Signal()
     draftChanged = Signal()
 
@@ -335,6 +337,7 @@ class DraftPanel(QWidget):
             self.stream.moveCursor(QTextCursor.End)
             self.stream.insertPlainText(ev.text)
         self.status.setText(f"Writing… {ev.index + 1} tokens")
+        self.tokenStreamed.emit(ev)
 
     def _on_finished(self, result) -> None:
         study = self.document.study
@@ -346,6 +349,7 @@ class DraftPanel(QWidget):
                     self.draft.replace_section(section_from_result(result, s))
         else:
             self.draft = ReportDraft.from_result(result, study, model=str(self.model_dir or "demo"))
+        self.resultReady.emit(result)
         how = "stopped" if result.cancelled else f"{len(result.tokens)} tokens"
         self.status.setText(f"Draft ready ({how})")
         self._rebuild_sections()

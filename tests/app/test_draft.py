@@ -127,25 +127,25 @@ def test_generation_streams_into_the_draft_and_stop_cancels(qtbot, panel, engine
     panel.max_tokens.setValue(16)
     assert [panel.region_list.item(i).text() for i in range(panel.region_list.count())] == ["bone", "heart", "lung"]
     tokens = []
+    panel.tokenStreamed.connect(tokens.append)
     with qtbot.waitSignal(panel.generationFinished, timeout=60000):
-        panel._worker = None
         panel.generate()
-        panel._worker.tokenGenerated.connect(lambda ev: tokens.append(ev))
+    panel.tokenStreamed.disconnect(tokens.append)
     assert panel.draft is not None and panel.draft.sections
     assert panel.stream.toPlainText() == "".join(t.text for t in tokens)
     assert panel.draft.study_key == study_key(panel.document.study)
     panel.colour_box.setChecked(True)
     panel.threshold.setValue(95)          # random weights: every word is below 95 %
     ed = panel._editors[0]
-    assert ed.editor.extraSelections() and ed.low_label.isVisible()
+    assert ed.editor.extraSelections() and ed.low_label.isVisibleTo(ed)
     panel.grab().save(str(screenshot_dir / "draft_panel.png"))
     # Stop: a long generation ends early with a cancelled result, and the panel is usable again.
     panel.max_tokens.setValue(2000)
     results = []
+    panel.resultReady.connect(results.append)
+    panel.tokenStreamed.connect(lambda ev: panel.stop() if ev.index == 2 else None)
     with qtbot.waitSignal(panel.generationFinished, timeout=60000):
         panel.generate()
-        panel._worker.finished.connect(results.append)
-        panel._worker.tokenGenerated.connect(lambda ev: panel.stop() if ev.index == 2 else None)
     assert results and results[0].stop_reason == "cancelled" and len(results[0].tokens) < 50
     assert panel.generate_button.isEnabled() and not panel.stop_button.isEnabled()
 
