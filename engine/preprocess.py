@@ -163,10 +163,55 @@ def _slices(box: Box) -> tuple[slice, slice, slice]:
 
 def _resize(crop: np.ndarray, size) -> torch.Tensor:
     """MONAI ``Resize(mode="area")`` of one channel: (X, Y, Z) -> (1, H, W, D) float32."""
+    if crop.strides[0] < crop.strides[-1]:
+        # NIfTI voxels are Fortran-ordered: copying them into C order is a cache-hostile transpose
+        # (seconds per crop). Resize the transposed view instead and transpose the small result; the
+        # window sums of integer HU / 0-1 masks are exact in float32, so the numbers are identical.
+        t = torch.from_numpy(np.ascontiguousarray(crop.T, dtype=np.float32))  # (Z, Y, X)
+        if tuple(t.shape) != tuple(size)[::-1]:
+            t = F.interpolate(t[None, None], size=tuple(size)[::-1], mode="area")[0, 0]
+        return t.permute(2, 1, 0).contiguous()[None]                          # (1, H, W, D)
     t = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))
     if tuple(t.shape) == tuple(size):
         return t[None]
     return F.interpolate(t[None, None], size=tuple(size), mode="area")[0]      # (1, H, W, D)
+
+
+def _area_bounds(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input window [start, end) of each of the m outputs of an n -> m adaptive average pool (PyTorch's rule)."""
+    i = np.arange(m)
+    return (i * n) // m, ((i + 1) * n + m - 1) // m
+
+
+def _resize_mask(mask_crop: np.ndarray, size) -> torch.Tensor:
+    """``area`` resize of a boolean mask, computed only where the mask is.
+
+    Same numbers as `_resize` (adaptive average pooling), but the window sums come from cumulative
+    sums over the mask's own bounding box: outside it every window sums to zero. Counts of 0/1 voxels
+    are exact in float32, so only the final division can round, exactly as in the pooling kernel.
+    """
+    size = tuple(size)
+    out = torch.zeros(size, dtype=torch.float32)
+    box = _bbox(mask_crop)
+    if box is None:
+        return out[None]
+    arr = mask_crop[_slices(box)]
+    sel_ranges, counts = [], []
+    for axis in range(3):
+        start, end = _area_bounds(mask_crop.shape[axis], size[axis])
+        b0, b1 = box[0][axis], box[1][axis]
+        sel = np.flatnonzero((start < b1) & (end > b0))           # outputs whose window meets the box
+        lo, hi = np.clip(start[sel] - b0, 0, b1 - b0), np.clip(end[sel] - b0, 0, b1 - b0)
+        csum = np.cumsum(arr, axis=axis, dtype=np.float32)
+        pad = [(0, 0)] * 3
+        pad[axis] = (1, 0)
+        csum = np.pad(csum, pad)                                   # leading zero: window sum = C[hi] - C[lo]
+        arr = np.take(csum, hi, axis=axis) - np.take(csum, lo, axis=axis)
+        sel_ranges.append(slice(int(sel[0]), int(sel[-1]) + 1))
+        counts.append((end[sel] - start[sel]).astype(np.float32))
+    mean = arr / counts[0][:, None, None] / counts[1][None, :, None] / counts[2][None, None, :]
+    out[tuple(sel_ranges)] = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32))
+    return out[None]                                               # (1, H, W, D)
 
 
 def _intensity(t: torch.Tensor) -> torch.Tensor:
@@ -231,7 +276,7 @@ def preprocess(study: Study, input_size=PUBLISHED_INPUT_SIZE, orientation: str |
         rsl = _slices(rbox)
         masked = np.where(mask[rsl], vol[rsl].astype(np.float32), np.float32(OUTSIDE_REGION_HU))
         out_regions[region] = _intensity(_resize(masked, input_size))
-        out_masks[region] = _resize(mask[crop], input_size)                   # (1, H, W, D), soft
+        out_masks[region] = _resize_mask(mask[crop], input_size)              # (1, H, W, D), soft
         region_boxes[region] = rbox
 
     geometry = Geometry(
