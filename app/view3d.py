@@ -97,6 +97,10 @@ class View3D(QVTKRenderWindowInteractor):
         self.show_volume = False
         self.show_surfaces = True
         self._render_pending = False
+        self._cursor_timer = QTimer(self)
+        self._cursor_timer.setSingleShot(True)
+        self._cursor_timer.setInterval(150)
+        self._cursor_timer.timeout.connect(self.request_render)
         sphere = vtkSphereSource()
         sphere.SetRadius(3.0)
         sphere.SetThetaResolution(16)
@@ -213,7 +217,9 @@ class View3D(QVTKRenderWindowInteractor):
         if vol is None:
             return
         self._cursor_actor.SetPosition(*(np.array(ijk, dtype=float) * np.array(vol.spacing)))
-        self.request_render()
+        # A 3D frame costs several slice frames on software OpenGL: while the user scrolls, move the
+        # marker once scrolling pauses instead of on every step.
+        self._cursor_timer.start()
 
     def reset_camera(self) -> None:
         """Anterior view, head up, patient's left on the screen's right (as the coronal view)."""
