@@ -40,7 +40,7 @@ class ModelSection:
 class DataSection:
     root: str | None = None
     mask_root: str | None = None
-    reports: str | None = None
+    reports: str | list[str] | None = None       # one CSV, or several (merged)
     train_split: str | None = None
     val_split: str | None = None
     split_file: str | None = None

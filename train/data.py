@@ -84,12 +84,17 @@ def volume_key(name: str) -> str:
     return name
 
 
-def read_reports(path: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """Read the region report CSV -> ``{volume: {region: sentence, "": whole-study report}}``.
+def read_reports(path: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, dict[str, str]]:
+    """Read the region report CSV (or several) -> ``{volume: {region: sentence, "": whole-study report}}``.
 
     Several rows for the same (volume, region) are joined with a space. Rows naming an anatomy that
     is not one of the 10 regions are ignored (logged once per anatomy name).
     """
+    if isinstance(path, (list, tuple)):
+        merged: dict[str, dict[str, str]] = {}
+        for one in path:
+            merged.update(read_reports(one))
+        return merged
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: report CSV not found")
@@ -169,7 +174,7 @@ def resolve_splits(train_split: str | None, val_split: str | None, split_file: s
     return train, val
 
 
-def index_studies(root: str | os.PathLike, reports_csv: str | os.PathLike, names: Sequence[str] | None = None,
+def index_studies(root: str | os.PathLike, reports_csv, names: Sequence[str] | None = None,
                   mask_root: str | os.PathLike | None = None, skips: SkipLog | None = None) -> list[StudyRecord]:
     """Match volumes, mask folders and reports; skip (and log) what cannot be a training sample.
 
@@ -202,16 +207,16 @@ def index_studies(root: str | os.PathLike, reports_csv: str | os.PathLike, names
 
 
 def _find_mask_folder(mask_root: Path, volume: Path, name: str) -> Path | None:
-    """``seg_<volume>`` directly under the mask root, or mirrored in the volume's own folder tree."""
-    for candidate in (mask_root / f"seg_{name}", volume.parent / f"seg_{name}"):
-        if candidate.is_dir():
-            return candidate
+    """``seg_<volume>`` under the mask root (directly or mirroring the volume's folders), else in the
+    volume's folder or an ancestor of it, or their ``masks/`` sub-folder (the ``reg2rg-phantom`` layout)."""
+    candidates = [mask_root / f"seg_{name}"]
     try:
-        relative = volume.parent.relative_to(mask_root)
+        candidates.append(mask_root / volume.parent.relative_to(mask_root) / f"seg_{name}")
     except ValueError:
-        return None
-    candidate = mask_root / relative / f"seg_{name}"
-    return candidate if candidate.is_dir() else None
+        pass
+    for ancestor in [volume.parent, *volume.parent.parents][:4]:
+        candidates += [ancestor / f"seg_{name}", ancestor / "masks" / f"seg_{name}"]
+    return next((c for c in candidates if c.is_dir()), None)
 
 
 # ---- drawing samples --------------------------------------------------------------------------------

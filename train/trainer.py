@@ -18,6 +18,7 @@ resumed run sees exactly the batches the uninterrupted run would have.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -476,6 +477,7 @@ class Trainer:
     def _forward_backward(self, batch: dict[str, Any]) -> tuple[float, float, int]:
         """One micro-batch: returns (loss, token accuracy, samples); NaN loss for an empty batch."""
         model = self.engine if self.engine is not None else self.model
+        self._batch_digest.update(json.dumps([batch.get("names"), batch.get("regions")]).encode())
         if "input_ids" not in batch:
             loss, acc, n = self._zero_loss(), float("nan"), 0
         else:
@@ -552,6 +554,7 @@ class Trainer:
                                     self.rank, self.world)
             batches = batches[: self.steps_per_epoch * accum]
             window: list[tuple[float, float, int]] = []
+            self._batch_digest = hashlib.sha1()
             t0 = time.perf_counter()
             for batch in self._loader(batches[self.state.batch_in_epoch:]):
                 for name, reason in batch.get("skipped", []):
@@ -572,8 +575,11 @@ class Trainer:
                 record = {"step": self.state.global_step, "epoch": epoch,
                           "loss": loss_sum / max(count, 1), "token_accuracy": acc_sum / max(count, 1),
                           "lr": self._current_lr(), "grad_norm": grad_norm,
-                          "samples_per_s": total / max(elapsed, 1e-9), "time": time.time()}
+                          "samples_per_s": total / max(elapsed, 1e-9), "time": time.time(),
+                          # which studies, in which region order, made this step (rank 0's share)
+                          "batch_digest": self._batch_digest.hexdigest()[:12]}
                 window, t0 = [], time.perf_counter()
+                self._batch_digest = hashlib.sha1()
                 if self.state.global_step % max(cfg.output.log_steps, 1) == 0 or self.state.global_step == 1:
                     self._log(record)
                 bar.update(1)

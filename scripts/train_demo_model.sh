@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Train the embedded demo model (issue 5) from nothing, on a CPU, with the project's own commands:
+#
+#   1. phantom studies with reg2rg-phantom, split by seed: train / validation / test
+#   2. a small BPE tokenizer trained on the training reports and the prompt (engine.tokens.train_tokenizer)
+#   3. reg2rg-train --config demo  (one process; resumable: re-running continues from the last checkpoint)
+#   4. export the final model to resources/demo_model/ with its config, training log and seeds
+#
+# Usage:  scripts/train_demo_model.sh [WORK_DIR]        (default: runs/demo_model)
+# Knobs (environment): N_TRAIN N_VAL N_TEST SEED STEPS THREADS EXTRA (more --key value overrides)
+# Re-running is safe: finished stages are skipped, training resumes. Delete WORK_DIR to start over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+BIN=$(dirname "$PY")
+WORK=${1:-runs/demo_model}
+N_TRAIN=${N_TRAIN:-320}
+N_VAL=${N_VAL:-16}
+N_TEST=${N_TEST:-40}
+SEED=${SEED:-42}                 # training seed (init, data order, region shuffles)
+TRAIN_SEED0=${TRAIN_SEED0:-1000} # phantom seeds: train 1000.., validation 5000.., test 9000..
+VAL_SEED0=${VAL_SEED0:-5000}
+TEST_SEED0=${TEST_SEED0:-9000}
+STEPS=${STEPS:-1200}
+THREADS=${THREADS:-2}
+VOCAB=${VOCAB:-1024}
+OUT=resources/demo_model
+export OMP_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$WORK"
+
+phantoms() {  # split n seed0
+  local dir="$WORK/data/$1"
+  if [ ! -f "$dir/manifest.json" ]; then
+    rm -rf "$dir"
+    "$BIN/reg2rg-phantom" --out "$dir" --n "$2" --seed "$3"
+  fi
+}
+echo "== 1/4 phantom studies"
+# the training split is written in two halves in parallel (two cores)
+phantoms train_a $((N_TRAIN / 2)) "$TRAIN_SEED0" &
+phantoms train_b $((N_TRAIN - N_TRAIN / 2)) $((TRAIN_SEED0 + N_TRAIN / 2)) &
+wait
+phantoms val "$N_VAL" "$VAL_SEED0"
+phantoms test "$N_TEST" "$TEST_SEED0"
+
+echo "== 2/4 tokenizer"
+if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
+  "$PY" - "$WORK" "$VOCAB" <<'EOF'
+import csv, sys
+from reg2rg.engine.tokens import PROMPT_INSTRUCTION, PROMPT_GLOBAL, PROMPT_REGION, TARGET_REGION, train_tokenizer
+from reg2rg.engine.regions import REGIONS
+work, vocab = sys.argv[1], int(sys.argv[2])
+texts = []
+for half in ("train_a", "train_b"):
+    with open(f"{work}/data/{half}/reports.csv", newline="", encoding="utf-8") as f:
+        texts += [row["Sentence"] for row in csv.DictReader(f)]
+# the prompt and target frame are part of every example: give them whole-word tokens
+frame = [PROMPT_GLOBAL, PROMPT_INSTRUCTION] + [PROMPT_REGION.format(index=i) for i in range(10)]
+frame += [TARGET_REGION.format(index=i, area=r, report="") for i in range(10) for r in REGIONS]
+train_tokenizer(texts + frame * 20, vocab, f"{work}/tokenizer")
+print(f"tokenizer: vocab {vocab}, trained on {len(texts)} report sentences")
+EOF
+fi
+
+echo "== 3/4 reg2rg-train --config demo"
+"$BIN/reg2rg-train" --config demo --resume \
+  --tokenizer "$WORK/tokenizer" \
+  --data.root "$WORK/data" \
+  --data.reports "[$WORK/data/train_a/reports.csv, $WORK/data/train_b/reports.csv, $WORK/data/val/reports.csv]" \
+  --data.val_split "$WORK/data/val/reports.csv" \
+  --data.cache_dir "$WORK/cache" \
+  --output.dir "$WORK/run" \
+  --train.seed "$SEED" --train.max_steps "$STEPS" --train.threads "$THREADS" ${EXTRA:-}
+
+echo "== 4/4 export to $OUT"
+"$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_SEED0" "$VAL_SEED0" "$TEST_SEED0" "$N_TRAIN" "$N_VAL" "$N_TEST" <<'EOF'
+import json, os, shutil, sys
+work, out, seed, s_train, s_val, s_test, n_train, n_val, n_test = sys.argv[1:]
+final = f"{work}/run/final"
+tmp = out + ".tmp"
+shutil.rmtree(tmp, ignore_errors=True)
+shutil.copytree(final, tmp)
+card = os.path.join(out, "MODEL_CARD.md")
+if os.path.isfile(card):
+    shutil.copy(card, os.path.join(tmp, "MODEL_CARD.md"))
+shutil.copy(f"{work}/run/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
+shutil.copy(f"{work}/run/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
+seeds = {"train_seed": int(seed),
+         "phantom_splits": {"train": [int(s_train), int(s_train) + int(n_train) - 1],
+                            "validation": [int(s_val), int(s_val) + int(n_val) - 1],
+                            "test": [int(s_test), int(s_test) + int(n_test) - 1]},
+         "command": "scripts/train_demo_model.sh"}
+with open(os.path.join(tmp, "seeds.json"), "w") as f:
+    json.dump(seeds, f, indent=2)
+shutil.rmtree(out, ignore_errors=True)
+os.replace(tmp, out)
+size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+print(f"demo model in {out}: {size / 1e6:.1f} MB")
+EOF

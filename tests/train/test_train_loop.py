@@ -1,0 +1,151 @@
+"""reg2rg-train end to end on phantom studies (one process): learning, bad samples, kill + resume, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from phantom_dataset import add_bad_samples, read_report_texts, write_phantom_dataset
+from reg2rg.engine.tokens import train_tokenizer
+from reg2rg.train.config import load_train_config
+from reg2rg.train.trainer import LOG_FILE, Trainer, list_checkpoints
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    csv_path, names = write_phantom_dataset(root / "data", [1, 2, 3], mask_root=root / "data" / "masks")
+    train_tokenizer(read_report_texts(csv_path) + ["The region 0 is lung: global information"], 400, root / "tok")
+    return root, csv_path, names
+
+
+def _overrides(root: Path, csv_path: Path, out: Path, **extra) -> dict:
+    values = {
+        "model.preset": "tiny", "model.overrides.train_llm": "full", "model.train_vit": True,
+        "tokenizer": str(root / "tok"), "data.root": str(root / "data"), "data.reports": str(csv_path),
+        "data.num_workers": 0, "data.cache_dir": str(root / "cache"), "output.dir": str(out),
+        "train.epochs": 1000, "train.micro_batch_size": 3, "train.lr": 3e-3, "train.warmup_steps": 3,
+        "train.weight_decay": 0.0, "train.scheduler": "constant_with_warmup", "train.threads": 2,
+        "output.log_steps": 1, "output.save_steps": None, "output.save_every_epoch": False,
+        "output.tensorboard": False,
+    }
+    values.update(extra)
+    return values
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_few_phantoms_and_exports_for_the_engine(phantoms, tmp_path):
+    from reg2rg.engine.checkpoint import load_pretrained
+
+    root, csv_path, _ = phantoms
+    out = tmp_path / "run"
+    trainer = Trainer(load_train_config("demo", _overrides(root, csv_path, out, **{"train.max_steps": 24})))
+    trainer.setup()
+    final = trainer.train()
+    losses = [r["loss"] for r in _log(out) if "loss" in r]
+    assert len(losses) == 24
+    assert losses[-1] <= 0.5 * losses[0], losses            # the loss falls by at least half
+    assert (out / "train_config.yaml").is_file()             # the resolved config is kept with the run
+    model, tokenizer = load_pretrained(final)                # the engine's own format
+    trained = dict(trainer.model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, trained[name].detach()), name
+
+
+def test_bad_samples_are_skipped_and_reported(phantoms, tmp_path):
+    root, csv_path, names = phantoms
+    data = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(root / "data", data)
+    bad = add_bad_samples(data, data / "reports.csv", data / "masks", names[0])
+    cmd = _train_cmd(root, data / "reports.csv", tmp_path / "run", **{
+        "data.root": str(data), "data.cache_dir": str(tmp_path / "cache"), "train.max_steps": 2,
+        "train.micro_batch_size": 1})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, reason in bad.items():
+        lines = [l for l in proc.stderr.splitlines() if f"skipped {name}: {reason}" in l]
+        assert len(lines) == 1, (name, proc.stderr[-3000:])  # one line per bad sample
+    assert "5 samples skipped (1 empty masks, 1 no masks, 1 no report, 1 no volume, 1 unreadable)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def _train_cmd(root, csv_path, out, **extra):
+    args = [str(BIN / "reg2rg-train"), "--config", "demo", "--resume"]
+    for key, value in _overrides(root, csv_path, out, **extra).items():
+        args += [f"--{key}", "null" if value is None else str(value)]
+    return args
+
+
+@pytest.mark.slow
+def test_kill_and_resume_continues_at_the_right_step_with_the_same_data(phantoms, tmp_path):
+    root, csv_path, _ = phantoms
+    # micro-batch 1 over 3 studies: the data order and the region shuffles differ every epoch
+    common = {"train.max_steps": 6, "train.micro_batch_size": 1, "output.save_steps": 2, "output.keep_last": 2,
+              "model.overrides.train_llm": "full"}
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(root, csv_path, straight, **common), check=True, capture_output=True, timeout=300, env=env)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(root, csv_path, killed, **common), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(p.name.endswith("0000002") for p in list_checkpoints(killed)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)                       # a kill mid-step, no clean-up
+    proc.wait()
+    done_before = len(_log(killed))
+    assert list_checkpoints(killed), "no checkpoint was written before the kill"
+    newest = list_checkpoints(killed)[-1]
+    resumed_from = int(newest.name.split("-")[1])
+    assert done_before < 6 and 2 <= resumed_from <= done_before
+
+    subprocess.run(_train_cmd(root, csv_path, killed, **common), check=True, capture_output=True, timeout=300, env=env)
+    log = _log(killed)
+    steps = [r["step"] for r in log]
+    # steps after the newest checkpoint were repeated, then the run went on to the end
+    assert steps[done_before:] == list(range(resumed_from + 1, 7))
+    reference = {r["step"]: r for r in _log(straight)}
+    assert len({r["batch_digest"] for r in reference.values()}) == 6     # every step saw other data
+    for record in log[done_before:]:
+        ref = reference[record["step"]]
+        # same studies in the same region order, same weights: the uninterrupted run's loss (up to
+        # the float noise of multi-threaded CPU kernels)
+        assert record["batch_digest"] == ref["batch_digest"], record["step"]
+        assert record["loss"] == pytest.approx(ref["loss"], rel=1e-3), record["step"]
+        assert record["lr"] == pytest.approx(ref["lr"])
+    assert len(list_checkpoints(killed)) == 2               # keep_last
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(phantoms, tmp_path):
+    root, csv_path, _ = phantoms
+    out = tmp_path / "run"
+    cmd = _train_cmd(root, csv_path, out, **{"train.max_steps": 6, "train.lr": 1e30, "train.warmup_steps": 0,
+                                             "train.max_grad_norm": None, "output.save_steps": 1,
+                                             "train.micro_batch_size": 1})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "reg2rg-train: stopped: loss is" in proc.stderr and "Last good checkpoint:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    kept = list_checkpoints(out)
+    assert kept, "the last good checkpoint must be kept"
+    step = int(kept[-1].name.split("-")[1])
+    assert f"checkpoint-{step:07d}" in proc.stderr
+    assert not (out / "final").exists()
