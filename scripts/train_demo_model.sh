@@ -7,18 +7,19 @@
 #   4. export the final model to resources/demo_model/ with its config, training log and seeds
 #
 # Usage:  scripts/train_demo_model.sh [WORK_DIR]        (default: runs/demo_model)
-# Knobs (environment): N_TRAIN N_VAL N_TEST SEED STEPS THREADS EXTRA (more --key value overrides)
+# Knobs (environment): TRAIN_CHUNKS N_VAL N_TEST SEED STEPS THREADS EXTRA (more --key value overrides)
 # Re-running is safe: finished stages are skipped, training resumes. Delete WORK_DIR to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 BIN=$(dirname "$PY")
 WORK=${1:-runs/demo_model}
-N_TRAIN=${N_TRAIN:-320}
+# training phantoms, written in chunks "first_seed:count" (two at a time); a chunk that reg2rg-phantom
+# cannot finish is reported and left out (its studies are then skipped as "no report")
+TRAIN_CHUNKS=${TRAIN_CHUNKS:-"1000:160 1160:40 1200:40 1240:40 1280:40"}
 N_VAL=${N_VAL:-16}
 N_TEST=${N_TEST:-40}
 SEED=${SEED:-42}                 # training seed (init, data order, region shuffles)
-TRAIN_SEED0=${TRAIN_SEED0:-1000} # phantom seeds: train 1000.., validation 5000.., test 9000..
 VAL_SEED0=${VAL_SEED0:-5000}
 TEST_SEED0=${TEST_SEED0:-9000}
 STEPS=${STEPS:-1200}
@@ -28,20 +29,26 @@ OUT=resources/demo_model
 export OMP_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$WORK"
 
-phantoms() {  # split n seed0
+phantoms() {  # folder n seed0
   local dir="$WORK/data/$1"
   if [ ! -f "$dir/manifest.json" ]; then
     rm -rf "$dir"
-    "$BIN/reg2rg-phantom" --out "$dir" --n "$2" --seed "$3"
+    "$BIN/reg2rg-phantom" --out "$dir" --n "$2" --seed "$3" > "$WORK/data/$1.log" 2>&1 \
+      || echo "reg2rg-phantom failed for $1 (see $WORK/data/$1.log); its studies are left out"
   fi
 }
 echo "== 1/4 phantom studies"
-# the training split is written in two halves in parallel (two cores)
-phantoms train_a $((N_TRAIN / 2)) "$TRAIN_SEED0" &
-phantoms train_b $((N_TRAIN - N_TRAIN / 2)) $((TRAIN_SEED0 + N_TRAIN / 2)) &
+mkdir -p "$WORK/data"
+running=0
+for chunk in $TRAIN_CHUNKS; do
+  phantoms "train_${chunk%%:*}" "${chunk##*:}" "${chunk%%:*}" &
+  running=$((running + 1))
+  if [ $running -ge 2 ]; then wait; running=0; fi
+done
 wait
 phantoms val "$N_VAL" "$VAL_SEED0"
 phantoms test "$N_TEST" "$TEST_SEED0"
+REPORTS=$(ls "$WORK"/data/train_*/reports.csv "$WORK/data/val/reports.csv" | paste -sd, -)
 
 echo "== 2/4 tokenizer"
 if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
@@ -51,8 +58,9 @@ from reg2rg.engine.tokens import PROMPT_INSTRUCTION, PROMPT_GLOBAL, PROMPT_REGIO
 from reg2rg.engine.regions import REGIONS
 work, vocab = sys.argv[1], int(sys.argv[2])
 texts = []
-for half in ("train_a", "train_b"):
-    with open(f"{work}/data/{half}/reports.csv", newline="", encoding="utf-8") as f:
+import glob
+for path in sorted(glob.glob(f"{work}/data/train_*/reports.csv")):
+    with open(path, newline="", encoding="utf-8") as f:
         texts += [row["Sentence"] for row in csv.DictReader(f)]
 # the prompt and target frame are part of every example: give them whole-word tokens
 frame = [PROMPT_GLOBAL, PROMPT_INSTRUCTION] + [PROMPT_REGION.format(index=i) for i in range(10)]
@@ -66,16 +74,16 @@ echo "== 3/4 reg2rg-train --config demo"
 "$BIN/reg2rg-train" --config demo --resume \
   --tokenizer "$WORK/tokenizer" \
   --data.root "$WORK/data" \
-  --data.reports "[$WORK/data/train_a/reports.csv, $WORK/data/train_b/reports.csv, $WORK/data/val/reports.csv]" \
+  --data.reports "[$REPORTS]" \
   --data.val_split "$WORK/data/val/reports.csv" \
   --data.cache_dir "$WORK/cache" \
   --output.dir "$WORK/run" \
   --train.seed "$SEED" --train.max_steps "$STEPS" --train.threads "$THREADS" ${EXTRA:-}
 
 echo "== 4/4 export to $OUT"
-"$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_SEED0" "$VAL_SEED0" "$TEST_SEED0" "$N_TRAIN" "$N_VAL" "$N_TEST" <<'EOF'
+"$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" <<'EOF'
 import json, os, shutil, sys
-work, out, seed, s_train, s_val, s_test, n_train, n_val, n_test = sys.argv[1:]
+work, out, seed, chunks, s_val, s_test, n_val, n_test = sys.argv[1:]
 final = f"{work}/run/final"
 tmp = out + ".tmp"
 shutil.rmtree(tmp, ignore_errors=True)
@@ -86,7 +94,8 @@ if os.path.isfile(card):
 shutil.copy(f"{work}/run/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
 shutil.copy(f"{work}/run/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
 seeds = {"train_seed": int(seed),
-         "phantom_splits": {"train": [int(s_train), int(s_train) + int(n_train) - 1],
+         "phantom_splits": {"train": [[int(c.split(":")[0]), int(c.split(":")[0]) + int(c.split(":")[1]) - 1]
+                                      for c in chunks.split()],
                             "validation": [int(s_val), int(s_val) + int(n_val) - 1],
                             "test": [int(s_test), int(s_test) + int(n_test) - 1]},
          "command": "scripts/train_demo_model.sh"}
