@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from html import escape
 from pathlib import Path
 
 from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
@@ -44,7 +46,7 @@ from .draft import (
     section_from_result,
     study_key,
 )
-from .generation import EngineLoader, GenerationWorker, start_in_thread
+from .generation import EngineLoader, GenerationWorker, WorkerJobs
 
 logger = logging.getLogger("reg2rg.app.draft")
 
@@ -57,6 +59,32 @@ def confidence_color(prob: float, threshold: float) -> QColor:
     return QColor(int(200 + 30 * t), int(50 + 130 * t), 50, 150)
 
 
+def sentence_span(text: str, pos: int) -> tuple[int, int]:
+    """The sentence of ``text`` around character ``pos``: [start, end) without surrounding spaces."""
+    pos = max(0, min(pos, len(text)))
+    start = 0
+    for m in re.finditer(r"[.!?;](\s+|$)", text):
+        if m.end() <= pos:
+            start = m.end()
+        else:                                   # the first terminator at or after pos ends the sentence
+            end = m.start() + 1
+            break
+    else:
+        end = len(text)
+    while start < end and text[start].isspace():
+        start += 1
+    return start, max(start, end)
+
+
+def token_tooltip(tok) -> str:
+    """Rich text for a word's tooltip: its probability and the model's top alternatives."""
+    word = escape(tok.text.strip() or "␣")
+    rows = "".join(
+        f"<tr><td>{escape(a.strip() or '␣')}</td><td align='right'>&nbsp;{p:.1%}</td></tr>" for a, p in tok.top[:5])
+    return (f"<b>{word}</b> — probability {tok.prob:.1%}"
+            + (f"<br><span style='color:#888'>top alternatives</span><table>{rows}</table>" if rows else ""))
+
+
 class SectionEditor(QFrame):
     """One region section: header (region, grounding, state, low-confidence words), text, actions."""
 
@@ -64,6 +92,7 @@ class SectionEditor(QFrame):
     acceptRequested = Signal(object)
     resetRequested = Signal(object)
     regenerateRequested = Signal(str)     # region
+    spanSelected = Signal(object, int, int)   # slot, start, end (characters of the section text)
 
     def __init__(self, section: DraftSection, parent=None) -> None:
         super().__init__(parent)
@@ -89,7 +118,14 @@ class SectionEditor(QFrame):
         self.reset_button.clicked.connect(lambda: self.resetRequested.emit(self.section.slot))
         self.regenerate_button.clicked.connect(lambda: self.regenerateRequested.emit(self.section.region or ""))
         self.regenerate_button.setEnabled(bool(section.region))
+        self.attention_button = QPushButton("Attention")
+        self.attention_button.setToolTip("Where the model looked while writing this section")
+        self.attention_button.clicked.connect(
+            lambda: self.spanSelected.emit(self.section.slot, 0, len(self.section.text)))
+        self.editor.selectionChanged.connect(self._on_selection)
+        self.editor.setToolTip("")
         buttons = QHBoxLayout()
+        buttons.addWidget(self.attention_button)
         buttons.addStretch(1)
         for b in (self.accept_button, self.regenerate_button, self.reset_button):
             buttons.addWidget(b)
@@ -112,8 +148,12 @@ class SectionEditor(QFrame):
         grounding = "" if s.grounding_ok or s.slot is None else (
             f" &nbsp;<span style='color:#ff7a5c'>⚠ the model named “{s.area or 'no area'}”, "
             f"the mask is {s.region or 'missing'}</span>")
-        self.header.setText(f"<b>{s.title}</b> <span style='color:#888'>· {slot}</span> &nbsp;{state}{grounding}")
-        self.setStyleSheet("SectionEditor { border: 1px solid %s; }" % ("#3b424d" if s.grounding_ok else "#a5503c"))
+        n_low = len(s.low_confidence(self.threshold if hasattr(self, "threshold") else 0.5))
+        low = (f" &nbsp;<span style='color:#e0a050'>{n_low} low-confidence</span>" if n_low else "")
+        self.header.setText(f"<b>{s.title}</b> <span style='color:#888'>· {slot}</span> &nbsp;{state}{low}{grounding}")
+        mismatch = s.slot is not None and not s.grounding_ok
+        self.setProperty("grounding_mismatch", mismatch)
+        self.setStyleSheet("SectionEditor { border: %s; }" % ("2px solid #d0603f" if mismatch else "1px solid #3b424d"))
         if self.editor.toPlainText() != s.text:
             self.editor.blockSignals(True)
             self.editor.setPlainText(s.text)
@@ -126,8 +166,8 @@ class SectionEditor(QFrame):
         s = self.section
         low = s.low_confidence(threshold)
         words = ", ".join(f"{t.text.strip()} ({t.prob:.0%})" for t in low[:5])
-        self.low_label.setText(f"{len(low)} word(s) below {threshold:.0%}: {words}" if low else "")
-        self.low_label.setVisible(on and bool(low))
+        self.low_label.setText(f"{len(low)} word(s) below {threshold:.0%} — lowest: {words}" if low else "")
+        self.low_label.setVisible(bool(low))
         selections = []
         if on and not s.is_edited:              # offsets only hold for the generated text
             for t in low:
@@ -146,15 +186,31 @@ class SectionEditor(QFrame):
             return None
         return next((t for t in self.section.tokens if t.start <= pos < t.end), None)
 
+    def tooltip_at(self, pos) -> str:
+        """The tooltip for a viewport position: the word's probability and alternatives ("" if none)."""
+        tok = self.token_at(self.editor.cursorForPosition(pos).position())
+        return token_tooltip(tok) if tok is not None else ""
+
+    def _on_selection(self) -> None:
+        cur = self.editor.textCursor()
+        if cur.hasSelection():
+            self.spanSelected.emit(self.section.slot, cur.selectionStart(), cur.selectionEnd())
+
     def eventFilter(self, obj: QObject, ev: QEvent) -> bool:  # noqa: N802
         if ev.type() == QEvent.ToolTip:
-            tok = self.token_at(self.editor.cursorForPosition(ev.pos()).position())
-            if tok is not None:
-                alts = "<br>".join(f"{a!r}: {p:.1%}" for a, p in tok.top[:5])
-                QToolTip.showText(ev.globalPos(), f"<b>{tok.text.strip() or '␣'}</b>: {tok.prob:.1%}<br>{alts}", self.editor)
+            tip = self.tooltip_at(ev.pos())
+            if tip:
+                QToolTip.showText(ev.globalPos(), tip, self.editor)
             else:
                 QToolTip.hideText()
             return True
+        if ev.type() == QEvent.MouseButtonRelease and ev.modifiers() & Qt.ControlModifier:
+            # Ctrl+click: the whole sentence under the mouse
+            pos = self.editor.cursorForPosition(ev.position().toPoint()).position()
+            a, b = sentence_span(self.editor.toPlainText(), pos)
+            if b > a:
+                self.spanSelected.emit(self.section.slot, a, b)
+            return False
         return False
 
 
@@ -166,6 +222,7 @@ class DraftPanel(QWidget):
     resultReady = Signal(object)          # engine DraftResult
     generationFinished = Signal()
     draftChanged = Signal()
+    attentionRequested = Signal(object, object, str)   # DraftResult, token indices (list), description
 
     def __init__(self, document: ViewerDocument, parent=None, store: DraftStore | None = None) -> None:
         super().__init__(parent)
@@ -176,10 +233,16 @@ class DraftPanel(QWidget):
         self.model_dir: str | None = None
         self.draft: ReportDraft | None = None
         self.restore_box: QMessageBox | None = None
-        self._jobs: list = []          # (thread, worker) pairs kept alive while they run
+        self._jobs = WorkerJobs(self)  # (thread, worker) pairs kept alive while they run
         self._worker: GenerationWorker | None = None
         self._regenerating: str | None = None
         self._editors: list[SectionEditor] = []
+        self.results: dict = {}            # section slot -> the DraftResult its tokens belong to
+        self._selection = None
+        self._selection_timer = QTimer(self)
+        self._selection_timer.setSingleShot(True)
+        self._selection_timer.setInterval(250)   # a drag selects many spans; ask for the last one only
+        self._selection_timer.timeout.connect(lambda: self._selection and self.request_attention(*self._selection))
         self._autosave = QTimer(self)
         self._autosave.setSingleShot(True)
         self._autosave.setInterval(AUTOSAVE_DELAY_MS)
@@ -289,17 +352,16 @@ class DraftPanel(QWidget):
         if self.engine is None:
             self._set_busy(True, "Loading the model…")
             loader = EngineLoader(self.model_dir, self.device.currentText())
-            loader.loaded.connect(lambda eng: (self.set_engine(eng), self._set_busy(False, ""),
-                                               self.generate(regions, regenerate)))
+            self._after_load = (regions, regenerate)
+            loader.loaded.connect(self._on_engine_loaded)      # bound: queued onto the GUI thread
             loader.failed.connect(self._on_failed)
             self._run(loader)
             return
         regions = [regenerate] if regenerate else (regions or self.selected_regions() or None)
         self._regenerating = regenerate
         worker = GenerationWorker(self.engine, self.document.study, regions, self.settings())
-        worker.encodingStarted.connect(lambda ev: self._set_busy(True, f"Encoding {len(ev.regions)} region(s)…"))
-        worker.encodingDone.connect(lambda ev: (self.busy.setRange(0, 0), self.status.setText(
-            f"Writing… (prompt {ev.prompt_tokens} tokens, encoded in {ev.seconds:.1f} s)")))
+        worker.encodingStarted.connect(self._on_encoding_started)   # bound methods: run on the GUI thread
+        worker.encodingDone.connect(self._on_encoding_done)
         worker.tokenGenerated.connect(self._on_token)
         worker.finished.connect(self._on_finished)
         worker.failed.connect(self._on_failed)
@@ -311,6 +373,19 @@ class DraftPanel(QWidget):
         self._set_busy(True, "Starting…")
         self._run(worker)
 
+    def _on_engine_loaded(self, engine) -> None:
+        self.set_engine(engine)
+        self._set_busy(False, "")
+        regions, regenerate = self._after_load
+        self.generate(regions, regenerate)
+
+    def _on_encoding_started(self, ev) -> None:
+        self._set_busy(True, f"Encoding {len(ev.regions)} region(s)…")
+
+    def _on_encoding_done(self, ev) -> None:
+        self.busy.setRange(0, 0)
+        self.status.setText(f"Writing… (prompt {ev.prompt_tokens} tokens, encoded in {ev.seconds:.1f} s)")
+
     def regenerate(self, region: str) -> None:
         if region:
             self.generate(regenerate=region)
@@ -321,10 +396,7 @@ class DraftPanel(QWidget):
             self.status.setText("Stopping…")
 
     def _run(self, worker) -> None:
-        job = [None, worker]
-        worker.done.connect(lambda: QTimer.singleShot(0, lambda: self._jobs.remove(job) if job in self._jobs else None))
-        self._jobs.append(job)
-        job[0] = start_in_thread(worker, self)
+        self._jobs.start(worker)
 
     def _set_busy(self, on: bool, text: str) -> None:
         self.busy.setVisible(on)
@@ -347,8 +419,10 @@ class DraftPanel(QWidget):
             for s in result.sections:
                 if s.region == self._regenerating:
                     self.draft.replace_section(section_from_result(result, s))
+                    self.results[self.draft.section_of_region(s.region).slot] = result
         else:
             self.draft = ReportDraft.from_result(result, study, model=str(self.model_dir or "demo"))
+            self.results = {sec.slot: result for sec in self.draft.sections}
         self.resultReady.emit(result)
         how = "stopped" if result.cancelled else f"{len(result.tokens)} tokens"
         self.status.setText(f"Draft ready ({how})")
@@ -381,9 +455,38 @@ class DraftPanel(QWidget):
             ed.acceptRequested.connect(lambda slot: (self.draft.accept(slot), self._refresh(slot), self._changed()))
             ed.resetRequested.connect(lambda slot: (self.draft.reset(slot), self._refresh(slot), self._changed()))
             ed.regenerateRequested.connect(self.regenerate)
+            ed.spanSelected.connect(self._on_span)
             self.sections_layout.insertWidget(self.sections_layout.count() - 1, ed)
             self._editors.append(ed)
         self._apply_confidence()
+
+    def _on_span(self, slot, start: int, end: int) -> None:
+        self._selection = (slot, start, end)
+        self._selection_timer.start()
+
+    def request_attention(self, slot, start: int | None = None, end: int | None = None) -> list[int]:
+        """Ask for the attention of the generated tokens of section ``slot`` overlapping ``[start, end)``
+        (the whole section by default). Emits ``attentionRequested``; returns the token indices."""
+        if self.draft is None:
+            return []
+        section = self.draft.section(slot)
+        result = self.results.get(slot)
+        if result is None or self.engine is None:
+            self.status.setText("Attention needs the draft's model run: regenerate to see where it looked")
+            return []
+        if section.is_edited:
+            self.status.setText("This section was edited: reset it to see the model's attention")
+            return []
+        start = 0 if start is None else start
+        end = len(section.text) if end is None else end
+        picked = [t for t in section.tokens if t.start < end and t.end > start and t.text.strip()]
+        if not picked:
+            return []
+        idx = [t.index for t in picked]
+        words = section.text[max(0, min(t.start for t in picked)):max(t.end for t in picked)].strip()
+        label = f"{section.title}: “{words if len(words) <= 90 else words[:87] + '…'}”"
+        self.attentionRequested.emit(result, idx, label)
+        return idx
 
     def section_editor(self, slot) -> SectionEditor:
         return next(e for e in self._editors if e.section.slot == slot)
@@ -429,6 +532,7 @@ class DraftPanel(QWidget):
         if self.draft is not None and self.draft.study_key != (study_key(self.document.study) if self.document.study else None):
             self.close_study_cleanly()
         self.draft = None
+        self.results = {}
         self._rebuild_sections()
         self.stream.clear()
         study = self.document.study
@@ -465,6 +569,7 @@ class DraftPanel(QWidget):
 
     def _restore(self, draft: ReportDraft, message: str) -> None:
         self.draft = draft
+        self.results = {}                  # a restored draft has no model run behind it
         self._rebuild_sections()
         self.status.setText(message)
         self.draftChanged.emit()

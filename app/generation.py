@@ -17,6 +17,22 @@ from PySide6.QtCore import QObject, QThread, Signal, Slot
 logger = logging.getLogger("reg2rg.app.generation")
 
 
+_LOCKS_GUARD = threading.Lock()
+
+
+def engine_lock(engine) -> threading.Lock:
+    """The lock serialising one engine's work (a generation, an attention pass) across worker threads.
+
+    Attention passes switch the model to eager attention; they must not overlap a generation.
+    """
+    with _LOCKS_GUARD:
+        lock = getattr(engine, "_viewer_lock", None)
+        if lock is None:
+            lock = threading.Lock()
+            engine._viewer_lock = lock
+        return lock
+
+
 def describe_engine_error(exc: BaseException) -> str:
     """A message for the radiologist; out-of-memory gets advice instead of a stack trace."""
     text = str(exc) or type(exc).__name__
@@ -82,25 +98,29 @@ class GenerationWorker(QObject):
 
     @Slot()
     def run(self) -> None:
-        from reg2rg.engine.generation import EncodingDone, EncodingStarted, Finished, GenerationSettings, TokenEvent
-
         try:
-            events = self.engine.generate(self.study, regions=self.regions,
-                                          settings=self.settings or GenerationSettings(), cancel=self._cancel)
-            for event in events:
-                if isinstance(event, TokenEvent):
-                    self.tokenGenerated.emit(event)
-                elif isinstance(event, EncodingStarted):
-                    self.encodingStarted.emit(event)
-                elif isinstance(event, EncodingDone):
-                    self.encodingDone.emit(event)
-                elif isinstance(event, Finished):
-                    self.finished.emit(event.result)
+            with engine_lock(self.engine):
+                self._consume()
         except Exception as exc:  # noqa: BLE001 - the draft and the study stay open
             logger.debug("generation failed:\n%s", traceback.format_exc())
             self.failed.emit(describe_engine_error(exc))
         finally:
             self.done.emit()
+
+    def _consume(self) -> None:
+        from reg2rg.engine.generation import EncodingDone, EncodingStarted, Finished, GenerationSettings, TokenEvent
+
+        events = self.engine.generate(self.study, regions=self.regions,
+                                      settings=self.settings or GenerationSettings(), cancel=self._cancel)
+        for event in events:
+            if isinstance(event, TokenEvent):
+                self.tokenGenerated.emit(event)
+            elif isinstance(event, EncodingStarted):
+                self.encodingStarted.emit(event)
+            elif isinstance(event, EncodingDone):
+                self.encodingDone.emit(event)
+            elif isinstance(event, Finished):
+                self.finished.emit(event.result)
 
 
 def start_in_thread(worker: QObject, parent: QObject) -> QThread:
@@ -115,3 +135,36 @@ def start_in_thread(worker: QObject, parent: QObject) -> QThread:
     thread.finished.connect(thread.deleteLater)
     thread.start()
     return thread
+
+
+class WorkerJobs(QObject):
+    """Keeps (thread, worker) pairs alive while they run; forgets them once their thread has finished.
+
+    Workers have no Qt parent (they move to their thread), so Python must hold them; pruning happens
+    on this object's (the GUI) thread after ``QThread.finished``, when ``run`` has returned.
+    """
+
+    def __init__(self, parent: QObject) -> None:
+        super().__init__(parent)
+        self.jobs: list[tuple[QThread, QObject]] = []
+
+    def start(self, worker: QObject) -> QThread:
+        thread = start_in_thread(worker, self.parent())
+        self.jobs.append((thread, worker))
+        thread.finished.connect(self._prune)
+        return thread
+
+    @Slot()
+    def _prune(self) -> None:
+        alive = []
+        for thread, worker in self.jobs:
+            try:
+                running = not thread.isFinished()
+            except RuntimeError:            # already deleted by deleteLater: it has finished
+                running = False
+            if running:
+                alive.append((thread, worker))
+        self.jobs = alive
+
+    def __len__(self) -> int:
+        return len(self.jobs)

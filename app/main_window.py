@@ -122,6 +122,26 @@ class MainWindow(QMainWindow):
         self.addDockWidget(Qt.RightDockWidgetArea, dock)
         self.draft_dock = dock
 
+        from .attention_panel import AttentionPanel
+
+        self.attention_panel = AttentionPanel(self.document, self.views.values(), self)
+        self.attention_panel.errorOccurred.connect(lambda msg: self.show_error("Attention map", msg))
+        att = QDockWidget("Attention", self)
+        att.setObjectName("dock_attention")
+        att.setWidget(self.attention_panel)
+        att.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable)
+        self.addDockWidget(Qt.RightDockWidgetArea, att)
+        self.tabifyDockWidget(self.region_dock, att)
+        self.region_dock.raise_()
+        self.attention_dock = att
+        self.draft_panel.attentionRequested.connect(self._on_attention_requested)
+        self.draft_panel.resultReady.connect(lambda _r: self.attention_panel.clear())
+
+    def _on_attention_requested(self, result, token_indices, label: str) -> None:
+        """A selection in the draft: show the Attention tab and compute the map off the GUI thread."""
+        self.attention_dock.raise_()
+        self.attention_panel.request(self.draft_panel.engine, result, token_indices, label)
+
     def _build_status_bar(self) -> None:
         bar = self.statusBar()
         self.status_position = QLabel("")
@@ -191,6 +211,7 @@ class MainWindow(QMainWindow):
         view_menu.addAction(self.region_dock.toggleViewAction())
         if self.draft_panel is not None:
             view_menu.addAction(self.draft_dock.toggleViewAction())
+            view_menu.addAction(self.attention_dock.toggleViewAction())
 
     def _action(self, menu, text, slot, shortcut=None) -> QAction:
         act = QAction(text, self)

@@ -1,0 +1,149 @@
+"""Checking a draft: attention maps of a selection (heatmap over the CT, shares chart, NIfTI), with a
+real tiny engine and real rendering; the panel's pure helpers with known answers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PySide6.QtWidgets import QApplication
+
+from reg2rg.app.attention_panel import (
+    AttentionRequestError,
+    colormap_table,
+    heatmap_to_display,
+    parse_indices,
+)
+from reg2rg.app.display import AXIS_AXIAL, build_display_volume
+from reg2rg.app.draft_panel import sentence_span
+from reg2rg.app.main_window import MainWindow, frame_pixels
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+
+pytestmark = pytest.mark.gui
+
+
+def test_heatmap_follows_the_ct_display_orientation():
+    from generation_fixtures import box_study
+
+    st = box_study(flip_axis=0)                       # stored right-to-left: display flips it back
+    vol = build_display_volume(st)
+    heat = np.zeros(st.shape, dtype=np.float32)
+    heat[3, 5, 7] = 2.0                                # the peak
+    heat[4, 5, 7] = 1.0                                # half of it
+    codes = heatmap_to_display(heat, vol)
+    assert codes.flags.f_contiguous and codes.dtype == np.uint8 and codes.shape == vol.shape
+    assert codes[vol.from_stored((3, 5, 7))] == 255
+    assert codes[vol.from_stored((4, 5, 7))] == 128    # rint(127.5)
+    assert codes.sum() == 255 + 128
+    assert heat[3, 5, 7] == 2.0                        # the engine's map is left intact
+    with pytest.raises(AttentionRequestError, match="not the CT grid"):
+        heatmap_to_display(heat[:-1], vol)
+
+
+def test_colormaps_fade_out_weak_attention_and_indices_parse():
+    for name in ("Hot", "Jet", "Viridis"):
+        t = colormap_table(name)
+        assert t.shape == (256, 4) and t[0, 3] == 0 and t[-1, 3] == 255
+        assert np.all(np.diff(t[:, 3].astype(int)) >= 0)
+    assert parse_indices("0, 2-3", 4, "Layers") == [0, 2, 3]
+    with pytest.raises(AttentionRequestError, match=r"Layers: \[4\] outside 0..3"):
+        parse_indices("1,4", 4, "Layers")
+    with pytest.raises(AttentionRequestError, match="not a number"):
+        parse_indices("x", 4, "Heads")
+
+
+def test_sentence_span():
+    text = "The heart is enlarged. No effusion; lungs clear."
+    assert text[slice(*sentence_span(text, 3))] == "The heart is enlarged."
+    assert text[slice(*sentence_span(text, 25))] == "No effusion;"
+    assert text[slice(*sentence_span(text, len(text) - 2))] == "lungs clear."
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import torch
+
+    torch.set_num_threads(1)
+    from generation_fixtures import tiny_engine
+
+    return tiny_engine()
+
+
+@pytest.fixture
+def win(qtbot):
+    w = MainWindow()
+    w.resize(1600, 1000)
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitExposed(w)
+    yield w
+    w.close()
+
+
+def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win, engine, tmp_path, screenshot_dir):
+    from generation_fixtures import box_study
+
+    study = box_study()
+    with qtbot.waitSignal(win.studyLoaded, timeout=30000):
+        win.open_study(study)
+    panel, att = win.draft_panel, win.attention_panel
+    panel.set_engine(engine)
+    panel.max_tokens.setValue(24)
+    with qtbot.waitSignal(panel.generationFinished, timeout=60000):
+        panel.generate()
+    section = panel.draft.sections[0]
+    ed = panel.section_editor(section.slot)
+    axial = win.views[AXIS_AXIAL]
+    before = frame_pixels(axial).astype(int)
+
+    # select the first few words in the editor, as the radiologist would with the mouse
+    cur = ed.editor.textCursor()
+    end = section.tokens[min(3, len(section.tokens) - 1)].end
+    cur.setPosition(0)
+    cur.setPosition(end, cur.MoveMode.KeepAnchor)
+    with qtbot.waitSignal(att.heatmapChanged, timeout=60000):
+        ed.editor.setTextCursor(cur)
+    amap = att.current
+    expected = [t.index for t in section.tokens if t.start < end and t.text.strip()]
+    assert list(amap.token_indices) == expected
+    assert amap.heatmap.shape == study.shape and amap.heatmap.max() > 0
+    # the shares chart lists the global image, every region slot and the rest, summing to one
+    names = [r[0] for r in att.chart.rows]
+    assert names[0] == "global image" and names[-1] == "text / prompt"
+    assert set(names[1:-1]) == set(panel.results[section.slot].slot_regions.values())
+    assert sum(r[1] for r in att.chart.rows) == pytest.approx(1.0, abs=1e-4)
+    # the heatmap is drawn over the CT: the frame changes where the map is strong
+    win.document.set_cursor(win.document.volume.from_stored(amap.peak_voxel))
+    QApplication.processEvents()
+    shown = frame_pixels(axial).astype(int)
+    att.show_box.setChecked(True)                      # hide it: back to the CT alone at that slice
+    hidden = frame_pixels(axial).astype(int)
+    assert (np.abs(shown - hidden).sum(axis=2) > 30).sum() > 50
+    att.show_box.setChecked(False)
+    att.opacity.setValue(100)
+
+    stronger = frame_pixels(axial).astype(int)
+    assert np.abs(stronger - hidden).sum() > np.abs(shown - hidden).sum()
+    assert np.abs(before).sum() > 0
+    win.save_screenshot(screenshot_dir / "attention_selection.png")
+
+    # layer aggregation: the last layer alone is another map, computed again off the GUI thread
+    att.layers.setCurrentText("Last layer")
+    with qtbot.waitSignal(att.heatmapChanged, timeout=60000):
+        att.recompute()
+    assert len(att.current.layers) == 1 and att.current.token_indices == amap.token_indices
+
+    out = att.save_nifti(tmp_path / "attention.nii.gz")
+    img = nib.load(str(out))
+    assert img.shape == study.shape
+    np.testing.assert_allclose(img.affine, study.affine)
+    np.testing.assert_allclose(np.asarray(img.dataobj), att.current.heatmap, rtol=1e-6)
+
+    # a whole section through its button
+    with qtbot.waitSignal(att.heatmapChanged, timeout=60000):
+        ed.attention_button.click()
+    assert list(att.current.token_indices) == [t.index for t in section.tokens if t.text.strip()]
