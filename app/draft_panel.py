@@ -12,12 +12,15 @@ from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor, QTextDocument
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFrame,
+    QGridLayout,
     QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
+    QMenu,
     QMessageBox,
     QPlainTextEdit,
     QProgressBar,
@@ -26,6 +29,7 @@ from PySide6.QtWidgets import (
     QSlider,
     QSpinBox,
     QTextEdit,
+    QToolButton,
     QToolTip,
     QVBoxLayout,
     QWidget,
@@ -46,7 +50,7 @@ from .draft import (
     section_from_result,
     study_key,
 )
-from .generation import EngineLoader, GenerationWorker, WorkerJobs
+from .generation import EngineLoader, GenerationWorker, ModelChoice, WorkerJobs
 
 logger = logging.getLogger("reg2rg.app.draft")
 
@@ -231,6 +235,7 @@ class DraftPanel(QWidget):
         self.store = store or DraftStore()
         self.engine = None
         self.model_dir: str | None = None
+        self.model_choice = ModelChoice()
         self.draft: ReportDraft | None = None
         self.restore_box: QMessageBox | None = None
         self._jobs = WorkerJobs(self)  # (thread, worker) pairs kept alive while they run
@@ -252,21 +257,30 @@ class DraftPanel(QWidget):
 
     # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
-        self.model_label = QLabel("Model: demo")
+        self.model_label = QLabel("Model: embedded demo")
+        self.model_label.setMinimumWidth(80)
+        self.model_button = QToolButton()
+        self.model_button.setText("Model ▾")
+        self.model_button.setPopupMode(QToolButton.InstantPopup)
+        menu = QMenu(self.model_button)
+        menu.addAction("Embedded demo model", lambda: self.set_model(ModelChoice()))
+        menu.addAction("Model folder…", self._choose_model)
+        menu.addAction("Published checkpoint + LLaMA folder…", self._choose_published)
+        self.model_button.setMenu(menu)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
-        self.strategy = QComboBox()
-        self.strategy.addItems(["greedy", "sample", "beam"])
-        self.max_tokens = QSpinBox()
-        self.max_tokens.setRange(8, 2048)
-        self.max_tokens.setValue(500)
-        self.max_tokens.setPrefix("max ")
-        choose = QPushButton("Model…")
-        choose.clicked.connect(self._choose_model)
+        self.device.setToolTip("Where the model runs (auto: CUDA when available)")
+        self.device.currentTextChanged.connect(lambda _d: self._forget_engine())
+        self.settings_button = QToolButton()
+        self.settings_button.setText("Decoding ▸")
+        self.settings_button.setCheckable(True)
+        self.settings_button.toggled.connect(self._toggle_settings)
         row1 = QHBoxLayout()
-        for w in (self.model_label, choose, self.device, self.strategy, self.max_tokens):
+        row1.addWidget(self.model_label, 1)
+        for w in (self.model_button, QLabel("Device"), self.device, self.settings_button):
             row1.addWidget(w)
-        row1.addStretch(1)
+        self.settings_box = self._build_settings()
+        self.settings_box.hide()
         self.region_list = QListWidget()
         self.region_list.setFlow(QListWidget.LeftToRight)
         self.region_list.setWrapping(True)
@@ -311,6 +325,7 @@ class DraftPanel(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
         lay.addLayout(row1)
+        lay.addWidget(self.settings_box)
         lay.addWidget(self.region_list)
         lay.addLayout(row2)
         lay.addWidget(self.busy)
@@ -324,14 +339,90 @@ class DraftPanel(QWidget):
         self.engine = engine
         self.model_label.setText(f"Model: {getattr(engine, 'model_dir', None) or 'in memory'}")
 
+    def set_model(self, choice: ModelChoice) -> None:
+        """Draft with this model from the next generation on (loaded then, off the GUI thread)."""
+        self.model_choice = choice
+        self.model_dir = choice.path if choice.kind == "folder" else (choice.checkpoint if choice.kind == "published" else None)
+        self.engine = None
+        self.model_label.setText(f"Model: {choice.describe()}")
+        self.model_label.setToolTip(choice.describe(full=True))
+
     def set_model_dir(self, path: str | None) -> None:
-        self.model_dir, self.engine = path, None
-        self.model_label.setText(f"Model: {Path(path).name if path else 'demo'}")
+        """A model folder (None: the embedded demo model)."""
+        self.set_model(ModelChoice("folder", path) if path else ModelChoice())
+
+    def _forget_engine(self) -> None:
+        if self.engine is not None and self._worker is None:
+            self.engine = None              # the next generation loads the model on the new device
+            self.model_label.setText(f"Model: {self.model_choice.describe()}")
 
     def _choose_model(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Choose a model folder")
         if path:
             self.set_model_dir(path)
+
+    def _choose_published(self) -> None:
+        ckpt, _ = QFileDialog.getOpenFileName(self, "Published Reg2RG checkpoint", "",
+                                              "Checkpoints (*.bin *.pt *.pth *.safetensors);;All files (*)")
+        if not ckpt:
+            return
+        llm = QFileDialog.getExistingDirectory(self, "Local LLaMA-2-7B-chat folder (tokenizer and weights)")
+        if llm:
+            self.set_model(ModelChoice("published", checkpoint=ckpt, llm_path=llm))
+
+    def _build_settings(self) -> QWidget:
+        """Decoding settings (GenerationSettings): strategy, temperature, top-k, top-p, seed, beams, length."""
+        box = QFrame()
+        box.setObjectName("decoding_settings")
+        box.setFrameShape(QFrame.StyledPanel)
+        self.strategy = QComboBox()
+        self.strategy.addItems(["greedy", "sample", "beam"])
+        self.strategy.setToolTip("greedy: the published decoding; sample: top-k/top-p sampling; beam: beam search")
+        self.temperature = QDoubleSpinBox()
+        self.temperature.setRange(0.05, 5.0)
+        self.temperature.setSingleStep(0.1)
+        self.temperature.setValue(1.0)
+        self.top_k = QSpinBox()
+        self.top_k.setRange(0, 1000)
+        self.top_k.setValue(30)
+        self.top_k.setSpecialValueText("off")
+        self.top_p = QDoubleSpinBox()
+        self.top_p.setRange(0.01, 1.0)
+        self.top_p.setSingleStep(0.05)
+        self.top_p.setValue(1.0)
+        self.seed = QSpinBox()
+        self.seed.setRange(-1, 2**31 - 1)
+        self.seed.setValue(-1)
+        self.seed.setSpecialValueText("random")
+        self.num_beams = QSpinBox()
+        self.num_beams.setRange(1, 16)
+        self.num_beams.setValue(4)
+        self.max_tokens = QSpinBox()
+        self.max_tokens.setRange(8, 2048)
+        self.max_tokens.setValue(500)
+        grid = QGridLayout(box)
+        grid.setContentsMargins(6, 4, 6, 4)
+        grid.setHorizontalSpacing(6)
+        grid.setVerticalSpacing(3)
+        cells = (("Decoding", self.strategy), ("Max new tokens", self.max_tokens), ("Temperature", self.temperature),
+                 ("Top-k", self.top_k), ("Top-p", self.top_p), ("Seed", self.seed), ("Beams", self.num_beams))
+        for n, (label, w) in enumerate(cells):
+            r, c = divmod(n, 2)
+            grid.addWidget(QLabel(label), r, 2 * c, Qt.AlignRight)
+            grid.addWidget(w, r, 2 * c + 1)
+        self.strategy.currentTextChanged.connect(self._strategy_changed)
+        self._strategy_changed(self.strategy.currentText())
+        return box
+
+    def _strategy_changed(self, strategy: str) -> None:
+        for w in (self.temperature, self.top_k, self.top_p, self.seed):
+            w.setEnabled(strategy == "sample")
+        self.num_beams.setEnabled(strategy == "beam")
+        self.settings_button.setText(f"Decoding: {strategy} {'▾' if self.settings_button.isChecked() else '▸'}")
+
+    def _toggle_settings(self, on: bool) -> None:
+        self.settings_box.setVisible(on)
+        self._strategy_changed(self.strategy.currentText())
 
     def can_generate(self) -> bool:
         return self.document.study is not None and self._worker is None
@@ -341,9 +432,13 @@ class DraftPanel(QWidget):
                 if self.region_list.item(i).checkState() == Qt.Checked]
 
     def settings(self):
+        """The decoding settings chosen in the panel, as the engine's `GenerationSettings`."""
         from reg2rg.engine.generation import GenerationSettings
 
-        return GenerationSettings(strategy=self.strategy.currentText(), max_new_tokens=self.max_tokens.value())
+        return GenerationSettings(strategy=self.strategy.currentText(), max_new_tokens=self.max_tokens.value(),
+                                  temperature=self.temperature.value(), top_k=self.top_k.value(),
+                                  top_p=self.top_p.value(), seed=None if self.seed.value() < 0 else self.seed.value(),
+                                  num_beams=self.num_beams.value())
 
     def generate(self, regions: list[str] | None = None, regenerate: str | None = None) -> None:
         """Draft the report (or one region's section); loads the engine first when needed."""
@@ -351,7 +446,7 @@ class DraftPanel(QWidget):
             return
         if self.engine is None:
             self._set_busy(True, "Loading the model…")
-            loader = EngineLoader(self.model_dir, self.device.currentText())
+            loader = EngineLoader(self.model_choice, self.device.currentText())
             self._after_load = (regions, regenerate)
             loader.loaded.connect(self._on_engine_loaded)      # bound: queued onto the GUI thread
             loader.failed.connect(self._on_failed)

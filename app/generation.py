@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+from dataclasses import dataclass
+from pathlib import Path
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
@@ -44,26 +46,63 @@ def describe_engine_error(exc: BaseException) -> str:
         else f"{type(exc).__name__}: {text}"
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model drafts: the embedded demo model, a model folder, or the published checkpoint + LLaMA."""
+
+    kind: str = "demo"                       # demo | folder | published
+    path: str | None = None                  # the model folder (kind "folder")
+    checkpoint: str | None = None            # the published checkpoint file (kind "published")
+    llm_path: str | None = None              # the local LLaMA folder (kind "published")
+
+    def describe(self, full: bool = False) -> str:
+        name = (lambda p: str(p) if full else Path(p).name)
+        if self.kind == "folder":
+            return name(self.path)
+        if self.kind == "published":
+            return f"{name(self.checkpoint)} + {name(self.llm_path)}"
+        return "embedded demo"
+
+    def where(self) -> str:
+        """What to name in an error message: the folder or files that failed to load."""
+        if self.kind == "folder":
+            return str(self.path)
+        if self.kind == "published":
+            return f"{self.checkpoint} with LLaMA folder {self.llm_path}"
+        return "the embedded demo model"
+
+    def load(self, device: str = "auto"):
+        from reg2rg.engine.generation import ReportEngine
+
+        if self.kind == "published":
+            return ReportEngine.from_published(self.checkpoint, self.llm_path, device=device)
+        return ReportEngine.load(self.path if self.kind == "folder" else None, device=device)
+
+
 class EngineLoader(QObject):
-    """Loads a ReportEngine (model folder or None for the demo model) on a worker thread."""
+    """Loads a ReportEngine (a `ModelChoice`, a model folder, or None for the demo model) on a worker thread."""
 
     loaded = Signal(object)
     failed = Signal(str)
     done = Signal()
 
-    def __init__(self, model_dir: str | None = None, device: str = "auto") -> None:
+    def __init__(self, model: ModelChoice | str | None = None, device: str = "auto") -> None:
         super().__init__()
-        self.model_dir, self.device = model_dir, device
+        if not isinstance(model, ModelChoice):
+            model = ModelChoice("folder", str(model)) if model else ModelChoice()
+        self.model, self.device = model, device
 
     @Slot()
     def run(self) -> None:
         try:
-            from reg2rg.engine.generation import ReportEngine
-
-            engine = ReportEngine.load(self.model_dir, device=self.device)
+            engine = self.model.load(self.device)
         except Exception as exc:  # noqa: BLE001 - shown to the user, the app stays open
             logger.debug("engine load failed:\n%s", traceback.format_exc())
-            self.failed.emit(describe_engine_error(exc))
+            message = describe_engine_error(exc)
+            where = self.model.where()
+            if self.model.kind == "folder" and str(Path(self.model.path).name) not in message:
+                message = f"{where}: {message}"
+            self.failed.emit(f"Could not load the model ({where}):\n{message}")
         else:
             self.loaded.emit(engine)
         finally:

@@ -185,3 +185,96 @@ def test_export_text_json_pdf(panel, tmp_path):
     assert data["sections"][0]["tokens"][0]["prob"] == pytest.approx(1 - 5 / 40)  # 6th word: "The" and "edits" in data
     pdf = panel.export(tmp_path / "r.pdf")
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
+
+
+def test_confidence_threshold_counts_tooltips_and_grounding_marks(panel, screenshot_dir):
+    panel._restore(ReportDraft.from_result(make_result(), panel.document.study), "")
+    heart, bone = panel.section_editor(0), panel.section_editor(2)
+    # the bone section's text names the lung: marked in its header and its frame
+    assert bone.property("grounding_mismatch") and "⚠" in bone.header.text() and "lung" in bone.header.text()
+    assert not heart.property("grounding_mismatch") and "⚠" not in heart.header.text()
+    panel.colour_box.setChecked(True)
+    for pct in (80, 70):
+        panel.threshold.setValue(pct)
+        low = [t for t in bone.section.tokens if t.prob < pct / 100 and t.text.strip()]
+        assert low, "the known-answer probabilities fall below both thresholds in the bone section"
+        assert len(bone.editor.extraSelections()) == len(low)
+        assert f"{len(low)} low-confidence" in bone.header.text()
+        assert bone.low_label.text().startswith(f"{len(low)} word(s) below {pct}%")
+        # the lowest-confidence word is listed first
+        lowest = min(low, key=lambda t: t.prob)
+        assert f"{lowest.text.strip()} ({lowest.prob:.0%})" in bone.low_label.text().split("lowest:")[1].split(",")[0]
+    assert panel.threshold_label.text() == "70%"
+    panel.colour_box.setChecked(False)
+    assert bone.editor.extraSelections() == []
+    # hovering a word: its probability and the model's alternatives
+    from PySide6.QtWidgets import QApplication
+
+    QApplication.processEvents()                      # lay the section editors out
+    tok = heart.section.tokens[2]
+    cur = heart.editor.textCursor()
+    cur.setPosition(tok.start + 2)
+    tip = heart.tooltip_at(heart.editor.cursorRect(cur).center())
+    assert tok.text.strip() in tip and f"{tok.prob:.1%}" in tip and "top alternatives" in tip and "1.0%" in tip
+    panel.grab().save(str(screenshot_dir / "draft_confidence.png"))
+
+
+def test_decoding_settings_reach_the_engine_settings(panel):
+    from reg2rg.engine.generation import GenerationSettings
+
+    assert panel.settings() == GenerationSettings(max_new_tokens=500)     # the published defaults
+    panel.settings_button.setChecked(True)
+    assert panel.settings_box.isVisible() and not panel.temperature.isEnabled()
+    panel.strategy.setCurrentText("sample")
+    assert panel.temperature.isEnabled() and not panel.num_beams.isEnabled()
+    panel.temperature.setValue(0.7)
+    panel.top_k.setValue(0)
+    panel.top_p.setValue(0.9)
+    panel.seed.setValue(1234)
+    panel.max_tokens.setValue(64)
+    s = panel.settings()
+    assert (s.strategy, s.temperature, s.top_k, s.top_p, s.seed, s.max_new_tokens) == ("sample", 0.7, 0, 0.9, 1234, 64)
+    s.validate()
+    panel.seed.setValue(-1)
+    assert panel.settings().seed is None and panel.seed.text() == "random"
+    panel.strategy.setCurrentText("beam")
+    panel.num_beams.setValue(3)
+    assert panel.settings().num_beams == 3 and panel.settings().strategy == "beam"
+
+
+def test_sampling_with_a_seed_is_reproducible_through_the_panel(qtbot, panel, engine):
+    panel.set_engine(engine)
+    panel.strategy.setCurrentText("sample")
+    panel.seed.setValue(7)
+    panel.max_tokens.setValue(10)
+    texts = []
+    for _ in range(2):
+        with qtbot.waitSignal(panel.generationFinished, timeout=60000):
+            panel.generate(regions=["heart"])
+        texts.append(panel.stream.toPlainText())
+        assert panel.draft.settings["seed"] == 7 and panel.draft.settings["strategy"] == "sample"
+    assert texts[0] == texts[1] and texts[0]
+
+
+@pytest.mark.parametrize("what", ["missing", "broken", "published"])
+def test_model_load_errors_name_the_folder_and_the_app_stays_usable(qtbot, panel, tmp_path, what):
+    from reg2rg.app.generation import ModelChoice
+
+    if what == "missing":
+        choice = ModelChoice("folder", str(tmp_path / "no_such_model"))
+    elif what == "broken":
+        (tmp_path / "broken_model").mkdir()
+        (tmp_path / "broken_model" / "config.json").write_text("{ not json", encoding="utf-8")
+        choice = ModelChoice("folder", str(tmp_path / "broken_model"))
+    else:
+        choice = ModelChoice("published", checkpoint=str(tmp_path / "reg2rg.pth"), llm_path=str(tmp_path / "llama"))
+    panel.set_model(choice)
+    assert panel.model_label.text() == f"Model: {choice.describe()}"
+    errors = []
+    panel.errorOccurred.connect(errors.append)
+    panel.generate()
+    qtbot.waitUntil(lambda: bool(errors), timeout=30000)
+    name = {"missing": "no_such_model", "broken": "broken_model", "published": "reg2rg.pth"}[what]
+    assert name in errors[0] and "Could not load the model" in errors[0] and "Traceback" not in errors[0]
+    assert panel.engine is None and panel.can_generate() and panel.generate_button.isEnabled()
+    assert panel.document.study is not None
