@@ -197,6 +197,23 @@ def _load_mask_image(path: Path):
     return data, img.affine
 
 
+def _load_binary_mask(path: Path, messages: list[str]):
+    """A mask file as a bool array and its affine; 0/1 files take the lean slab-by-slab path."""
+    import nibabel as nib
+
+    from .niftiread import read_binary_mask
+
+    try:
+        img = nib.load(str(path))
+        mask = read_binary_mask(img, path)
+    except Exception as exc:  # nibabel / the inflater raise many types on a broken file
+        raise StudyError(path, f"cannot read the mask file ({type(exc).__name__}: {exc})") from exc
+    if mask is not None:
+        return mask, img.affine
+    data, affine = _load_mask_image(path)
+    return _to_binary(data, path, messages), affine
+
+
 def _to_binary(data: np.ndarray, path: Path, messages: list[str]) -> np.ndarray:
     """A boolean mask from a mask array, with a warning when the values are not just 0 and 1."""
     if data.dtype == bool:
@@ -276,8 +293,7 @@ def _read_mask_folder(folder: Path, ct_shape, ct_affine, messages: list[str]):
                 warn(messages, path, f"unknown region name '{name}'; ignored (expected one of {', '.join(REGIONS)} "
                      "or a TotalSegmentator structure)")
                 continue
-        data, affine = _load_mask_image(path)
-        mask = _to_binary(data, path, messages)
+        mask, affine = _load_binary_mask(path, messages)
         mask = _onto_ct_grid(mask, affine, path, ct_shape, ct_affine, messages)
         _add(masks, sources, region, mask, str(path))
     return masks, sources, totalseg

@@ -15,6 +15,7 @@ import numpy as np
 from .dicom import is_dicom_folder, list_dicom_series, read_dicom_series, SeriesInfo  # noqa: F401 (re-export)
 from .errors import StudyError, warn
 from .masks import read_region_masks
+from .niftiread import read_raw_voxels
 from .study import Study
 
 __all__ = ["read_study", "read_volume", "read_masks", "write_study", "list_dicom_series", "SeriesInfo"]
@@ -35,7 +36,9 @@ def _study_name(path: Path) -> str:
 def _scaled_voxels(img, path: Path) -> np.ndarray:
     """Voxels with the NIfTI scaling applied, kept int16 whenever the values allow (never float64)."""
     proxy = img.dataobj
-    raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+    raw = read_raw_voxels(img, path)   # fast path: ISA-L inflate straight into the array
+    if raw is None:
+        raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
     slope = float(getattr(proxy, "slope", 1.0) or 1.0)
     inter = float(getattr(proxy, "inter", 0.0) or 0.0)
     if slope == 1.0 and inter == 0.0:
