@@ -67,17 +67,30 @@ def preprocess_settings(input_size: Sequence[int], orientation: str | None) -> d
             "orientation": orientation, "preprocess": _preprocess_source_digest()}
 
 
-def cache_key(record: StudyRecord, settings: dict[str, Any]) -> str:
-    """SHA-256 over the volume bytes, the mask files (names and bytes) and the settings."""
+def content_digest(path: str, memo_dir: Path | None = None) -> str:
+    """SHA-256 of a file's bytes. With ``memo_dir``, remembered under the file's (path, size, mtime) so
+    a new run does not re-read every unchanged volume just to find its cache entry."""
+    if memo_dir is None:
+        return _file_digest(path).hexdigest()
+    st = os.stat(path)
+    stamp = hashlib.sha1(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    memo = memo_dir / "digests" / stamp[:2] / stamp
+    if memo.is_file():
+        return memo.read_text(encoding="ascii").strip()
+    digest = _file_digest(path).hexdigest()
+    _atomic_write(memo, lambda tmp: Path(tmp).write_text(digest, encoding="ascii"))
+    return digest
+
+
+def cache_key(record: StudyRecord, settings: dict[str, Any], memo_dir: Path | None = None) -> str:
+    """SHA-256 over the volume's content, the mask files (names and content) and the settings."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    h.update(b"volume\0")
-    _file_digest(record.volume, h)
+    h.update(b"volume\0" + content_digest(record.volume, memo_dir).encode())
     if record.masks and os.path.isdir(record.masks):
         for name in sorted(os.listdir(record.masks)):
             path = os.path.join(record.masks, name)
             if os.path.isfile(path):
-                h.update(b"\0mask\0" + name.encode() + b"\0")
-                _file_digest(path, h)
+                h.update(b"\0mask\0" + name.encode() + b"\0" + content_digest(path, memo_dir).encode())
     return h.hexdigest()
 
 
@@ -117,7 +130,7 @@ class PreprocessCache:
 
     def key(self, record: StudyRecord) -> str:
         if record.name not in self._keys:
-            self._keys[record.name] = cache_key(record, self.settings)
+            self._keys[record.name] = cache_key(record, self.settings, self.directory)
         return self._keys[record.name]
 
     def _paths(self, key: str) -> tuple[Path, Path]:

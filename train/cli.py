@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reg2rg-train", description="Fine-tune Reg2RG (torchrun + DeepSpeed ZeRO, or one process). "
         "With 'prepare' first, only build the pre-processing cache.",
-        usage="reg2rg-train [prepare] --config CONFIG [--resume] [--workers N] [--section.key value ...]",
+        usage="reg2rg-train [prepare] --config CONFIG [--resume] [--workers N] [--section.key value ...]\n"
+              "       reg2rg-train export RUN_DIR OUT_DIR [--checkpoint DIR]",
         epilog=EPILOG)
     parser.add_argument("--config", required=False, default=None,
                         help="a YAML/JSON training config, or a packaged preset name")
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "prepare") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "prepare", "export") else "train"
+    if command == "export":
+        return _export(argv)
     args, rest = parser.parse_known_args(argv)
     if args.config is None:
         parser.error("--config is required (a YAML/JSON file or one of: " + ", ".join(PRESETS) + ")")
@@ -79,6 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConfigError, DatasetError, ConfigError, TokenizerError, StudyError) as err:
         print(f"reg2rg-train: error: {err}", file=sys.stderr)
         return 2
+
+
+def _export(argv: list[str]) -> int:
+    """``reg2rg-train export RUN_DIR OUT_DIR [--checkpoint DIR]``: a checkpoint in the engine's format."""
+    from .trainer import export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="reg2rg-train export",
+                                     description="Write a run's newest (or a given) checkpoint in the engine's format.")
+    parser.add_argument("run_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--checkpoint", default=None)
+    args = parser.parse_args(argv)
+    try:
+        print(f"reg2rg-train export: {export_checkpoint(args.run_dir, args.out_dir, args.checkpoint)}")
+    except TrainConfigError as err:
+        print(f"reg2rg-train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _prepare(config, workers: int | None) -> int:

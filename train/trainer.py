@@ -648,3 +648,37 @@ class Trainer:
             save_pretrained(module, self.tokenizer, final)
         _barrier()
         return final
+
+
+def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                      checkpoint: str | os.PathLike | None = None) -> Path:
+    """Write a single-process checkpoint of a run (default: its newest) in the engine's format.
+
+    Lets a model be used (viewer, ``reg2rg-generate``) while its run is still training. The model is
+    rebuilt from the run's resolved config with the same seed, so frozen parts match, then the
+    checkpoint's trainable parameters are loaded.
+    """
+    from safetensors.torch import load_file
+
+    from reg2rg.engine.checkpoint import save_pretrained
+
+    from .config import RESOLVED_CONFIG_NAME, load_train_config
+
+    run_dir = Path(run_dir)
+    config = load_train_config(str(run_dir / RESOLVED_CONFIG_NAME))
+    path = Path(checkpoint) if checkpoint else newest_checkpoint(run_dir)
+    if path is None or not (path / "trainable.safetensors").is_file():
+        raise TrainConfigError(f"{run_dir}: no single-process checkpoint to export "
+                               "(DeepSpeed runs export their final model themselves)")
+    model_config = resolve_model_config(config)
+    tokenizer = load_training_tokenizer(config, model_config)
+    model = build_model(config, model_config, tokenizer)
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise TrainConfigError(f"{path}: parameters {unknown[:5]} are not in the model of {run_dir}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    return Path(save_pretrained(model.eval(), tokenizer, out_dir))

@@ -1,0 +1,198 @@
+"""Held-out quality of the demo model on test phantoms, and of a blind control, for its MODEL_CARD.md.
+
+    .venv/bin/python scripts/eval_demo_model.py --model resources/demo_model --test runs/demo_model/data/test \
+        --out runs/demo_model/eval
+
+For every test phantom (written by ``reg2rg-phantom``, with its manifest of planted findings) the model
+drafts a report through the engine (`ReportEngine.draft`, greedy as published) twice: normally, and as a
+**blind control** whose global-image and region tokens are replaced by zeros in the prompt embeddings
+(the text, the markers and the slot structure stay). Both go through ``reg2rg-eval`` (NLG metrics, region
+prediction accuracy, CT-RATE clinical efficacy) and through a planted-finding check: a planted finding
+is found when the labeller (`train.labeller`) affirms its abnormality in the generated report (bone
+lesions: the word "lesion" in the bone section); its side is right when the generated section of its
+region names the planted side; its size is right when a size stated there is within 25% (min 3 mm)
+of the planted size. Results go to ``<out>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from reg2rg.engine.checkpoint import load_pretrained
+from reg2rg.engine.generation import GenerationSettings, ReportEngine
+from reg2rg.engine.sections import parse_sections
+from reg2rg.engine.studyio import read_study
+from reg2rg.train.labeller import ABNORMALITIES, label_report
+
+BONE_LESION = "Bone lesion"
+SIDE_WORDS = {"right": ("right",), "left": ("left",), "bilateral": ("both", "bilateral")}
+
+
+class BlindReportEngine(ReportEngine):
+    """The same model with the visual tokens (global image and every region slot) zeroed in the prompt."""
+
+    def prepare(self, study, regions=None):
+        prepared = super().prepare(study, regions)
+        ids = torch.tensor(prepared.prompt_ids)
+        visual = ids >= self.special.first_image_token                   # <image{k}> and <region{n}> rows
+        embeds = prepared.prompt_embeds.clone()                            # (1, P, hidden)
+        embeds[0, visual.to(embeds.device)] = 0.0
+        prepared.prompt_embeds = embeds
+        return prepared
+
+
+def reference_report(reports: dict[str, str], slots: dict[int, str]) -> str:
+    return "".join(f"The region {j} is {area}: {reports.get(area, '')} " for j, area in sorted(slots.items()))
+
+
+def read_reports(csv_path: Path) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            out.setdefault(row["Volumename"], {})[row["Anatomy"]] = row["Sentence"]
+    return out
+
+
+def _section_texts(report: str) -> dict[str, str]:
+    """Generated text by the area the model named (several slots naming one area are joined)."""
+    out: dict[str, str] = {}
+    for section in parse_sections(report):
+        area = section.area or ""
+        out[area] = (out.get(area, "") + " " + section.text).strip()
+    return out
+
+
+def finding_found(finding: dict, labels: dict[str, int], sections: dict[str, str]) -> bool:
+    if finding["type"] == BONE_LESION:
+        return "lesion" in sections.get("bone", "").lower()
+    return bool(labels.get(finding["type"], 0))
+
+
+def side_right(finding: dict, sections: dict[str, str]) -> bool | None:
+    side = finding.get("side")
+    if side not in SIDE_WORDS:
+        return None
+    text = sections.get(finding["region"], "").lower()
+    wanted = any(re.search(rf"\b{w}\b", text) for w in SIDE_WORDS[side])
+    others = [s for s in SIDE_WORDS if s != side and s != "bilateral" and side != "bilateral"]
+    wrong = any(re.search(rf"\b{w}\b", text) for s in others for w in SIDE_WORDS[s])
+    return wanted and not wrong
+
+
+def size_right(finding: dict, sections: dict[str, str]) -> bool | None:
+    size = finding.get("size_mm")
+    if not size:
+        return None
+    stated = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?)\s*mm", sections.get(finding["region"], ""))]
+    return any(abs(s - size) <= max(3.0, 0.25 * size) for s in stated)
+
+
+def finding_scores(studies: list[dict], preds: dict[str, str]) -> dict:
+    """Micro P/R/F1 of planted findings (by abnormality type per study), side and size correctness."""
+    kinds = list(ABNORMALITIES) + [BONE_LESION]
+    per_type = {k: {"tp": 0, "fp": 0, "fn": 0} for k in kinds}
+    side_hits = side_total = size_hits = size_total = 0
+    for study in studies:
+        pred = preds[study["volume"]]
+        labels = label_report(pred)
+        sections = _section_texts(pred)
+        planted = {f["type"] for f in study["findings"]}
+        predicted = {k for k in ABNORMALITIES if labels[k]}
+        if "lesion" in sections.get("bone", "").lower():
+            predicted.add(BONE_LESION)
+        for kind in kinds:
+            p, t = kind in predicted, kind in planted
+            per_type[kind]["tp"] += p and t
+            per_type[kind]["fp"] += p and not t
+            per_type[kind]["fn"] += t and not p
+        for finding in study["findings"]:
+            if not finding_found(finding, labels, sections):
+                continue
+            s = side_right(finding, sections)
+            if s is not None:
+                side_total += 1
+                side_hits += s
+            z = size_right(finding, sections)
+            if z is not None:
+                size_total += 1
+                size_hits += z
+    tp = sum(v["tp"] for v in per_type.values())
+    fp = sum(v["fp"] for v in per_type.values())
+    fn = sum(v["fn"] for v in per_type.values())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn,
+            "side_correct": side_hits / side_total if side_total else None, "side_checked": side_total,
+            "size_correct": size_hits / size_total if size_total else None, "size_checked": size_total,
+            "per_type": {k: v for k, v in per_type.items() if any(v.values())}}
+
+
+def run(engine: ReportEngine, studies: list[dict], test: Path, reports: dict, out_csv: Path) -> dict[str, str]:
+    settings = GenerationSettings(strategy="greedy", max_new_tokens=600)
+    preds: dict[str, str] = {}
+    with open(out_csv, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["AccNum", "GT_combined_report", "Pred_combined_report", "Region_slots"])
+        for study_info in studies:
+            study = read_study(test / study_info["path"], test / study_info["masks"])
+            result = engine.draft(study, settings=settings)
+            slots = result.slot_regions if hasattr(result, "slot_regions") else None
+            if slots is None:
+                slots = dict(enumerate(engine.select_regions(study)))
+            preds[study_info["volume"]] = result.text
+            writer.writerow([study_info["volume"], reference_report(reports[study_info["volume"]], slots), result.text,
+                             json.dumps({str(k): v for k, v in slots.items()})])
+    return preds
+
+
+def reg2rg_eval(csv_path: Path, out: Path) -> dict:
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([str(bin_dir / "reg2rg-eval"), str(csv_path), "--out", str(out), "--by-region",
+                    "--format", "json", "--no-progress"], check=True, capture_output=True, text=True)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resources/demo_model")
+    p.add_argument("--test", required=True, help="reg2rg-phantom output folder of the test split")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    test, out = Path(args.test), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    studies = json.loads((test / "manifest.json").read_text())["studies"][: args.limit]
+    reports = read_reports(test / "reports.csv")
+    model, tokenizer = load_pretrained(args.model)
+    summary = {"model": args.model, "test": str(test), "n_studies": len(studies)}
+    for name, engine_cls in (("model", ReportEngine), ("blind_control", BlindReportEngine)):
+        t0 = time.perf_counter()
+        preds = run(engine_cls(model, tokenizer), studies, test, reports, out / f"{name}_predictions.csv")
+        metrics = reg2rg_eval(out / f"{name}_predictions.csv", out / f"{name}_eval")
+        summary[name] = {
+            "seconds_per_report": (time.perf_counter() - t0) / max(len(studies), 1),
+            "region_prediction_accuracy": metrics.get("region_prediction_accuracy"),
+            "findings": finding_scores(studies, preds),
+            "nlg": {k: metrics[k] for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2",
+                                            "ROUGE-L", "CIDEr") if k in metrics},
+            "clinical_efficacy": metrics.get("clinical_efficacy"),
+        }
+        print(name, json.dumps({k: v for k, v in summary[name].items() if k != "clinical_efficacy"})[:2000], flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
