@@ -5,6 +5,8 @@
 #   2. a small BPE tokenizer trained on the training reports and the prompt (engine.tokens.train_tokenizer)
 #   3. reg2rg-train --config demo  (one process; resumable: re-running continues from the last checkpoint)
 #   4. export the final model to resources/demo_model/ with its config, training log and seeds
+#   5. held-out evaluation on the test phantoms, with a blind control (scripts/eval_demo_model.py);
+#      the numbers go to resources/demo_model/eval_summary.json (quoted in its MODEL_CARD.md)
 #
 # Usage:  scripts/train_demo_model.sh [WORK_DIR]        (default: runs/demo_model)
 # Knobs (environment): TRAIN_CHUNKS N_VAL N_TEST SEED STEPS THREADS EXTRA (more --key value overrides)
@@ -29,28 +31,28 @@ OUT=resources/demo_model
 export OMP_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$WORK"
 
-phantoms() {  # folder n seed0
-  local dir="$WORK/data/$1"
+phantoms() {  # folder (under $WORK) n seed0
+  local dir="$WORK/$1"
   if [ ! -f "$dir/manifest.json" ]; then
     rm -rf "$dir"
-    "$BIN/reg2rg-phantom" --out "$dir" --n "$2" --seed "$3" > "$WORK/data/$1.log" 2>&1 \
-      || echo "reg2rg-phantom failed for $1 (see $WORK/data/$1.log); its studies are left out"
+    "$BIN/reg2rg-phantom" --out "$dir" --n "$2" --seed "$3" > "$dir.log" 2>&1 \
+      || echo "reg2rg-phantom failed for $1 (see $dir.log); its studies are left out"
   fi
 }
-echo "== 1/4 phantom studies"
+echo "== 1/5 phantom studies"
 mkdir -p "$WORK/data"
 running=0
 for chunk in $TRAIN_CHUNKS; do
-  phantoms "train_${chunk%%:*}" "${chunk##*:}" "${chunk%%:*}" &
+  phantoms "data/train_${chunk%%:*}" "${chunk##*:}" "${chunk%%:*}" &
   running=$((running + 1))
   if [ $running -ge 2 ]; then wait; running=0; fi
 done
 wait
-phantoms val "$N_VAL" "$VAL_SEED0"
-phantoms test "$N_TEST" "$TEST_SEED0"
+phantoms data/val "$N_VAL" "$VAL_SEED0"
+phantoms test "$N_TEST" "$TEST_SEED0"       # outside data/: never seen by training
 REPORTS=$(ls "$WORK"/data/train_*/reports.csv "$WORK/data/val/reports.csv" | paste -sd, -)
 
-echo "== 2/4 tokenizer"
+echo "== 2/5 tokenizer"
 if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
   "$PY" - "$WORK" "$VOCAB" <<'EOF'
 import csv, sys
@@ -70,7 +72,7 @@ print(f"tokenizer: vocab {vocab}, trained on {len(texts)} report sentences")
 EOF
 fi
 
-echo "== 3/4 reg2rg-train --config demo"
+echo "== 3/5 reg2rg-train --config demo"
 "$BIN/reg2rg-train" --config demo --resume \
   --tokenizer "$WORK/tokenizer" \
   --data.root "$WORK/data" \
@@ -80,7 +82,7 @@ echo "== 3/4 reg2rg-train --config demo"
   --output.dir "$WORK/run" \
   --train.seed "$SEED" --train.max_steps "$STEPS" --train.threads "$THREADS" ${EXTRA:-}
 
-echo "== 4/4 export to $OUT"
+echo "== 4/5 export to $OUT"
 "$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" <<'EOF'
 import json, os, shutil, sys
 work, out, seed, chunks, s_val, s_test, n_val, n_test = sys.argv[1:]
@@ -106,3 +108,7 @@ os.replace(tmp, out)
 size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
 print(f"demo model in {out}: {size / 1e6:.1f} MB")
 EOF
+
+echo "== 5/5 held-out evaluation (model and blind control)"
+"$PY" scripts/eval_demo_model.py --model "$OUT" --test "$WORK/test" --out "$WORK/eval" --threads "$THREADS"
+cp "$WORK/eval/summary.json" "$OUT/eval_summary.json"
