@@ -183,35 +183,157 @@ def _area_bounds(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     return (i * n) // m, ((i + 1) * n + m - 1) // m
 
 
-def _resize_mask(mask_crop: np.ndarray, size) -> torch.Tensor:
-    """``area`` resize of a boolean mask, computed only where the mask is.
+#: float32 holds every integer below 2**24 exactly: window sums below it are exact in the pooling
+#: kernel whatever its summation order, so an exact integer sum reproduces them bit for bit.
+_EXACT_F32 = 1 << 24
 
-    Same numbers as `_resize` (adaptive average pooling), but the window sums come from cumulative
-    sums over the mask's own bounding box: outside it every window sums to zero. Counts of 0/1 voxels
-    are exact in float32, so only the final division can round, exactly as in the pooling kernel.
+
+def _slowest_axis(arr: np.ndarray) -> int:
+    """The axis along which ``arr`` is laid out slowest: slabs across it are contiguous in memory."""
+    return int(np.argmax(np.abs(arr.strides)))
+
+
+def _window_sums(arr: np.ndarray, windows, fill_mask: np.ndarray | None = None, fill_value: int = 0) -> np.ndarray:
+    """Exact integer sums of ``arr`` over every box windows[0] x windows[1] x windows[2].
+
+    ``windows[a] = (lo, hi)``: start/stop index arrays along axis a. Voxels where ``fill_mask`` is
+    False count as ``fill_value``. The slowest axis is summed first, one output slab at a time, so
+    the input is read once in memory order and no full-size temporary is made; the two other axes
+    are then summed the same way on the much smaller result.
     """
-    size = tuple(size)
+    first = _slowest_axis(arr)
+    out = _sum_along(arr, first, *windows[first], fill_mask=fill_mask, fill_value=fill_value)
+    for axis in sorted((a for a in range(3) if a != first), key=lambda a: -abs(out.strides[a])):
+        out = _sum_along(out, axis, *windows[axis])
+    return out
+
+
+def _sum_along(arr: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray,
+               fill_mask: np.ndarray | None = None, fill_value: int = 0) -> np.ndarray:
+    """int32 sums of ``arr`` over the windows [lo[j], hi[j]) along ``axis``, one output slab per window.
+
+    Summing slabs across an axis adds whole contiguous rows; summing along the fastest-varying axis
+    would run one tiny reduction per window and row, so such an (already reduced, small) array is
+    first laid out with that axis slowest.
+    """
+    if fill_mask is None and arr.shape[axis] > 1 and abs(arr.strides[axis]) == min(abs(st) for st in arr.strides):
+        arr = np.moveaxis(np.ascontiguousarray(np.moveaxis(arr, axis, 0)), 0, axis)
+    shape = list(arr.shape)
+    shape[axis] = len(lo)
+    # output slabs laid out like the input slabs they sum (F order for NIfTI voxels)
+    out = np.empty(shape, dtype=np.int32, order="F" if abs(arr.strides[0]) < abs(arr.strides[-1]) else "C")
+    index: list = [slice(None)] * 3
+    for j, (a, b) in enumerate(zip(lo, hi)):
+        index[axis] = slice(int(a), int(b))
+        slab = arr[tuple(index)]
+        m = None if fill_mask is None else fill_mask[tuple(index)]
+        index[axis] = j
+        part = out[tuple(index)]
+        if m is None:
+            np.sum(slab, axis=axis, dtype=np.int32, out=part)
+        else:
+            # sum of where(m, x, fill) = sum(x * m) + fill * (voxels - sum(m)): integer-exact, and far
+            # faster than materialising the where (a data-dependent select per voxel)
+            np.sum(slab * m, axis=axis, dtype=np.int32, out=part)
+            part += fill_value * (int(b - a) - np.sum(m, axis=axis, dtype=np.int32))
+    return out
+
+
+def _mean_of_sums(sums: np.ndarray, counts, order) -> np.ndarray:
+    """``sums / k_a / k_b / k_c`` in float32, dividing along the axes in ``order`` like the pooling kernel."""
+    mean = sums.astype(np.float32)
+    for axis in order:
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        mean /= np.asarray(counts[axis], dtype=np.float32).reshape(shape)
+    return mean
+
+
+def _max_abs(dtype: np.dtype) -> int:
+    if dtype == np.bool_:
+        return 1
+    info = np.iinfo(dtype)
+    return max(abs(int(info.min)), int(info.max))
+
+
+def _resize_exact(arr: np.ndarray, size, fill_mask: np.ndarray | None = None,
+                  fill_value: int = 0) -> torch.Tensor | None:
+    """`_resize` of an integer crop (optionally ``where(fill_mask, arr, fill_value)``) by exact window sums.
+
+    Returns the very float32 numbers of MONAI's ``area`` resize (`_resize`) without a float copy of the
+    crop, or None when they may not be exact (non-integer voxels, or windows whose sums could pass
+    2**24) and the caller must use `_resize`.
+    """
+    if arr.dtype.kind not in "biu":
+        return None
+    size = tuple(int(s) for s in size)
+    bounds = [_area_bounds(n, m) for n, m in zip(arr.shape, size)]
+    window = int(np.prod([int((end - start).max()) for start, end in bounds]))
+    if window * max(_max_abs(arr.dtype), abs(fill_value)) >= _EXACT_F32:
+        return None
+    sums = _window_sums(arr, bounds, fill_mask, fill_value)                 # (H, W, D) int
+    # `_resize` hands the pooling kernel a (Z, Y, X) view of Fortran-ordered crops: it divides by the
+    # window lengths in that axis order; keep it so that every float matches.
+    order = (2, 1, 0) if arr.strides[0] < arr.strides[-1] else (0, 1, 2)
+    mean = _mean_of_sums(sums, [end - start for start, end in bounds], order)
+    return torch.from_numpy(np.ascontiguousarray(mean))[None]              # (1, H, W, D)
+
+
+def _resize_mask(mask: np.ndarray, crop: Box, size, mask_box: Box | None = None) -> torch.Tensor:
+    """``area`` resize of ``mask[crop]`` (a boolean mask), computed only where the mask is.
+
+    Same numbers as `_resize` of the float mask, but the window sums come only from the part of the
+    crop inside the mask's bounding box ``mask_box`` (found when not given): outside it every window
+    sums to zero. Counts of 0/1 voxels are exact, so only the divisions round, as in the pooling kernel.
+    """
+    size = tuple(int(s) for s in size)
     out = torch.zeros(size, dtype=torch.float32)
-    box = _bbox(mask_crop)
-    if box is None:
+    if mask_box is None:
+        mask_box = _bbox(mask)
+        if mask_box is None:
+            return out[None]
+    # the mask's box inside the crop, in crop coordinates
+    b0 = [max(m0, c0) - c0 for m0, c0 in zip(mask_box[0], crop[0])]
+    b1 = [min(m1, c1) - c0 for m1, c1, c0 in zip(mask_box[1], crop[1], crop[0])]
+    if any(a >= b for a, b in zip(b0, b1)):
         return out[None]
-    arr = mask_crop[_slices(box)]
-    sel_ranges, counts = [], []
+    windows, sel_ranges, counts = [], [], []
     for axis in range(3):
-        start, end = _area_bounds(mask_crop.shape[axis], size[axis])
-        b0, b1 = box[0][axis], box[1][axis]
-        sel = np.flatnonzero((start < b1) & (end > b0))           # outputs whose window meets the box
-        lo, hi = np.clip(start[sel] - b0, 0, b1 - b0), np.clip(end[sel] - b0, 0, b1 - b0)
-        csum = np.cumsum(arr, axis=axis, dtype=np.float32)
-        pad = [(0, 0)] * 3
-        pad[axis] = (1, 0)
-        csum = np.pad(csum, pad)                                   # leading zero: window sum = C[hi] - C[lo]
-        arr = np.take(csum, hi, axis=axis) - np.take(csum, lo, axis=axis)
+        start, end = _area_bounds(crop[1][axis] - crop[0][axis], size[axis])
+        sel = np.flatnonzero((start < b1[axis]) & (end > b0[axis]))         # outputs whose window meets the box
+        lo = np.clip(start[sel] - b0[axis], 0, b1[axis] - b0[axis])
+        hi = np.clip(end[sel] - b0[axis], 0, b1[axis] - b0[axis])
+        windows.append((lo, hi))
         sel_ranges.append(slice(int(sel[0]), int(sel[-1]) + 1))
-        counts.append((end[sel] - start[sel]).astype(np.float32))
-    mean = arr / counts[0][:, None, None] / counts[1][None, :, None] / counts[2][None, None, :]
-    out[tuple(sel_ranges)] = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32))
-    return out[None]                                               # (1, H, W, D)
+        counts.append(end[sel] - start[sel])
+    inner = tuple(slice(c0 + a, c0 + b) for c0, a, b in zip(crop[0], b0, b1))
+    sums = _window_sums(mask[inner], windows)                               # (h, w, d) counts
+    out[tuple(sel_ranges)] = torch.from_numpy(np.ascontiguousarray(_mean_of_sums(sums, counts, (0, 1, 2))))
+    return out[None]                                                        # (1, H, W, D)
+
+
+def _bbox_by_slabs(predicate, shape, axis: int, step: int = 16) -> Box | None:
+    """Bounding box of ``predicate(index)`` (a bool slab for the index tuple), evaluated ``step``
+    slices at a time across ``axis``: only slab-sized temporaries, never a full-size boolean volume."""
+    other = tuple(a for a in range(3) if a != axis)
+    plane = np.zeros([shape[a] for a in other], dtype=bool)                 # projection onto the other axes
+    hits: list[int] = []
+    index: list = [slice(None)] * 3
+    for s in range(0, shape[axis], step):
+        index[axis] = slice(s, min(shape[axis], s + step))
+        slab = predicate(tuple(index))
+        along = slab.any(axis=other)                                         # (k,) slices holding a voxel
+        if along.any():
+            hits.extend((s + np.flatnonzero(along)).tolist())
+            plane |= slab.any(axis=axis)
+    if not hits:
+        return None
+    start, stop = [0, 0, 0], [0, 0, 0]
+    start[axis], stop[axis] = hits[0], hits[-1] + 1
+    for a, proj_axis in zip(other, (1, 0)):
+        idx = np.flatnonzero(plane.any(axis=proj_axis))
+        start[a], stop[a] = int(idx[0]), int(idx[-1]) + 1
+    return tuple(start), tuple(stop)  # type: ignore[return-value]
 
 
 def _intensity(t: torch.Tensor) -> torch.Tensor:
@@ -245,13 +367,14 @@ def preprocess(study: Study, input_size=PUBLISHED_INPUT_SIZE, orientation: str |
     input_size = tuple(int(s) for s in input_size)
     messages: list[str] = []
     vol, masks, ornt = _orient(study, orientation)
-    foreground = vol > FOREGROUND_HU                                           # (X, Y, Z) bool
-    box = _bbox(foreground)
+    # no full-size boolean volume: the foreground is evaluated slab by slab where needed
+    box = _bbox_by_slabs(lambda ix: vol[ix] > FOREGROUND_HU, vol.shape, _slowest_axis(vol))
     if box is None:
         raise StudyError(study.source or study.name, f"no voxel above {FOREGROUND_HU} HU: nothing to crop "
                          "(is the volume in Hounsfield units?)")
     crop = _slices(box)
-    image = _intensity(_resize(vol[crop], input_size))
+    resized = _resize_exact(vol[crop], input_size)
+    image = _intensity(resized if resized is not None else _resize(vol[crop], input_size))
 
     wanted = REGIONS if regions is None else tuple(r for r in REGIONS if r in set(regions))
     out_regions: dict[str, torch.Tensor] = {}
@@ -267,16 +390,21 @@ def preprocess(study: Study, input_size=PUBLISHED_INPUT_SIZE, orientation: str |
         # The reference crops volume*mask (outside = -1024) at > -1000: its box is that of
         # mask & foreground, which lies inside the mask's own box.
         msl = _slices(mbox)
-        inner = _bbox(mask[msl] & foreground[msl])
+        mvol, mmask = vol[msl], mask[msl]
+        inner = _bbox_by_slabs(lambda ix: mmask[ix] & (mvol[ix] > FOREGROUND_HU), mmask.shape, _slowest_axis(mvol))
         if inner is None:
             warn(messages, study.source or study.name, f"region '{region}': no voxel of its mask is above "
                  f"{FOREGROUND_HU} HU; region skipped")
             continue
         rbox: Box = (tuple(a + o for a, o in zip(inner[0], mbox[0])), tuple(b + o for b, o in zip(inner[1], mbox[0])))  # type: ignore[assignment]
         rsl = _slices(rbox)
-        masked = np.where(mask[rsl], vol[rsl].astype(np.float32), np.float32(OUTSIDE_REGION_HU))
-        out_regions[region] = _intensity(_resize(masked, input_size))
-        out_masks[region] = _resize_mask(mask[crop], input_size)              # (1, H, W, D), soft
+        # volume * mask with -1024 outside, masked slab by slab inside the region's own box
+        resized = _resize_exact(vol[rsl], input_size, fill_mask=mask[rsl], fill_value=OUTSIDE_REGION_HU)
+        if resized is None:
+            masked = np.where(mask[rsl], vol[rsl].astype(np.float32), np.float32(OUTSIDE_REGION_HU))
+            resized = _resize(masked, input_size)
+        out_regions[region] = _intensity(resized)
+        out_masks[region] = _resize_mask(mask, box, input_size, mbox)          # (1, H, W, D), soft
         region_boxes[region] = rbox
 
     geometry = Geometry(

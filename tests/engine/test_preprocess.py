@@ -171,3 +171,48 @@ def test_model_inputs_pickle(tmp_path):
     assert back.geometry.box == ours.geometry.box
     assert np.allclose(back.geometry.to_original([[1, 2, 3]]), ours.geometry.to_original([[1, 2, 3]]))
     assert torch.equal(back.image, ours.image)
+
+
+# --------------------------------------------------------------------------------------------
+# The exact window-sum resize gives the pooling kernel's very floats (no float copy of the crop)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, size", [
+    ((37, 29, 23), (16, 12, 8)),      # shrink, uneven overlapping windows
+    ((20, 13, 9), (32, 13, 17)),      # enlarge, same size, windows of one or two voxels
+    ((41, 8, 30), (41, 25, 7)),
+])
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_exact_resize_is_bitwise_the_area_resize(shape, size, order):
+    from reg2rg.engine.preprocess import OUTSIDE_REGION_HU, _resize, _resize_exact
+
+    rng = np.random.default_rng(sum(shape) + len(order))
+    vol = np.asarray(rng.integers(-1024, 3071, size=shape), dtype=np.int16, order=order)
+    mask = np.asarray(rng.random(shape) > 0.4, order=order)
+    assert torch.equal(_resize_exact(vol, size), _resize(vol, size))
+    masked = np.where(mask, vol.astype(np.float32), np.float32(OUTSIDE_REGION_HU))
+    fast = _resize_exact(vol, size, fill_mask=mask, fill_value=OUTSIDE_REGION_HU)
+    assert fast.shape == (1, *size) and fast.is_contiguous()
+    assert torch.equal(fast, _resize(masked, size))
+
+
+def test_exact_resize_declines_floats_and_inexact_sums():
+    from reg2rg.engine.preprocess import _resize_exact
+
+    assert _resize_exact(np.zeros((8, 8, 8), np.float32), (4, 4, 4)) is None
+    # 2**24 / 32768 = 512-voxel windows could sum past float32's exact integers
+    assert _resize_exact(np.zeros((64, 64, 64), np.int16), (8, 8, 8)) is None
+
+
+@pytest.mark.parametrize("mask_box", [((3, 2, 0), (30, 11, 9)), ((0, 0, 0), (40, 31, 12)), ((39, 30, 11), (40, 31, 12))])
+def test_mask_resize_from_its_box_is_bitwise_the_area_resize(mask_box):
+    from reg2rg.engine.preprocess import _resize, _resize_mask
+
+    rng = np.random.default_rng(7)
+    mask = np.zeros((40, 31, 12), bool, order="F")
+    inside = tuple(slice(a, b) for a, b in zip(*mask_box))
+    mask[inside] = rng.random(mask[inside].shape) > 0.3
+    crop = ((2, 1, 1), (37, 31, 12))
+    ref = _resize(mask[tuple(slice(a, b) for a, b in zip(*crop))].astype(np.float32), (16, 20, 5))
+    assert torch.equal(_resize_mask(mask, crop, (16, 20, 5), mask_box), ref)
+    assert torch.equal(_resize_mask(mask, crop, (16, 20, 5)), ref)
