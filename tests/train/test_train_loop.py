@@ -149,3 +149,25 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
     step = int(kept[-1].name.split("-")[1])
     assert f"checkpoint-{step:07d}" in proc.stderr
     assert not (out / "final").exists()
+
+
+def test_export_writes_a_checkpoint_the_engine_loads(phantoms, tmp_path):
+    from safetensors.torch import load_file
+
+    from reg2rg.engine.checkpoint import load_pretrained
+
+    root, csv_path, _ = phantoms
+    out = tmp_path / "run"
+    cmd = _train_cmd(root, csv_path, out, **{"train.max_steps": 2, "output.save_steps": 1})
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    first = list_checkpoints(out)[0]
+    assert first.name == "checkpoint-0000001"
+    proc = subprocess.run([str(BIN / "reg2rg-train"), "export", str(out), str(tmp_path / "exported"),
+                           "--checkpoint", str(first)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model, _ = load_pretrained(tmp_path / "exported")
+    saved = load_file(str(first / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    assert saved and all(torch.equal(params[name], value) for name, value in saved.items())
+    final, _ = load_pretrained(out / "final")               # step 2 differs from step 1
+    assert any(not torch.equal(p, params[n]) for n, p in final.named_parameters())
