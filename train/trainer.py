@@ -625,10 +625,58 @@ class Trainer:
             count += 1
         loss_sum, acc_sum, count = _all_sum([loss_sum, acc_sum, count])
         result = {"val_loss": loss_sum / max(count, 1), "val_token_accuracy": acc_sum / max(count, 1)}
+        if self.config.train.val_metrics:
+            result.update(self._generation_metrics())
         if self.rank == 0:
             logger.info("validation after epoch %d: loss %.4f, token accuracy %.4f", self.state.epoch - 1,
                         result["val_loss"], result["val_token_accuracy"])
         return result
+
+    @torch.no_grad()
+    def _generation_metrics(self) -> dict[str, float]:
+        """Draft the validation reports (greedy, as published) on rank 0 and score them with
+        reg2rg-eval's metrics and the region prediction accuracy. Skipped under ZeRO-3, where no rank
+        holds the whole model."""
+        stage = self.engine.zero_optimization_stage() if self.engine is not None else 0
+        out: dict[str, float] = {}
+        if stage == 3:
+            if self.rank == 0:
+                logger.info("validation metrics skipped: ZeRO-3 shards the model (validation loss only)")
+            return out
+        if self.rank == 0:
+            import warnings
+
+            from reg2rg.engine.errors import StudyWarning
+            from reg2rg.engine.generation import GenerationSettings, ReportEngine
+            from reg2rg.engine.sections import strip_region_prefixes
+            from reg2rg.engine.studyio import read_study
+
+            from .metrics import compute_metrics
+
+            module = self.engine.module if self.engine is not None else self.model
+            engine = ReportEngine(module, self.tokenizer)
+            refs, preds, region_acc = [], [], []
+            for record in self.val_set.records:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", StudyWarning)
+                    study = read_study(record.volume, record.masks)
+                chosen = [r for r in engine.select_regions(study) if r in record.reports]
+                if not chosen:
+                    continue
+                result = engine.draft(study, chosen, GenerationSettings(max_new_tokens=self.model_config.max_length))
+                reference = "".join(f"The region {j} is {area}: {record.reports[area]} "
+                                    for j, area in sorted(result.slot_regions.items()))
+                refs.append(strip_region_prefixes(reference))
+                preds.append(strip_region_prefixes(result.text))
+                if result.region_accuracy is not None:
+                    region_acc.append(result.region_accuracy)
+            if refs:
+                scores = compute_metrics(refs, preds)
+                out = {f"val_{name}": value["mean"] for name, value in scores.items()}
+            if region_acc:
+                out["val_region_accuracy"] = sum(region_acc) / len(region_acc)
+        _barrier()
+        return out
 
     def export(self) -> Path:
         """Write the trained model in the engine's checkpoint format (``<output>/final``)."""

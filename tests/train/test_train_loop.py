@@ -171,3 +171,23 @@ def test_export_writes_a_checkpoint_the_engine_loads(phantoms, tmp_path):
     assert saved and all(torch.equal(params[name], value) for name, value in saved.items())
     final, _ = load_pretrained(out / "final")               # step 2 differs from step 1
     assert any(not torch.equal(p, params[n]) for n, p in final.named_parameters())
+
+
+def test_validation_each_epoch_with_reg2rg_eval_metrics(phantoms, tmp_path):
+    root, csv_path, names = phantoms
+    val_csv = tmp_path / "val.csv"
+    val_csv.write_text(f"Volumename\n{names[2]}.nii.gz\n")
+    out = tmp_path / "run"
+    trainer = Trainer(load_train_config("demo", _overrides(root, csv_path, out, **{
+        "data.val_split": str(val_csv), "train.epochs": 1, "train.micro_batch_size": 2,
+        "train.validate_every_epoch": True, "train.val_metrics": True,
+        "model.overrides.max_length": 600})))
+    trainer.setup()
+    assert [r.name for r in trainer.val_set.records] == [names[2]]
+    assert names[2] not in {r.name for r in trainer.train_set.records}   # held out of training
+    trainer.train()
+    val = [r for r in _log(out) if "val_loss" in r]
+    assert len(val) == 1 and val[0]["epoch"] == 0
+    assert val[0]["val_loss"] > 0 and 0 <= val[0]["val_region_accuracy"] <= 1
+    for name in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+        assert 0 <= val[0][f"val_{name}"] <= 10, name
