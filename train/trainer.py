@@ -36,7 +36,7 @@ import torch
 
 from .config import TrainConfig, TrainConfigError, deepspeed_config_dict
 from .data import (MODEL_INPUT_KEYS, DatasetError, RegionReportDataset, SkipLog, StudyRecord,
-                   collate_regions, epoch_batches, index_studies, resolve_splits, scan_volumes)
+                   collate_regions, epoch_batches, index_studies, read_reports, resolve_splits, scan_volumes)
 
 logger = logging.getLogger("reg2rg.train")
 
@@ -242,10 +242,7 @@ def prepare_data(config: TrainConfig, cache=None, workers: int = 1, log: bool = 
 
     d = config.data
     skips = SkipLog(log=log)
-    names = list(scan_volumes(d.root))
-    from .data import read_reports
-
-    names = sorted(set(names) | set(read_reports(d.reports)))
+    names = sorted(set(scan_volumes(d.root)) | set(read_reports(d.reports)))
     train_names, val_names = resolve_splits(d.train_split, d.val_split, d.split_file, names)
     train = index_studies(d.root, d.reports, train_names, d.mask_root, skips)
     val = index_studies(d.root, d.reports, val_names, d.mask_root, skips)
