@@ -88,6 +88,7 @@ def _run_method(method: str, vpath: Path, mdir: Path, size) -> dict:
         elapsed, cpu = time.perf_counter() - t0, _cpu() - c0
         n_regions = len(images) - 1
     else:
+        import nibabel  # noqa: F401  (imported before timing, as the reference's imports are)
         from reg2rg.engine.preprocess import preprocess
         from reg2rg.engine.studyio import read_study
 

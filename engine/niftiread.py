@@ -30,6 +30,8 @@ except ImportError:  # pragma: no cover - isal is a dependency; keep working wit
 CHUNK_BYTES = 4 << 20
 #: Arrays at least this large are allocated as lazily zeroed memory maps (smaller ones: np.zeros).
 _LAZY_MIN_BYTES = 1 << 20
+#: Bits that no byte equal to 0 or 1 has, in each byte of a 64-bit word.
+_HIGH_BITS = 0xFEFEFEFEFEFEFEFE
 
 
 def open_voxel_stream(path: str | os.PathLike):
@@ -142,6 +144,7 @@ def read_binary_mask(img, path: str | os.PathLike) -> np.ndarray | None:
     k = max(1, CHUNK_BYTES // max(1, per_slice * dtype.itemsize))       # slices per read
     buf = np.empty(per_slice * min(k, max(Z, 1)), dtype=dtype)
     signed = dtype.kind == "i"
+    words = dtype.itemsize == 1 and X % 8 == 0 and buf.ctypes.data % 8 == 0
     with open_voxel_stream(path) as stream:
         _skip(stream, offset)
         for z0 in range(0, Z, k):
@@ -149,11 +152,19 @@ def read_binary_mask(img, path: str | os.PathLike) -> np.ndarray | None:
             chunk = buf[: per_slice * kk]
             _read_exactly(stream, memoryview(chunk).cast("B"))
             slab = chunk.reshape((X, Y, kk), order="F")                 # (X, Y, kk)
-            rows = slab.max(axis=0)                                     # (Y, kk): which rows hold the mask
-            if (rows.size and rows.max() > 1) or (signed and slab.min() < 0):
-                return None                                             # not a 0/1 mask
-            if dtype.kind == "b":
-                rows = rows.astype(np.uint8)
+            if words:
+                # bytes seen 8 at a time: a 0/1 byte has no bit of 0xFE, and a row holds the mask
+                # iff the OR of its words is non-zero
+                w = chunk.view(np.uint64).reshape((X // 8, Y, kk), order="F")
+                rows = np.bitwise_or.reduce(w, axis=0)                  # (Y, kk)
+                if rows.size and int(np.bitwise_or.reduce(rows, axis=None)) & _HIGH_BITS:
+                    return None                                         # not a 0/1 mask
+            else:
+                rows = slab.max(axis=0)                                 # (Y, kk): which rows hold the mask
+                if (rows.size and rows.max() > 1) or (signed and slab.min() < 0):
+                    return None                                         # not a 0/1 mask
+                if dtype.kind == "b":
+                    rows = rows.astype(np.uint8)
             inside = slab.view(bool) if dtype.itemsize == 1 else slab != 0
             for j in np.flatnonzero(rows.any(axis=0)):
                 ys = np.flatnonzero(rows[:, j])

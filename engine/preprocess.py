@@ -338,7 +338,7 @@ def _bbox_by_slabs(predicate, shape, axis: int, step: int = 16) -> Box | None:
 
 def _intensity(t: torch.Tensor) -> torch.Tensor:
     """Clamp to [-1000, 200] HU, map (x + 400) / 600, and repeat to 3 channels (as a view)."""
-    t = (torch.clamp(t, HU_MIN, HU_MAX) + 400) / 600                          # (1, H, W, D)
+    t = torch.clamp(t, HU_MIN, HU_MAX).add_(400).div_(600)                    # (1, H, W, D); in place on the clamped copy
     return t.expand(3, *t.shape[1:])                                           # (3, H, W, D)
 
 

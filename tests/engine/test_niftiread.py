@@ -69,8 +69,9 @@ def test_binary_mask_is_read_sparse_and_exact(tmp_path, monkeypatch):
     (np.array([0.0, 0.5, 1.0], np.float32), {}),                  # probabilities
     (np.array([0, 1, 1], np.uint8), {"scl_slope": 2.0, "scl_inter": 0.0}),   # scaled values
 ])
-def test_binary_mask_declines_what_needs_the_general_path(tmp_path, values, header):
-    data = np.zeros((6, 5, 4), values.dtype)
+@pytest.mark.parametrize("shape", [(6, 5, 4), (16, 5, 4)])          # rows of whole 8-byte words or not
+def test_binary_mask_declines_what_needs_the_general_path(tmp_path, values, header, shape):
+    data = np.zeros(shape, values.dtype)
     data[1, 1, :3] = values
     path = _save(tmp_path / "m.nii.gz", data, **header)
     assert niftiread.read_binary_mask(nib.load(str(path)), path) is None
