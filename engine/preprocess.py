@@ -9,9 +9,12 @@ The published pipeline (MONAI, per study):
 * region mask: cropped with the *volume's* box and resized the same way (so it is soft), 1 channel.
 
 We compute the same numbers without building full-size float copies: the volume stays int16, boxes
-are found from boolean projections, each region is masked inside its own box only, and MONAI's
-``area`` resize is the very call it makes (`torch.nn.functional.interpolate(mode="area")`, an
-adaptive average pool) applied to the same float32 crop, so results match bit for bit.
+are found slab by slab, and each region is masked inside its own box only. MONAI's ``area`` resize
+is an adaptive average pool (`torch.nn.functional.interpolate(mode="area")`): a float32 sum over
+each window divided by the window's lengths. For integer voxels those sums are integers below 2**24,
+exact in float32 in any order, so we form them exactly from int16 slabs (`_window_sums`, the
+slowest-varying axis first, never a float copy of the crop) and divide like the kernel: the floats
+match bit for bit. Float volumes, or windows whose sums could be inexact, use the pooling call itself.
 """
 
 from __future__ import annotations
@@ -256,8 +259,18 @@ def _max_abs(dtype: np.dtype) -> int:
     return max(abs(int(info.min)), int(info.max))
 
 
+def _division_order(crop: np.ndarray) -> tuple[int, int, int]:
+    """Axis order in which the pooling kernel divides by the window lengths for `_resize` of ``crop``.
+
+    `_resize` hands the kernel a (Z, Y, X) view of Fortran-like crops (it divides by Z, Y, X window
+    lengths in turn), a (X, Y, Z) one otherwise. Division is not associative in floats, so the exact
+    path divides in the same order to give the same last bit.
+    """
+    return (2, 1, 0) if crop.strides[0] < crop.strides[-1] else (0, 1, 2)
+
+
 def _resize_exact(arr: np.ndarray, size, fill_mask: np.ndarray | None = None,
-                  fill_value: int = 0) -> torch.Tensor | None:
+                  fill_value: int = 0, order: tuple[int, int, int] | None = None) -> torch.Tensor | None:
     """`_resize` of an integer crop (optionally ``where(fill_mask, arr, fill_value)``) by exact window sums.
 
     Returns the very float32 numbers of MONAI's ``area`` resize (`_resize`) without a float copy of the
@@ -272,9 +285,7 @@ def _resize_exact(arr: np.ndarray, size, fill_mask: np.ndarray | None = None,
     if window * max(_max_abs(arr.dtype), abs(fill_value)) >= _EXACT_F32:
         return None
     sums = _window_sums(arr, bounds, fill_mask, fill_value)                 # (H, W, D) int
-    # `_resize` hands the pooling kernel a (Z, Y, X) view of Fortran-ordered crops: it divides by the
-    # window lengths in that axis order; keep it so that every float matches.
-    order = (2, 1, 0) if arr.strides[0] < arr.strides[-1] else (0, 1, 2)
+    order = _division_order(arr) if order is None else order
     mean = _mean_of_sums(sums, [end - start for start, end in bounds], order)
     return torch.from_numpy(np.ascontiguousarray(mean))[None]              # (1, H, W, D)
 
@@ -399,7 +410,12 @@ def preprocess(study: Study, input_size=PUBLISHED_INPUT_SIZE, orientation: str |
         rbox: Box = (tuple(a + o for a, o in zip(inner[0], mbox[0])), tuple(b + o for b, o in zip(inner[1], mbox[0])))  # type: ignore[assignment]
         rsl = _slices(rbox)
         # volume * mask with -1024 outside, masked slab by slab inside the region's own box
-        resized = _resize_exact(vol[rsl], input_size, fill_mask=mask[rsl], fill_value=OUTSIDE_REGION_HU)
+        # the float path resizes np.where(...), whose memory layout (hence division order) numpy
+        # derives from both inputs' strides: read it off the same call on a 2x2x2 corner
+        corner = tuple(slice(0, 2) for _ in range(3))
+        layout = np.where(mask[rsl][corner], vol[rsl][corner].astype(np.float32), np.float32(OUTSIDE_REGION_HU))
+        resized = _resize_exact(vol[rsl], input_size, fill_mask=mask[rsl], fill_value=OUTSIDE_REGION_HU,
+                                order=_division_order(layout))
         if resized is None:
             masked = np.where(mask[rsl], vol[rsl].astype(np.float32), np.float32(OUTSIDE_REGION_HU))
             resized = _resize(masked, input_size)

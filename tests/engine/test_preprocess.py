@@ -216,3 +216,27 @@ def test_mask_resize_from_its_box_is_bitwise_the_area_resize(mask_box):
     ref = _resize(mask[tuple(slice(a, b) for a, b in zip(*crop))].astype(np.float32), (16, 20, 5))
     assert torch.equal(_resize_mask(mask, crop, (16, 20, 5), mask_box), ref)
     assert torch.equal(_resize_mask(mask, crop, (16, 20, 5)), ref)
+
+
+@pytest.mark.parametrize("orientation", [None, "LPS", "SAL", "IRP"])
+@pytest.mark.parametrize("mask_order", ["F", "C"])
+def test_regions_bitwise_equal_the_float_path_in_any_layout(orientation, mask_order):
+    """Flipped/permuted views and mixed memory layouts: the exact path keeps the float path's last bit."""
+    from nibabel.orientations import apply_orientation
+
+    from reg2rg.engine.preprocess import OUTSIDE_REGION_HU, _intensity, _orient, _resize
+
+    rng = np.random.default_rng(11)
+    shape = (30, 26, 21)
+    vol = np.asfortranarray(rng.integers(-1100, 3000, size=shape).astype(np.int16))
+    masks = {"lung": np.asarray(rng.random(shape) > 0.5, order=mask_order)}
+    affine = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])
+    study = Study(voxels=vol, affine=affine, masks=masks)
+    size = (16, 12, 5)                                     # windows of 1..6 voxels: divisions by 3 and 5 round
+    out = preprocess(study, input_size=size, orientation=orientation)
+    ovol, omasks, _ = _orient(study, orientation)
+    rsl = tuple(slice(a, b) for a, b in zip(*out.geometry.region_boxes["lung"]))
+    masked = np.where(omasks["lung"][rsl], ovol[rsl].astype(np.float32), np.float32(OUTSIDE_REGION_HU))
+    assert torch.equal(out.regions["lung"], _intensity(_resize(masked, size)))
+    box = tuple(slice(a, b) for a, b in zip(*out.geometry.box))
+    assert torch.equal(out.image, _intensity(_resize(ovol[box], size)))
