@@ -6,8 +6,11 @@ runs each method in a fresh child process (so peak memory is that method's alone
     .venv/bin/python bench/preprocess.py            # full size (minutes)
     .venv/bin/python bench/preprocess.py --shape 128 128 60   # quick check
 
-Prints time and peak RSS per method and the ratios MONAI / ours. The MONAI reference is the one the
-equivalence test uses (tests/engine/reference_preprocess.py), so both compute the same tensors.
+Prints wall time, CPU time (user + system of the child) and peak RSS per method, and the ratios
+MONAI / ours. On a shared machine CPU time is the fairer speed measure: wall time also counts the
+time other processes hold the cores. Each method's imports are done before its clock starts. The
+MONAI reference is the one the equivalence test uses (tests/engine/reference_preprocess.py), so both
+compute the same tensors.
 """
 
 from __future__ import annotations
