@@ -207,8 +207,6 @@ class AttentionPanel(QWidget):
         self.current = None                     # AttentionMap shown now
         self.current_label = ""
         self._display_codes: np.ndarray | None = None
-        self._image = None                      # vtkImageData shared by the views
-        self._lut = None
         self._worker: AttentionWorker | None = None
         self._jobs = WorkerJobs(self)
         self._pending = None                    # the latest request made while a map was computing
@@ -369,11 +367,8 @@ class AttentionPanel(QWidget):
         except AttentionRequestError as exc:
             self._on_failed(str(exc))
             return
-        from .slice_view import image_from_array
-
         self.current, self.current_label = amap, label
         self._display_codes = codes
-        self._image = image_from_array(codes, vol.spacing)
         self.chart.set_shares(amap.shares, amap.other_share)
         layers = "all layers" if len(amap.layers) == (self._layout_info or (0,))[0] else \
             "layer" + ("s " if len(amap.layers) > 1 else " ") + ", ".join(map(str, amap.layers))
@@ -385,18 +380,16 @@ class AttentionPanel(QWidget):
 
     # -- display -----------------------------------------------------------------------------
     def _show_heatmap(self) -> None:
-        from .slice_view import _vtk_lut
-
         self.opacity_label.setText(f"{self.opacity.value()}%")
-        hidden = self.show_box.isChecked() or self._image is None
-        self._lut = _vtk_lut(colormap_table(self.colormap.currentText()), self._lut)
+        hidden = self.show_box.isChecked() or self._display_codes is None
+        table = colormap_table(self.colormap.currentText())
         for view in self.views:
-            view.set_heatmap(None if hidden else self._image, self._lut, self.opacity.value() / 100.0)
+            view.set_heatmap(None if hidden else self._display_codes, table, self.opacity.value() / 100.0)
         self.heatmapChanged.emit()
 
     def clear(self) -> None:
         """Hide the heatmap and forget the map (a new study, a new draft)."""
-        self.current, self._image, self._display_codes, self._last_request = None, None, None, None
+        self.current, self._display_codes, self._last_request = None, None, None
         self.chart.set_shares(None)
         self.selection_label.setText("No selection — select a word, a sentence (Ctrl+click) or use a "
                                      "section's “Attention” button in the draft")

@@ -155,3 +155,68 @@ def outline_bits(label_slice: np.ndarray) -> np.ndarray:
     inner[:, 0] = 0
     inner[:, -1] = 0
     return b & ~inner
+
+
+# ------------------------------------------------------------------------------------------------
+# slice compositing: the picture of one slice as RGB, built in numpy with precomputed tables
+# ------------------------------------------------------------------------------------------------
+_INT16_OFFSET = 32768
+
+
+def window_table(window: float, level: float) -> np.ndarray:
+    """(65536,) uint8 grey of every int16 HU value (index = HU + 32768) for a window/level."""
+    hu = np.arange(-_INT16_OFFSET, _INT16_OFFSET, dtype=np.float32)
+    lo = level - window / 2.0
+    return np.clip((hu - lo) * (255.0 / max(window, 1.0)) + 0.5, 0, 255).astype(np.uint8)
+
+
+def window_slice(ct_slice: np.ndarray, window: float, level: float, table: np.ndarray | None = None) -> np.ndarray:
+    """Grey uint8 of a 2D HU slice; int16 slices go through ``table`` (one gather, no arithmetic)."""
+    if ct_slice.dtype == np.int16 and table is not None:
+        # int16 -> offset binary as uint16 (x ^ 0x8000) = HU + 32768, the table index
+        return table[ct_slice.view(np.uint16) ^ np.uint16(0x8000)]
+    lo = level - window / 2.0
+    return np.clip((ct_slice.astype(np.float32) - lo) * (255.0 / max(window, 1.0)) + 0.5, 0, 255).astype(np.uint8)
+
+
+def blend_over(rgb: np.ndarray, rgba: np.ndarray, opacity: float = 1.0) -> None:
+    """``rgb`` (..., 3) uint8 <- ``rgba`` over ``rgb`` (straight alpha, times ``opacity``), in place."""
+    a = rgba[..., 3:4].astype(np.uint16)
+    if opacity < 1.0:
+        a = (a * np.uint16(round(opacity * 256))) >> 8
+    inv = np.uint16(255) - a
+    rgb[...] = ((rgb * inv + rgba[..., :3] * a + np.uint16(127)) // np.uint16(255)).astype(np.uint8)
+
+
+def compose_slice(grey: np.ndarray, labels: np.ndarray | None = None, fill_table: np.ndarray | None = None,
+                  outline_table: np.ndarray | None = None, heat: np.ndarray | None = None,
+                  heat_table: np.ndarray | None = None, heat_opacity: float = 0.0,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8: the grey CT, region fills, region outlines, then the heatmap on top.
+
+    ``labels``: region bits of the slice; ``fill_table``/``outline_table``: RGBA (1024, 4) per bit
+    combination (see `slice_view.region_lookup_table`), None to skip; ``heat``: uint8 codes into
+    ``heat_table`` (256, 4). Only the pixels a layer touches are blended (outlines are sparse).
+    """
+    rgb = out if out is not None else np.empty(grey.shape + (3,), dtype=np.uint8)
+    rgb[...] = grey[..., None]
+    if labels is not None and fill_table is not None:
+        inside = labels != 0
+        if inside.any():
+            sub = rgb[inside]                                    # (N, 3) only the labelled pixels
+            blend_over(sub, fill_table[labels[inside]])
+            rgb[inside] = sub
+    if labels is not None and outline_table is not None:
+        bits = outline_bits(labels)
+        edge = bits != 0
+        if edge.any():
+            sub = rgb[edge]
+            blend_over(sub, outline_table[bits[edge]])
+            rgb[edge] = sub
+    if heat is not None and heat_table is not None and heat_opacity > 0:
+        hot = heat_table[heat, 3] != 0
+        if hot.any():
+            sub = rgb[hot]
+            blend_over(sub, heat_table[heat[hot]], heat_opacity)
+            rgb[hot] = sub
+    return rgb

@@ -112,7 +112,7 @@ class SectionEditor(QFrame):
         self.editor.setAcceptRichText(False)
         self.editor.setPlainText(section.text)
         self.editor.setMinimumHeight(60)
-        self.editor.setMaximumHeight(140)
+        self.editor.setMaximumHeight(110)
         self.editor.viewport().installEventFilter(self)
         self.editor.textChanged.connect(lambda: self.textEdited.emit(self.section.slot, self.editor.toPlainText()))
         self.accept_button = QPushButton("Accept")
@@ -145,6 +145,19 @@ class SectionEditor(QFrame):
         self.refresh()
 
     def refresh(self) -> None:
+        self._update_header()
+        s = self.section
+        mismatch = s.slot is not None and not s.grounding_ok
+        self.setProperty("grounding_mismatch", mismatch)
+        self.setStyleSheet("SectionEditor { border: %s; }" % ("2px solid #d0603f" if mismatch else "1px solid #3b424d"))
+        if self.editor.toPlainText() != s.text:
+            self.editor.blockSignals(True)
+            self.editor.setPlainText(s.text)
+            self.editor.blockSignals(False)
+        self.apply_confidence(self.colour_on, self.threshold)
+
+    def _update_header(self) -> None:
+        """Region, slot, state, the count of words below the threshold, and any grounding mismatch."""
         s = self.section
         state = {ACCEPTED: "<span style='color:#6fcf7f'>✔ accepted</span>",
                  EDITED: "<span style='color:#8fb8ff'>✎ edited</span>"}.get(s.state, "<span style='color:#999'>draft</span>")
@@ -155,18 +168,11 @@ class SectionEditor(QFrame):
         n_low = len(s.low_confidence(self.threshold if hasattr(self, "threshold") else 0.5))
         low = (f" &nbsp;<span style='color:#e0a050'>{n_low} low-confidence</span>" if n_low else "")
         self.header.setText(f"<b>{s.title}</b> <span style='color:#888'>· {slot}</span> &nbsp;{state}{low}{grounding}")
-        mismatch = s.slot is not None and not s.grounding_ok
-        self.setProperty("grounding_mismatch", mismatch)
-        self.setStyleSheet("SectionEditor { border: %s; }" % ("2px solid #d0603f" if mismatch else "1px solid #3b424d"))
-        if self.editor.toPlainText() != s.text:
-            self.editor.blockSignals(True)
-            self.editor.setPlainText(s.text)
-            self.editor.blockSignals(False)
-        self.apply_confidence(self.colour_on, self.threshold)
 
     def apply_confidence(self, on: bool, threshold: float) -> None:
         """Colour words below ``threshold``; list the section's lowest-confidence words."""
         self.colour_on, self.threshold = on, threshold
+        self._update_header()
         s = self.section
         low = s.low_confidence(threshold)
         words = ", ".join(f"{t.text.strip()} ({t.prob:.0%})" for t in low[:5])
@@ -301,6 +307,7 @@ class DraftPanel(QWidget):
         row2.addWidget(self.stop_button)
         row2.addWidget(self.status, 1)
         self.colour_box = QCheckBox("Confidence colours")
+        self.colour_box.setChecked(True)        # on by default: the draft opens showing where the model was unsure
         self.threshold = QSlider(Qt.Horizontal)
         self.threshold.setRange(5, 95)
         self.threshold.setValue(50)
@@ -449,7 +456,7 @@ class DraftPanel(QWidget):
             loader = EngineLoader(self.model_choice, self.device.currentText())
             self._after_load = (regions, regenerate)
             loader.loaded.connect(self._on_engine_loaded)      # bound: queued onto the GUI thread
-            loader.failed.connect(self._on_failed)
+            loader.failed.connect(self._on_load_failed)
             self._run(loader)
             return
         regions = [regenerate] if regenerate else (regions or self.selected_regions() or None)
@@ -467,6 +474,12 @@ class DraftPanel(QWidget):
         self.stop_button.setEnabled(True)
         self._set_busy(True, "Starting…")
         self._run(worker)
+
+    def _on_load_failed(self, message: str) -> None:
+        """The model did not load: say so, and end this generation attempt (the app stays usable)."""
+        self._on_failed(message)
+        self.busy.hide()
+        self.generationFinished.emit()
 
     def _on_engine_loaded(self, engine) -> None:
         self.set_engine(engine)
@@ -551,6 +564,7 @@ class DraftPanel(QWidget):
             ed.resetRequested.connect(lambda slot: (self.draft.reset(slot), self._refresh(slot), self._changed()))
             ed.regenerateRequested.connect(self.regenerate)
             ed.spanSelected.connect(self._on_span)
+            ed.setMinimumHeight(ed.sizeHint().height())   # the list scrolls instead of squashing sections
             self.sections_layout.insertWidget(self.sections_layout.count() - 1, ed)
             self._editors.append(ed)
         self._apply_confidence()

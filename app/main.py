@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             status["code"] = 1
             app.exit(1)
 
+        def draft_error(message: str) -> None:
+            print(f"reg2rg-viewer: {message}", file=sys.stderr)
+            status["code"] = 1
+
+        if window.draft_panel is not None:
+            window.draft_panel.errorOccurred.connect(draft_error)
+
         def after_load() -> None:
             if args.generate and window.draft_panel is not None and window.draft_panel.can_generate():
                 window.draft_panel.generationFinished.connect(lambda: QTimer.singleShot(200, finish))

@@ -18,8 +18,6 @@ from vtkmodules.util.numpy_support import numpy_to_vtk
 from vtkmodules.vtkCommonCore import vtkLookupTable, vtkPoints
 from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkImageData, vtkPolyData
 from vtkmodules.vtkInteractionStyle import vtkInteractorStyleUser
-from vtkmodules.vtkRenderingAnnotation import vtkCornerAnnotation
-from vtkmodules.vtkRenderingImage import vtkImageStack
 from vtkmodules.vtkRenderingCore import (
     vtkActor,
     vtkImageProperty,
@@ -34,7 +32,7 @@ import vtkmodules.vtkRenderingFreeType  # noqa: F401  (text)
 
 from reg2rg.engine.regions import REGIONS
 
-from .display import VIEW_NAMES, DisplayVolume, orientation_letters, outline_bits, slice_of
+from .display import VIEW_NAMES, DisplayVolume, compose_slice, orientation_letters, slice_of, window_slice, window_table
 from .document import RegionStyle, ViewerDocument
 
 # Camera direction of projection and view-up per fixed display axis (RAS+ display axes). With
@@ -50,6 +48,7 @@ SCREEN_AXES = {2: ((0, -1), (1, 1)), 1: ((0, -1), (2, 1)), 0: ((1, -1), (2, 1))}
 VIEW_COLORS = {2: (0.86, 0.30, 0.30), 1: (0.35, 0.75, 0.35), 0: (0.90, 0.80, 0.30)}  # Slicer's red/green/yellow
 
 N_LABEL_CODES = 1 << len(REGIONS)
+LINKED_VIEW_DELAY_MS = 120             # a linked view's crosshair follows once scrolling pauses this long
 
 
 def region_lookup_table(styles: dict[str, RegionStyle], outline: bool) -> np.ndarray:
@@ -101,6 +100,41 @@ def image_from_array(array: np.ndarray, spacing, extent_start=(0, 0, 0)) -> vtkI
     return image
 
 
+class CornerText:
+    """Text in the four corners (vtkCornerAnnotation's ``SetText(corner, text)`` API: 0 lower left,
+    1 lower right, 2 upper left, 3 upper right) as plain text actors of a fixed size.
+
+    vtkCornerAnnotation fits its font to the viewport on every render, which costs more than the
+    whole slice when the slice number changes each step; fixed-size actors re-rasterise only the
+    text that changed.
+    """
+
+    POSITIONS = {0: (0.008, 0.012, 0, 0), 1: (0.992, 0.012, 2, 0), 2: (0.008, 0.988, 0, 2), 3: (0.992, 0.988, 2, 2)}
+
+    def __init__(self, renderer: vtkRenderer, size: int = 14) -> None:
+        self.actors: dict[int, vtkTextActor] = {}
+        for corner, (x, y, hj, vj) in self.POSITIONS.items():
+            t = vtkTextActor()
+            t.GetPositionCoordinate().SetCoordinateSystemToNormalizedViewport()
+            t.GetPositionCoordinate().SetValue(x, y)
+            p = t.GetTextProperty()
+            p.SetFontSize(size)
+            p.SetColor(0.85, 0.85, 0.85)
+            p.ShadowOn()
+            p.SetJustification(hj)
+            p.SetVerticalJustification(vj)
+            t.SetInput("")
+            renderer.AddViewProp(t)
+            self.actors[corner] = t
+
+    def SetText(self, corner: int, text: str) -> None:  # noqa: N802  (VTK's spelling)
+        if self.actors[corner].GetInput() != text:
+            self.actors[corner].SetInput(text)
+
+    def GetText(self, corner: int) -> str:  # noqa: N802
+        return self.actors[corner].GetInput() or ""
+
+
 class SliceView(QVTKRenderWindowInteractor):
     """An MPR view of one display axis; observes a ViewerDocument, requests changes through it."""
 
@@ -120,34 +154,47 @@ class SliceView(QVTKRenderWindowInteractor):
         self.renderer = vtkRenderer()
         self.renderer.SetBackground(0.0, 0.0, 0.0)
         rw = self.GetRenderWindow()
+        # Multisampling buys nothing for axis-aligned image slices and costs ~40 % of a frame on
+        # software OpenGL (llvmpipe): off.
+        rw.SetMultiSamples(0)
         rw.AddRenderer(self.renderer)
         self.GetRenderWindow().GetInteractor().SetInteractorStyle(vtkInteractorStyleUser())
         self.renderer.GetActiveCamera().ParallelProjectionOn()
 
-        self._stack = vtkImageStack()
-        self._ct_mapper, self._ct_slice = self._layer(0, linear=True)
-        self._fill_mapper, self._fill_slice = self._layer(1, linear=False)
-        self._outline_mapper, self._outline_slice = self._layer(2, linear=False)
-        self._heat_mapper, self._heat_slice = self._layer(3, linear=True)
-        self._stack.SetActiveLayer(0)
-        self.renderer.AddViewProp(self._stack)
-        self._fill_lut = vtkLookupTable()
-        self._outline_lut = vtkLookupTable()
-        self._fill_slice.GetProperty().SetLookupTable(self._fill_lut)
-        self._outline_slice.GetProperty().SetLookupTable(self._outline_lut)
-        for s in (self._fill_slice, self._outline_slice):
-            s.GetProperty().UseLookupTableScalarRangeOn()
-        self._outline_image = vtkImageData()
-        self._outlines_on = False
-        self._heatmap_on = False
+        # One image layer: the slice's picture composed in numpy (CT through a window table, region
+        # fills and outlines, heatmap) into a persistent RGB buffer that VTK shows as is. A slice
+        # step costs one gather per layer and one texture upload; nothing is resliced or re-mapped
+        # by VTK, and only the buffer of this view changes.
+        self._mapper = vtkImageSliceMapper()
+        self._mapper.SetOrientation(axis)
+        self._mapper.BorderOn()  # pixels fill their whole voxel, as in the clinical viewers
+        prop = vtkImageProperty()
+        prop.SetColorWindow(255.0)        # RGB uint8 shown unchanged
+        prop.SetColorLevel(127.5)
+        prop.SetInterpolationTypeToLinear()
+        self._slice_actor = vtkImageSlice()
+        self._slice_actor.SetMapper(self._mapper)
+        self._slice_actor.SetProperty(prop)
+        self._slice_actor.VisibilityOff()
+        self.renderer.AddViewProp(self._slice_actor)
+        self._image: vtkImageData | None = None
+        self._rgb: np.ndarray | None = None          # (n0, n1, 3) view into the image's buffer
+        self._grey_table: np.ndarray | None = None
+        self._fill_table: np.ndarray | None = None
+        self._outline_table: np.ndarray | None = None
+        self._heat_codes: np.ndarray | None = None   # display-order uint8 heat volume
+        self._heat_table: np.ndarray | None = None
+        self._heat_opacity = 0.0
 
         self._cross = vtkPolyData()
         cross_mapper = vtkPolyDataMapper()
         cross_mapper.SetInputData(self._cross)
         self._cross_actor = vtkActor()
         self._cross_actor.SetMapper(cross_mapper)
-        self._cross_actor.GetProperty().SetColor(1.0, 0.85, 0.2)
-        self._cross_actor.GetProperty().SetOpacity(0.75)
+        # Opaque (a darker yellow instead of 75 % opacity): translucent geometry would add a
+        # translucent render pass to every frame.
+        self._cross_actor.GetProperty().SetColor(0.80, 0.68, 0.18)
+        self._cross_actor.GetProperty().SetOpacity(1.0)
         self._cross_actor.GetProperty().SetLineWidth(1.0)
         self._cross_actor.PickableOff()
         self.renderer.AddActor(self._cross_actor)
@@ -167,19 +214,23 @@ class SliceView(QVTKRenderWindowInteractor):
             self._letters[edge] = t
         for edge, letter in orientation_letters(axis).items():
             self._letters[edge].SetInput(letter)
-        self._corner = vtkCornerAnnotation()
-        self._corner.SetMinimumFontSize(12)
-        self._corner.SetMaximumFontSize(15)
-        self._corner.GetTextProperty().SetColor(0.85, 0.85, 0.85)
-        self.renderer.AddViewProp(self._corner)
+        self._corner = CornerText(self.renderer)
         self._corner.SetText(2, VIEW_NAMES[axis])
-        self._corner.GetTextProperty().ShadowOn()
 
         self._press_pos: QPoint | None = None
         self._press_button = Qt.NoButton
         self._dragged = False
         self._render_pending = False
         self._has_volume = False
+        self._shown_slice: int | None = None   # the slice index drawn now
+        self.render_count = 0                  # frames rendered (tests and benchmarks)
+        # Linked views: when only the crosshair moved here (another view scrolled), redraw once the
+        # scrolling pauses instead of on every step, so the scrolled view gets the whole frame budget.
+        self.lazy_links = True
+        self._link_timer = QTimer(self)
+        self._link_timer.setSingleShot(True)
+        self._link_timer.setInterval(LINKED_VIEW_DELAY_MS)
+        self._link_timer.timeout.connect(self.request_render)
 
         document.studyChanged.connect(self._on_study)
         document.cursorChanged.connect(self._on_cursor)
@@ -187,40 +238,33 @@ class SliceView(QVTKRenderWindowInteractor):
         document.regionStylesChanged.connect(self._on_region_styles)
 
     # -- pipeline ----------------------------------------------------------------------------
-    def _layer(self, number: int, linear: bool) -> tuple[vtkImageSliceMapper, vtkImageSlice]:
-        mapper = vtkImageSliceMapper()
-        mapper.SetOrientation(self.axis)
-        mapper.BorderOn()  # pixels fill their whole voxel, as in the clinical viewers
-        prop = vtkImageProperty()
-        prop.SetLayerNumber(number)
-        if linear:
-            prop.SetInterpolationTypeToLinear()
-        else:
-            prop.SetInterpolationTypeToNearest()
-        actor = vtkImageSlice()
-        actor.SetMapper(mapper)
-        actor.SetProperty(prop)
-        actor.VisibilityOff()
-        self._stack.AddImage(actor)
-        return mapper, actor
-
     def _on_study(self) -> None:
         vol = self.document.volume
         self._has_volume = vol is not None
-        for s in (self._ct_slice, self._fill_slice, self._outline_slice, self._heat_slice):
-            s.VisibilityOff()
+        self._slice_actor.VisibilityOff()
         self._cross_actor.SetVisibility(vol is not None)
+        self._shown_slice = None
+        self._heat_codes = None
         if vol is None:
             self._corner.SetText(0, "")
             self.request_render()
             return
-        self._ct_image = image_from_array(vol.ct, vol.spacing)
-        self._label_image = image_from_array(vol.labels, vol.spacing)
-        self._ct_mapper.SetInputData(self._ct_image)
-        self._fill_mapper.SetInputData(self._label_image)
-        self._ct_slice.VisibilityOn()
-        self._fill_slice.VisibilityOn()
-        self._on_window_level(self.document.window, self.document.level)
+        # The slice buffer: a one-voxel-thick image on this view's plane, moved along the axis per step.
+        dims = list(vol.shape)
+        dims[self.axis] = 1
+        buf = np.zeros((dims[0] * dims[1] * dims[2], 3), dtype=np.uint8)
+        self._image = vtkImageData()
+        self._image.SetDimensions(*dims)
+        self._image.SetSpacing(*vol.spacing)
+        self._image.SetOrigin(0.0, 0.0, 0.0)
+        self._image.GetPointData().SetScalars(numpy_to_vtk(buf, deep=False))
+        self._image._numpy_ref = buf  # type: ignore[attr-defined]
+        in_plane = [n for a, n in enumerate(vol.shape) if a != self.axis]
+        # VTK point order: the first in-plane axis varies fastest -> an (n0, n1, 3) view of the buffer
+        self._rgb = buf.reshape(in_plane[1], in_plane[0], 3).transpose(1, 0, 2)
+        self._mapper.SetInputData(self._image)
+        self._slice_actor.VisibilityOn()
+        self._on_window_level(self.document.window, self.document.level, render=False)
         self._on_region_styles(render=False)
         self.reset_camera()
         self._on_cursor(self.document.cursor)
@@ -249,48 +293,55 @@ class SliceView(QVTKRenderWindowInteractor):
         if self._has_volume and not getattr(self, "_user_zoomed", False):
             self.reset_camera()
 
-    def _on_window_level(self, window: float, level: float) -> None:
-        prop = self._ct_slice.GetProperty()
-        prop.SetColorWindow(window)
-        prop.SetColorLevel(level)
+    def _on_window_level(self, window: float, level: float, render: bool = True) -> None:
+        self._grey_table = window_table(window, level)
         self._corner.SetText(3, f"W {window:.0f}  L {level:.0f}")
-        self.request_render()
+        if render:
+            self._refresh_slice()
 
     def _on_region_styles(self, render: bool = True) -> None:
         styles = self.document.region_styles
-        _vtk_lut(region_lookup_table(styles, outline=False), self._fill_lut)
-        _vtk_lut(region_lookup_table(styles, outline=True), self._outline_lut)
-        self._outlines_on = any(s.visible and s.outline_opacity > 0 for s in styles.values())
-        if self._has_volume:
-            self._update_outline()
+        fill = region_lookup_table(styles, outline=False)
+        outline = region_lookup_table(styles, outline=True)
+        self._fill_table = fill if fill[:, 3].any() else None
+        self._outline_table = outline if outline[:, 3].any() else None
         if render:
-            self.request_render()
+            self._refresh_slice()
 
-    def _update_outline(self) -> None:
+    def _refresh_slice(self) -> None:
+        """Recompose the shown slice (a display setting changed) and render."""
+        if self._has_volume and self._shown_slice is not None:
+            self._compose(self._shown_slice)
+        self.request_render()
+
+    def _compose(self, k: int) -> None:
+        """Compose slice ``k`` into the image buffer and place the image on that slice."""
         vol = self.document.volume
-        if vol is None or not self._outlines_on:
-            self._outline_slice.VisibilityOff()
-            return
-        k = self.document.cursor[self.axis]
-        bits = outline_bits(slice_of(vol.labels, self.axis, k))      # (2D) the in-plane boundaries
-        start = [0, 0, 0]
-        start[self.axis] = k
-        arr = np.asfortranarray(np.expand_dims(bits, self.axis))   # (1 along the fixed axis)
-        self._outline_image = image_from_array(arr, vol.spacing, start)
-        self._outline_mapper.SetInputData(self._outline_image)
-        self._outline_mapper.SetSliceNumber(k)
-        self._outline_slice.VisibilityOn()
+        heat = slice_of(self._heat_codes, self.axis, k) if self._heat_codes is not None else None
+        grey = window_slice(slice_of(vol.ct, self.axis, k), self.document.window, self.document.level,
+                            self._grey_table)
+        compose_slice(grey, slice_of(vol.labels, self.axis, k), self._fill_table, self._outline_table,
+                      heat, self._heat_table, self._heat_opacity, out=self._rgb)
+        origin = [0.0, 0.0, 0.0]
+        origin[self.axis] = k * vol.spacing[self.axis]
+        self._image.SetOrigin(*origin)
+        self._image.GetPointData().GetScalars().Modified()
+        self._image.Modified()
 
     def _on_cursor(self, ijk) -> None:
         vol = self.document.volume
         if vol is None:
             return
         k = int(ijk[self.axis])
-        for m in (self._ct_mapper, self._fill_mapper, self._heat_mapper):
-            m.SetSliceNumber(k)
-        self._update_outline()
         self._update_crosshair(ijk)
-        self._corner.SetText(0, f"Slice {k + 1}/{vol.shape[self.axis]}")
+        if k == self._shown_slice and self.lazy_links:
+            self._link_timer.start()             # only the crosshair moved: coalesce
+            return
+        if k != self._shown_slice:
+            self._shown_slice = k
+            self._compose(k)
+            self._corner.SetText(0, f"Slice {k + 1}/{vol.shape[self.axis]}")
+        self._link_timer.stop()
         self.request_render()
 
     def _update_crosshair(self, ijk) -> None:
@@ -320,36 +371,34 @@ class SliceView(QVTKRenderWindowInteractor):
         self._cross.SetLines(lines)
         self._cross.Modified()
 
-    # -- heatmap (attention) layer, fed by the checking panel ------------------------------------
-    def set_heatmap(self, image: vtkImageData | None, lut: vtkLookupTable | None = None, opacity: float = 0.5) -> None:
-        """Show a display-ordered heatmap volume over the CT (None hides it)."""
-        if image is None:
-            self._heat_slice.VisibilityOff()
-        else:
-            self._heat_mapper.SetInputData(image)
-            prop = self._heat_slice.GetProperty()
-            if lut is not None:
-                prop.SetLookupTable(lut)
-                prop.UseLookupTableScalarRangeOn()
-            prop.SetOpacity(opacity)
-            self._heat_mapper.SetSliceNumber(self.document.cursor[self.axis])
-            self._heat_slice.VisibilityOn()
-        self.request_render()
+    # -- heatmap (attention) layer, fed by the attention panel ---------------------------------
+    def set_heatmap(self, codes: np.ndarray | None, table: np.ndarray | None = None, opacity: float = 0.5) -> None:
+        """Show a heatmap over the CT: ``codes`` uint8 in display order (the volume's shape), ``table``
+        RGBA (256, 4) per code (its alpha fades weak values out), times ``opacity``. None hides it."""
+        if codes is not None and tuple(codes.shape) != tuple(self.document.volume.shape):
+            raise ValueError(f"heatmap shape {codes.shape} is not the display volume's {self.document.volume.shape}")
+        self._heat_codes = codes
+        if table is not None:
+            self._heat_table = table
+        self._heat_opacity = float(opacity) if codes is not None else 0.0
+        self._refresh_slice()
 
     # -- rendering ---------------------------------------------------------------------------
     def request_render(self) -> None:
         """Render once the event loop is idle: several changes in one step cost one frame."""
         if not self._render_pending:
             self._render_pending = True
-            QTimer.singleShot(0, self._render_now)
+            QTimer.singleShot(0, self, self._render_now)  # bound to self: no call after deletion
 
     def _render_now(self) -> None:
         self._render_pending = False
         if self.isVisible():
+            self.render_count += 1
             self.GetRenderWindow().Render()
 
     def render_now(self) -> None:
         self._render_pending = False
+        self.render_count += 1
         self.GetRenderWindow().Render()
 
     # -- picking -----------------------------------------------------------------------------

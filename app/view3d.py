@@ -239,7 +239,7 @@ class View3D(QVTKRenderWindowInteractor):
     def request_render(self) -> None:
         if not self._render_pending:
             self._render_pending = True
-            QTimer.singleShot(0, self._render_now)
+            QTimer.singleShot(0, self, self._render_now)  # bound to self: no call after deletion
 
     def _render_now(self) -> None:
         self._render_pending = False

@@ -188,6 +188,7 @@ def test_export_text_json_pdf(panel, tmp_path):
 
 
 def test_confidence_threshold_counts_tooltips_and_grounding_marks(panel, screenshot_dir):
+    panel.resize(560, 900)
     panel._restore(ReportDraft.from_result(make_result(), panel.document.study), "")
     heart, bone = panel.section_editor(0), panel.section_editor(2)
     # the bone section's text names the lung: marked in its header and its frame
@@ -205,6 +206,10 @@ def test_confidence_threshold_counts_tooltips_and_grounding_marks(panel, screens
         lowest = min(low, key=lambda t: t.prob)
         assert f"{lowest.text.strip()} ({lowest.prob:.0%})" in bone.low_label.text().split("lowest:")[1].split(",")[0]
     assert panel.threshold_label.text() == "70%"
+    lung = panel.section_editor(1)                       # "No nodule." : 65 % and 62 %, both below 70 %
+    assert "2 low-confidence" in lung.header.text()
+    panel.threshold.setValue(50)
+    assert "low-confidence" not in lung.header.text()
     panel.colour_box.setChecked(False)
     assert bone.editor.extraSelections() == []
     # hovering a word: its probability and the model's alternatives

@@ -133,6 +133,26 @@ def test_scrolling_keys_and_linked_crosshair(qtbot, window):
     assert window.status_hu.text() == f"{vol.hu_at(target):.0f} HU"
 
 
+def test_scrolling_renders_only_the_scrolled_view_until_it_pauses(qtbot, window):
+    open_study(qtbot, window)
+    axial, coronal = window.views[AXIS_AXIAL], window.views[AXIS_CORONAL]
+    QApplication.processEvents()
+    qtbot.wait(300)                                            # let the opening renders settle
+    a0, c0 = axial.render_count, coronal.render_count
+    before = frame_pixels(coronal)
+    c0 += 1
+    for _ in range(5):
+        wheel(axial, +1)
+        QApplication.processEvents()
+    assert axial.render_count - a0 == 5                        # one frame per step in the scrolled view
+    assert coronal.render_count == c0                          # the linked view waits…
+    qtbot.waitUntil(lambda: coronal.render_count == c0 + 1, timeout=2000)   # …and follows once, after the pause
+    after = frame_pixels(coronal)
+    moved = np.abs(after.astype(int) - before.astype(int)).sum(axis=2) > 0
+    rows = np.flatnonzero(moved.any(axis=1))
+    assert 0 < len(rows) < after.shape[0] / 4                  # only the horizontal crosshair line moved
+
+
 def test_window_level_drag_zoom_pan_reset_and_maximise(qtbot, window):
     open_study(qtbot, window)
     axial = window.views[AXIS_AXIAL]
@@ -221,3 +241,15 @@ def test_cli_bad_volume_exits_with_a_message(tmp_path):
     )
     assert proc.returncode == 1
     assert "missing.nii.gz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_generate_with_a_missing_model_exits_with_a_message(tmp_path):
+    out = tmp_path / "x.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "reg2rg.app.main", "--demo", "--generate", "--model", str(tmp_path / "no_model"),
+         "--screenshot", str(out), "--size", "1200x800"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "no_model" in proc.stderr and "Could not load the model" in proc.stderr and "Traceback" not in proc.stderr
+    assert out.is_file()                       # the window (with its message) was still pictured

@@ -1,0 +1,78 @@
+"""The first README command's path with the embedded demo model: open the demo study, draft with the
+demo model (``ReportEngine.load(None)``, loaded by the panel off the GUI thread), see the confidence
+colours, select a sentence and see its attention heatmap over the CT. Skipped until the demo model
+(resources/demo_model, trained by reg2rg-train) is built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PySide6.QtGui import QImage
+from PySide6.QtWidgets import QApplication
+
+from reg2rg.app.display import AXIS_AXIAL
+from reg2rg.app.draft_panel import sentence_span
+from reg2rg.app.loader import LoadRequest
+from reg2rg.app.main_window import MainWindow, frame_pixels
+from reg2rg.engine.generation import default_model_dir
+
+pytestmark = [
+    pytest.mark.gui,
+    pytest.mark.slow,
+    pytest.mark.skipif(not (default_model_dir() / "config.json").is_file(),
+                       reason="the embedded demo model (resources/demo_model) is not built yet"),
+]
+
+
+def test_demo_generate_colours_the_draft_and_a_sentence_shows_its_heatmap(qtbot, screenshot_dir):
+    win = MainWindow()
+    win.resize(1600, 1000)
+    qtbot.addWidget(win)
+    win.show()
+    qtbot.waitExposed(win)
+    try:
+        with qtbot.waitSignal(win.studyLoaded, timeout=120000):
+            win.open_request(LoadRequest(demo=True))
+        panel, att = win.draft_panel, win.attention_panel
+        panel.max_tokens.setValue(120)            # enough for a few region sections, quick on a CPU
+        with qtbot.waitSignal(panel.generationFinished, timeout=300000):
+            panel.generate()                      # the engine is None: the demo model loads first
+        assert panel.engine is not None and panel.engine.model_dir == default_model_dir()
+        assert panel.draft is not None and any(s.text.strip() for s in panel.draft.sections)
+        assert panel.stream.toPlainText().strip()
+        assert panel.colour_box.isChecked()
+        panel.threshold.setValue(95)
+        coloured = [ed for ed in panel._editors if ed.editor.extraSelections()]
+        assert coloured, "no word below 95 % was coloured"
+        # a sentence of the first region section (Ctrl+click picks the same span)
+        with_tokens = [s for s in panel.draft.sections if any(t.text.strip() for t in s.tokens)]
+        section = next((s for s in with_tokens if s.slot is not None), with_tokens[0])
+        a, b = sentence_span(section.text, 1)
+        axial = win.views[AXIS_AXIAL]
+        with qtbot.waitSignal(att.heatmapChanged, timeout=120000):
+            idx = panel.request_attention(section.slot, a, b)
+        assert idx and list(att.current.token_indices) == idx
+        win.document.set_cursor(win.document.volume.from_stored(att.current.peak_voxel))
+        QApplication.processEvents()
+        shown = frame_pixels(axial).astype(int)
+        att.show_box.setChecked(True)
+        hidden = frame_pixels(axial).astype(int)
+        att.show_box.setChecked(False)
+        assert (np.abs(shown - hidden).sum(axis=2) > 30).sum() > 100
+        win.save_screenshot(screenshot_dir / "demo_model_attention.png")
+    finally:
+        win.close()
+
+
+def test_cli_demo_generate_screenshot_with_the_demo_model(screenshot_dir):
+    out = screenshot_dir / "cli_demo_generate_demo_model.png"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "reg2rg.app.main", "--demo", "--generate", "--screenshot", str(out),
+                           "--size", "1600x1000"], env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    img = QImage(str(out))
+    assert not img.isNull() and img.width() >= 1500
