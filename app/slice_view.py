@@ -32,7 +32,7 @@ import vtkmodules.vtkRenderingFreeType  # noqa: F401  (text)
 
 from reg2rg.engine.regions import REGIONS
 
-from .display import VIEW_NAMES, DisplayVolume, compose_slice, orientation_letters, slice_of, window_slice, window_table
+from .display import VIEW_NAMES, compose_slice, orientation_letters, slice_of, window_slice, window_table
 from .document import RegionStyle, ViewerDocument
 
 # Camera direction of projection and view-up per fixed display axis (RAS+ display axes). With

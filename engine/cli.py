@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -32,7 +31,6 @@ logger = logging.getLogger("reg2rg.engine.cli")
 
 PREDICTIONS = "predictions.csv"
 COLUMNS = ("AccNum", "GT_combined_report", "Pred_combined_report", "Region_slots")
-VOLUME_SUFFIXES = (".nii.gz", ".nii")
 
 
 class CliError(ValueError):
@@ -135,49 +133,6 @@ def _run_one(engine, study, args, settings, out_dir: Path) -> None:
 
 
 # ---- datasets -------------------------------------------------------------------------------------
-def _volume_key(name: str) -> str:
-    name = os.path.basename(name.strip())
-    for suffix in VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def read_reference_reports(path: Path) -> dict[str, dict[str, str]]:
-    """``{volume: {region: sentence}}`` from a RadGenome report CSV (whole-study rows are ignored here)."""
-    from .regions import canonical_region
-
-    if not path.is_file():
-        raise CliError(f"{path}: report CSV not found")
-    out: dict[str, dict[str, str]] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = {"Volumename", "Anatomy", "Sentence"} - set(reader.fieldnames or [])
-        if missing:
-            raise CliError(f"{path}: missing columns {sorted(missing)} (need Volumename, Anatomy, Sentence)")
-        for row in reader:
-            name = _volume_key(row["Volumename"] or "")
-            region = canonical_region((row["Anatomy"] or "").strip()) if (row["Anatomy"] or "").strip() else None
-            if not name or region is None:
-                continue
-            sentence = " ".join((row["Sentence"] or "").split())
-            entry = out.setdefault(name, {})
-            entry[region] = f"{entry[region]} {sentence}".strip() if region in entry else sentence
-    return out
-
-
-def _scan_volumes(root: Path) -> dict[str, Path]:
-    if not root.is_dir():
-        raise CliError(f"{root}: data root folder not found")
-    found: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("seg_"))
-        for fname in sorted(filenames):
-            if fname.lower().endswith(VOLUME_SUFFIXES):
-                found.setdefault(_volume_key(fname), Path(dirpath) / fname)
-    return found
-
-
 def _done_ids(csv_path: Path) -> set[str]:
     if not csv_path.is_file():
         return set()
@@ -197,14 +152,16 @@ def combined_reference(region_reports: dict[str, str], slot_regions: dict[int, s
 def run_dataset(engine, args, settings, out: Path) -> int:
     from tqdm import tqdm
 
+    from .dataset import find_mask_folder, read_reports, scan_volumes
     from .errors import StudyError
+    from .regions import REGIONS
     from .studyio import read_study
 
     if not args.masks or not args.reports:
         raise CliError("--dataset needs --masks MASK_ROOT and --reports CSV")
-    reports = read_reference_reports(Path(args.reports))
-    volumes = _scan_volumes(Path(args.dataset))
-    names = sorted(n for n in volumes if n in reports)
+    reports = read_reports(args.reports)
+    volumes = scan_volumes(args.dataset)
+    names = sorted(n for n in volumes if any(reports.get(n, {}).get(r) for r in REGIONS))
     if not names:
         raise CliError(f"{args.dataset}: no volume has a report in {args.reports}")
     csv_path = out / PREDICTIONS
@@ -224,7 +181,10 @@ def run_dataset(engine, args, settings, out: Path) -> int:
         for name in bar:
             bar.set_postfix_str(name)
             try:
-                study = read_study(volumes[name], Path(args.masks) / f"seg_{name}")
+                mask_dir = find_mask_folder(Path(args.masks), Path(volumes[name]), name)
+                if mask_dir is None:
+                    raise FileNotFoundError(f"seg_{name} mask folder not found under {args.masks}")
+                study = read_study(volumes[name], mask_dir)
                 regions = args.regions
                 result = engine.draft(study, regions, settings)
             except (StudyError, ValueError, FileNotFoundError) as err:
@@ -254,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print("reg2rg-generate: choose exactly one of --volume, --demo or --dataset", file=sys.stderr)
         return 2
     from .checkpoint import CheckpointError
+    from .dataset import DatasetError
     from .errors import StudyError
     from .generation import EngineOutOfMemory, GenerationError, ModelFolderError
     from .model.config import ConfigError
@@ -275,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         _run_one(engine, study, args, settings, out)
         return 0
     except (CliError, StudyError, GenerationError, ModelFolderError, EngineOutOfMemory, CheckpointError,
-            ConfigError) as err:
+            ConfigError, DatasetError) as err:
         print(f"reg2rg-generate: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
