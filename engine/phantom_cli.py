@@ -42,16 +42,67 @@ def study_paths(out: Path, volume: str) -> tuple[Path, Path]:
     return out / patient / accession / f"{volume}.nii.gz", out / "masks" / f"seg_{volume}"
 
 
-def write_dataset(out: str | Path, n: int, seed: int, shape=None, spacing=None, log=print) -> dict:
-    """Write ``n`` phantom studies (seeds ``seed`` .. ``seed + n - 1``) under ``out``; returns the manifest."""
-    from .phantom import make_study
+MAX_REDRAWS = 5          # findings redrawn this many times before a study is skipped
+
+
+def draw_findings(seed: int, abnormal_fraction: float | None, attempt: int = 0):
+    """The findings to plant in study ``seed``: ``None`` = make_study's own draw (about a third normal).
+
+    With ``abnormal_fraction`` F, a study is abnormal with probability F and then holds 2-4 distinct
+    findings (types weighted as in make_study); this over-samples findings for training sets. ``attempt``
+    > 0 redraws (after the grid could not show a finding). Deterministic per (seed, F, attempt): the draw
+    uses its own random stream, so the anatomy and finding details still come from the seed alone.
+    """
+    import numpy as np
+
+    from .phantom import _DRAW_WEIGHTS, Finding, random_findings
+
+    if abnormal_fraction is None and attempt == 0:
+        return None
+    rng = np.random.default_rng([int(seed), 0x5EED, attempt])
+    if abnormal_fraction is None:
+        return random_findings(rng)
+    if rng.random() >= abnormal_fraction:
+        return []
+    n = int(rng.choice([2, 3, 4], p=[0.4, 0.35, 0.25]))
+    types = list(_DRAW_WEIGHTS)
+    p = np.array([_DRAW_WEIGHTS[t] for t in types])
+    chosen = rng.choice(len(types), size=n, replace=False, p=p / p.sum())
+    return [Finding(types[i]) for i in sorted(chosen)]
+
+
+def _make_study_redrawing(seed: int, shape, spacing, abnormal_fraction, log):
+    """make_study, redrawing the findings when the grid cannot show one; None (logged) after MAX_REDRAWS."""
+    from .phantom import PhantomError, make_study
+
+    for attempt in range(MAX_REDRAWS + 1):
+        findings = draw_findings(seed, abnormal_fraction, attempt)
+        try:
+            return make_study(seed, findings=findings, shape=shape, spacing=spacing)
+        except PhantomError as exc:
+            if "shape must" in str(exc) or "spacing must" in str(exc):
+                raise                                   # a bad grid fails for every study: stop
+            log(f"seed {seed}: {exc}; redrawing its findings (attempt {attempt + 1})")
+    log(f"seed {seed}: skipped after {MAX_REDRAWS} redraws")
+    return None
+
+
+def write_dataset(out: str | Path, n: int, seed: int, shape=None, spacing=None, log=print,
+                  abnormal_fraction: float | None = None) -> dict:
+    """Write ``n`` phantom studies (seeds ``seed`` .. ``seed + n - 1``) under ``out``; returns the manifest.
+
+    ``abnormal_fraction`` (0-1, default None = make_study's own mix) over-samples abnormal studies, see
+    `draw_findings`. A study whose findings the grid cannot show is redrawn, or skipped with a logged line.
+    """
     from .studyio import write_study
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, studies = [], []
     for i in range(n):
-        study = make_study(seed + i, shape=shape, spacing=spacing)
+        study = _make_study_redrawing(seed + i, shape, spacing, abnormal_fraction, log)
+        if study is None:
+            continue
         volume_path, mask_dir = study_paths(out, study.name)
         write_study(study, volume_path, mask_dir)
         file_name = f"{study.name}.nii.gz"
@@ -82,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first study (study i uses seed + i)")
     parser.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="voxel grid (default: per seed)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="voxel size in mm")
+    parser.add_argument("--abnormal-fraction", type=float, default=None, metavar="F",
+                        help="share of abnormal studies, each with 2-4 findings (default: about two thirds, 1-4)")
     args = parser.parse_args(argv)
+    if args.abnormal_fraction is not None and not 0.0 <= args.abnormal_fraction <= 1.0:
+        parser.error("--abnormal-fraction must be between 0 and 1")
     if args.n < 1:
         parser.error("--n must be at least 1")
     if args.seed < 0:
@@ -90,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     from .phantom import PhantomError
 
     try:
-        write_dataset(args.out, args.n, args.seed, shape=args.shape, spacing=args.spacing)
+        write_dataset(args.out, args.n, args.seed, shape=args.shape, spacing=args.spacing,
+                      abnormal_fraction=args.abnormal_fraction)
     except PhantomError as exc:
         print(f"reg2rg-phantom: {exc}", file=sys.stderr)
         return 2

@@ -90,3 +90,44 @@ def test_embedded_demo_study():
     nodule = tuple(types["Lung nodule"]["centre_voxel"])
     assert study.masks["lung"][nodule] and study.voxels[nodule] > -200
     assert "nodule" in (root / "report.txt").read_text()
+
+
+def test_unshowable_finding_is_redrawn_not_fatal(tmp_path: Path):
+    """Seed 1249's own draw (an enlarged node) cannot be painted on its grid: the study gets new findings
+    (the same ones on every run) and the rest of the run, reports.csv included, is still written."""
+    from reg2rg.engine.phantom import PhantomError
+    from reg2rg.engine.phantom_cli import write_dataset
+
+    with pytest.raises(PhantomError, match="too coarse"):
+        make_study(1249)
+    lines: list[str] = []
+    manifest = write_dataset(tmp_path / "a", 1, 1249, log=lines.append)
+    assert [s["seed"] for s in manifest["studies"]] == [1249]
+    assert any("seed 1249" in line and "redrawing" in line for line in lines)
+    with open(tmp_path / "a" / "reports.csv", newline="", encoding="utf-8") as fh:
+        assert len(list(csv.DictReader(fh))) == 1 + len(REGIONS)
+    again = write_dataset(tmp_path / "b", 1, 1249, log=lambda _: None)
+    assert again["studies"][0]["findings"] == manifest["studies"][0]["findings"]
+
+
+def test_abnormal_fraction_draw():
+    from reg2rg.engine.phantom_cli import draw_findings
+
+    assert draw_findings(7, None) is None                      # default: make_study's own draw
+    draws = [draw_findings(s, 0.85) for s in range(300)]
+    abnormal = [d for d in draws if d]
+    assert 0.75 < len(abnormal) / len(draws) < 0.95
+    assert all(2 <= len(d) <= 4 and len({f.type for f in d}) == len(d) for d in abnormal)
+    assert [[f.type for f in d] for d in draws] == [[f.type for f in draw_findings(s, 0.85)] for s in range(300)]
+    assert all(draw_findings(s, 0.0) == [] for s in range(50))
+    assert all(draw_findings(s, 1.0) for s in range(50))
+
+
+def test_abnormal_fraction_cli(tmp_path: Path, capsys):
+    assert main(["--out", str(tmp_path / "x"), "--n", "2", "--seed", "40", "--shape", "72", "72", "36",
+                 "--abnormal-fraction", "1"]) == 0
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert all(len(s["findings"]) >= 2 for s in manifest["studies"])
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "y"), "--abnormal-fraction", "1.5"])
+    assert "--abnormal-fraction must be between 0 and 1" in capsys.readouterr().err
