@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
 # Train the embedded demo model (issue 5) from nothing, on a CPU, with the project's own commands:
 #
-#   1. phantom studies with reg2rg-phantom, split by seed: train / validation / test
-#   2. a small BPE tokenizer trained on the training reports and the prompt (engine.tokens.train_tokenizer)
-#   3. reg2rg-train --config demo  (one process; resumable: re-running continues from the last checkpoint)
-#   4. export the final model to resources/demo_model/ with its config, training log and seeds
-#   5. held-out evaluation on the test phantoms, with a blind control (scripts/eval_demo_model.py);
+#   1. phantom studies with reg2rg-phantom, split by seed: train / validation / test, plus the
+#      abnormal-rich fine-tuning set (reg2rg-phantom --abnormal-fraction, new seeds)
+#   2. a small BPE tokenizer trained on the stage-1 training reports and the prompt (engine.tokens.train_tokenizer)
+#   3. stage 1: reg2rg-train --config demo from scratch (one process; resumable)
+#   4. stage 2: fine-tuning from the stage-1 weights (--model.init_from) on the abnormal-rich set mixed with
+#      part of the stage-1 set, same tokenizer, constant lr after a short warm-up (resumable)
+#   5. export the final model to resources/demo_model/ with its configs, training logs and seeds
+#   6. held-out evaluation on the test phantoms, with a blind control (scripts/eval_demo_model.py);
 #      the numbers go to resources/demo_model/eval_summary.json (quoted in its MODEL_CARD.md)
 #
 # Usage:  scripts/train_demo_model.sh [WORK_DIR]        (default: runs/demo_model)
-# Knobs (environment): TRAIN_CHUNKS N_VAL N_TEST SEED STEPS THREADS EXTRA (more --key value overrides)
+# Knobs (environment): TRAIN_CHUNKS FT_CHUNKS FT_MIX FT_ABNORMAL N_VAL N_TEST SEED STEPS FT_STEPS FT_LR THREADS
+#                      EXTRA / FT_EXTRA (more --key value overrides of stage 1 / stage 2)
 # Re-running is safe: finished stages are skipped, training resumes. Delete WORK_DIR to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 BIN=$(dirname "$PY")
 WORK=${1:-runs/demo_model}
-# training phantoms, written in chunks "first_seed:count" (two at a time); a chunk that reg2rg-phantom
-# cannot finish is reported and left out (its studies are then skipped as "no report")
-TRAIN_CHUNKS=${TRAIN_CHUNKS:-"1000:160 1160:40 1200:40 1240:40 1280:40"}
+# stage-1 training phantoms, written in chunks "first_seed:count" (two at a time). The shipped model was
+# trained without chunk 1240:40 (reg2rg-phantom then aborted at seed 1249; it now redraws such a study).
+TRAIN_CHUNKS=${TRAIN_CHUNKS:-"1000:160 1160:40 1200:40 1280:40"}
+# stage-2 (fine-tuning) phantoms: new seeds, 85% abnormal studies with 2-4 findings each, mixed with the
+# stage-1 chunks in FT_MIX (normal sentences stay right)
+FT_CHUNKS=${FT_CHUNKS:-"2000:180 2180:180"}
+FT_ABNORMAL=${FT_ABNORMAL:-0.85}
+FT_MIX=${FT_MIX:-"1000"}
+FT_STEPS=${FT_STEPS:-900}
+FT_LR=${FT_LR:-5e-4}
 N_VAL=${N_VAL:-16}
 N_TEST=${N_TEST:-40}
 SEED=${SEED:-42}                 # training seed (init, data order, region shuffles)
@@ -31,15 +42,15 @@ OUT=resources/demo_model
 export OMP_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$WORK"
 
-phantoms() {  # folder (under $WORK) n seed0
+phantoms() {  # folder (under $WORK) n seed0 [more reg2rg-phantom options]
   local dir="$WORK/$1"
   if [ ! -f "$dir/manifest.json" ]; then
     rm -rf "$dir"
-    "$BIN/reg2rg-phantom" --out "$dir" --n "$2" --seed "$3" > "$dir.log" 2>&1 \
+    "$BIN/reg2rg-phantom" --out "$dir" --n "$2" --seed "$3" "${@:4}" > "$dir.log" 2>&1 \
       || echo "reg2rg-phantom failed for $1 (see $dir.log); its studies are left out"
   fi
 }
-echo "== 1/5 phantom studies"
+echo "== 1/6 phantom studies"
 mkdir -p "$WORK/data"
 running=0
 for chunk in $TRAIN_CHUNKS; do
@@ -48,11 +59,20 @@ for chunk in $TRAIN_CHUNKS; do
   if [ $running -ge 2 ]; then wait; running=0; fi
 done
 wait
+for chunk in $FT_CHUNKS; do     # ft_* (not train_*): stage 1 and the tokenizer never see them
+  phantoms "data/ft_${chunk%%:*}" "${chunk##*:}" "${chunk%%:*}" --abnormal-fraction "$FT_ABNORMAL" &
+done
+wait
 phantoms data/val "$N_VAL" "$VAL_SEED0"
 phantoms test "$N_TEST" "$TEST_SEED0"       # outside data/: never seen by training
-REPORTS=$(ls "$WORK"/data/train_*/reports.csv "$WORK/data/val/reports.csv" | paste -sd, -)
+csv_list() {  # prefix chunks... -> comma-separated reports.csv paths, validation last
+  local prefix=$1; shift
+  for c in "$@"; do echo "$WORK/data/${prefix}${c%%:*}/reports.csv"; done | paste -sd, -
+}
+REPORTS="$(csv_list train_ $TRAIN_CHUNKS),$WORK/data/val/reports.csv"
+FT_REPORTS="$(csv_list ft_ $FT_CHUNKS),$(csv_list train_ $FT_MIX),$WORK/data/val/reports.csv"
 
-echo "== 2/5 tokenizer"
+echo "== 2/6 tokenizer"
 if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
   "$PY" - "$WORK" "$VOCAB" <<'EOF'
 import csv, sys
@@ -61,7 +81,7 @@ from reg2rg.engine.regions import REGIONS
 work, vocab = sys.argv[1], int(sys.argv[2])
 texts = []
 import glob
-for path in sorted(glob.glob(f"{work}/data/train_*/reports.csv")):
+for path in sorted(glob.glob(f"{work}/data/train_*/reports.csv")):   # stage-1 chunks only
     with open(path, newline="", encoding="utf-8") as f:
         texts += [row["Sentence"] for row in csv.DictReader(f)]
 # the prompt and target frame are part of every example: give them whole-word tokens
@@ -72,7 +92,7 @@ print(f"tokenizer: vocab {vocab}, trained on {len(texts)} report sentences")
 EOF
 fi
 
-echo "== 3/5 reg2rg-train --config demo"
+echo "== 3/6 stage 1: reg2rg-train --config demo (from scratch)"
 "$BIN/reg2rg-train" --config demo --resume \
   --tokenizer "$WORK/tokenizer" \
   --data.root "$WORK/data" \
@@ -82,22 +102,44 @@ echo "== 3/5 reg2rg-train --config demo"
   --output.dir "$WORK/run" \
   --train.seed "$SEED" --train.max_steps "$STEPS" --train.threads "$THREADS" ${EXTRA:-}
 
-echo "== 4/5 export to $OUT"
-"$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" <<'EOF'
+echo "== 4/6 stage 2: fine-tuning from the stage-1 weights on the abnormal-rich set"
+"$BIN/reg2rg-train" --config demo --resume \
+  --model.init_from "$WORK/run/final" \
+  --tokenizer "$WORK/tokenizer" \
+  --data.root "$WORK/data" \
+  --data.reports "[$FT_REPORTS]" \
+  --data.val_split "$WORK/data/val/reports.csv" \
+  --data.cache_dir "$WORK/cache" \
+  --output.dir "$WORK/run_ft" \
+  --train.lr "$FT_LR" --train.scheduler constant_with_warmup --train.warmup_steps 20 \
+  --train.seed "$SEED" --train.max_steps "$FT_STEPS" --train.threads "$THREADS" ${FT_EXTRA:-}
+
+echo "== 5/6 export to $OUT"
+"$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" \
+  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" <<'EOF'
 import json, os, shutil, sys
-work, out, seed, chunks, s_val, s_test, n_val, n_test = sys.argv[1:]
-final = f"{work}/run/final"
+work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal = sys.argv[1:]
+final = f"{work}/run_ft/final"
+if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint in the engine's format
+    import subprocess
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "reg2rg-train"), "export",
+                    f"{work}/run_ft", f"{work}/run_ft/final"], check=True)
 tmp = out + ".tmp"
 shutil.rmtree(tmp, ignore_errors=True)
 shutil.copytree(final, tmp)
 card = os.path.join(out, "MODEL_CARD.md")
 if os.path.isfile(card):
     shutil.copy(card, os.path.join(tmp, "MODEL_CARD.md"))
-shutil.copy(f"{work}/run/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
-shutil.copy(f"{work}/run/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
+shutil.copy(f"{work}/run_ft/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
+shutil.copy(f"{work}/run_ft/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
+shutil.copy(f"{work}/run/train_config.yaml", os.path.join(tmp, "train_config_stage1.yaml"))
+shutil.copy(f"{work}/run/train_log.jsonl", os.path.join(tmp, "train_log_stage1.jsonl"))
+span = lambda c: [int(c.split(":")[0]), int(c.split(":")[0]) + int(c.split(":")[1]) - 1]
+mix = [span(c) for c in chunks.split() if c.split(":")[0] in ft_mix.split()]
 seeds = {"train_seed": int(seed),
-         "phantom_splits": {"train": [[int(c.split(":")[0]), int(c.split(":")[0]) + int(c.split(":")[1]) - 1]
-                                      for c in chunks.split()],
+         "phantom_splits": {"train": [span(c) for c in chunks.split()],
+                            "finetune": {"abnormal_fraction": float(ft_abnormal),
+                                         "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix},
                             "validation": [int(s_val), int(s_val) + int(n_val) - 1],
                             "test": [int(s_test), int(s_test) + int(n_test) - 1]},
          "command": "scripts/train_demo_model.sh"}
@@ -109,6 +151,6 @@ size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for 
 print(f"demo model in {out}: {size / 1e6:.1f} MB")
 EOF
 
-echo "== 5/5 held-out evaluation (model and blind control)"
+echo "== 6/6 held-out evaluation (model and blind control)"
 "$PY" scripts/eval_demo_model.py --model "$OUT" --test "$WORK/test" --out "$WORK/eval" --threads "$THREADS"
 cp "$WORK/eval/summary.json" "$OUT/eval_summary.json"
