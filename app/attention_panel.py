@@ -21,7 +21,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from PySide6.QtCore import QObject, QRectF, Qt, Signal, Slot
+from PySide6.QtCore import QObject, QRectF, QSize, Qt, Signal, Slot
 from PySide6.QtGui import QColor, QFont, QPainter
 from PySide6.QtWidgets import (
     QComboBox,
@@ -149,12 +149,13 @@ class SharesChart(QWidget):
     """Horizontal bars: the share of attention on the global image, each region slot and the rest."""
 
     ROW = 20
+    MIN_ROW = 15
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.setObjectName("attention_chart")
         self.rows: list[tuple[str, float, QColor]] = []
-        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         self.setMinimumHeight(self.ROW * 2)
 
     def set_shares(self, shares: dict[str, float] | None, other: float = 0.0) -> None:
@@ -164,8 +165,19 @@ class SharesChart(QWidget):
                 color = QColor(200, 200, 210) if group == "global" else QColor(*REGION_COLORS.get(group, (150, 150, 150)))
                 self.rows.append(("global image" if group == "global" else group, float(share), color))
             self.rows.append(("text / prompt", float(other), QColor(110, 116, 126)))
-        self.setFixedHeight(max(2, len(self.rows)) * self.ROW + 6)
+        # Rows shrink to MIN_ROW in a short dock rather than being cut off at the bottom.
+        n = max(2, len(self.rows))
+        self.setMinimumHeight(n * self.MIN_ROW + 6)
+        self.setMaximumHeight(n * self.ROW + 6)
+        self.updateGeometry()
         self.update()
+
+    def sizeHint(self) -> QSize:  # noqa: N802
+        return QSize(360, max(2, len(self.rows)) * self.ROW + 6)
+
+    def row_height(self) -> float:
+        """The height of one bar row now: ROW when there is room, down to MIN_ROW."""
+        return max(float(self.MIN_ROW), min(float(self.ROW), (self.height() - 6) / max(1, len(self.rows))))
 
     def paintEvent(self, _ev) -> None:  # noqa: N802
         p = QPainter(self)
@@ -180,17 +192,19 @@ class SharesChart(QWidget):
         label_w, pct_w = 150, 52
         bar_w = max(20, self.width() - label_w - pct_w - 12)
         peak = max(r[1] for r in self.rows) or 1.0
+        row = self.row_height()
+        pad = max(2.0, row * 0.2)
         for i, (name, share, color) in enumerate(self.rows):
-            y = 3 + i * self.ROW
+            y = 3 + i * row
             p.setPen(QColor(216, 220, 226))
-            p.drawText(QRectF(4, y, label_w - 8, self.ROW), Qt.AlignVCenter | Qt.AlignRight, name)
+            p.drawText(QRectF(4, y, label_w - 8, row), Qt.AlignVCenter | Qt.AlignRight, name)
             p.setPen(Qt.NoPen)
             p.setBrush(QColor(44, 49, 57))
-            p.drawRoundedRect(QRectF(label_w, y + 4, bar_w, self.ROW - 8), 2, 2)
+            p.drawRoundedRect(QRectF(label_w, y + pad, bar_w, row - 2 * pad), 2, 2)
             p.setBrush(color)
-            p.drawRoundedRect(QRectF(label_w, y + 4, max(1.0, bar_w * share / peak), self.ROW - 8), 2, 2)
+            p.drawRoundedRect(QRectF(label_w, y + pad, max(1.0, bar_w * share / peak), row - 2 * pad), 2, 2)
             p.setPen(QColor(216, 220, 226))
-            p.drawText(QRectF(label_w + bar_w + 6, y, pct_w, self.ROW), Qt.AlignVCenter | Qt.AlignLeft, f"{share:.1%}")
+            p.drawText(QRectF(label_w + bar_w + 6, y, pct_w, row), Qt.AlignVCenter | Qt.AlignLeft, f"{share:.1%}")
 
 
 class AttentionPanel(QWidget):

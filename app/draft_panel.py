@@ -55,12 +55,27 @@ from .generation import EngineLoader, GenerationWorker, ModelChoice, WorkerJobs
 logger = logging.getLogger("reg2rg.app.draft")
 
 AUTOSAVE_DELAY_MS = 800
+EDITOR_MIN_H, EDITOR_MAX_H = 34, 220     # a section editor's height range (pixels), fitted to its text
 
 
 def confidence_color(prob: float, threshold: float) -> QColor:
     """Background for a token below the threshold: red when very unsure, amber near the threshold."""
     t = max(0.0, min(1.0, prob / max(threshold, 1e-6)))
     return QColor(int(200 + 30 * t), int(50 + 130 * t), 50, 150)
+
+
+def describe_model_dir(path) -> str:
+    """A short model name for the panel: "embedded demo" for the demo model, else the folder's name."""
+    if not path:
+        return "in memory"
+    from reg2rg.engine.generation import default_model_dir
+
+    try:
+        if Path(path).resolve() == default_model_dir().resolve():
+            return "embedded demo"
+    except OSError:
+        pass
+    return Path(path).name
 
 
 def sentence_span(text: str, pos: int) -> tuple[int, int]:
@@ -111,8 +126,10 @@ class SectionEditor(QFrame):
         self.editor = QTextEdit()
         self.editor.setAcceptRichText(False)
         self.editor.setPlainText(section.text)
-        self.editor.setMinimumHeight(60)
-        self.editor.setMaximumHeight(110)
+        self.editor.setVerticalScrollBarPolicy(Qt.ScrollBarAsNeeded)
+        # The editor is as tall as its text (within limits): short sections take little room, so
+        # several sections fit on screen, and the draft list scrolls instead of squashing them.
+        self.editor.document().documentLayout().documentSizeChanged.connect(lambda _s: self._fit_height())
         self.editor.viewport().installEventFilter(self)
         self.editor.textChanged.connect(lambda: self.textEdited.emit(self.section.slot, self.editor.toPlainText()))
         self.accept_button = QPushButton("Accept")
@@ -143,6 +160,11 @@ class SectionEditor(QFrame):
         self.threshold = 0.5
         self.colour_on = False
         self.refresh()
+
+    def _fit_height(self) -> None:
+        doc_h = self.editor.document().size().height()
+        frame = 2 * self.editor.frameWidth() + 6
+        self.editor.setFixedHeight(int(max(EDITOR_MIN_H, min(EDITOR_MAX_H, doc_h + frame))))
 
     def refresh(self) -> None:
         self._update_header()
@@ -344,7 +366,9 @@ class DraftPanel(QWidget):
     def set_engine(self, engine) -> None:
         """Use this engine (injected by tests or after loading a model)."""
         self.engine = engine
-        self.model_label.setText(f"Model: {getattr(engine, 'model_dir', None) or 'in memory'}")
+        where = getattr(engine, "model_dir", None)
+        self.model_label.setText(f"Model: {describe_model_dir(where)}")
+        self.model_label.setToolTip(str(where or "a model built in memory"))
 
     def set_model(self, choice: ModelChoice) -> None:
         """Draft with this model from the next generation on (loaded then, off the GUI thread)."""
@@ -470,6 +494,7 @@ class DraftPanel(QWidget):
         worker.done.connect(self._on_done)
         self._worker = worker
         self.stream.clear()
+        self.stream.show()
         self.generate_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self._set_busy(True, "Starting…")
@@ -555,6 +580,8 @@ class DraftPanel(QWidget):
             ed.setParent(None)
             ed.deleteLater()
         self._editors = []
+        # The raw stream is for watching the model write; once sections exist they say the same, editable.
+        self.stream.setVisible(self.draft is None)
         if self.draft is None:
             return
         for s in self.draft.sections:
@@ -564,7 +591,6 @@ class DraftPanel(QWidget):
             ed.resetRequested.connect(lambda slot: (self.draft.reset(slot), self._refresh(slot), self._changed()))
             ed.regenerateRequested.connect(self.regenerate)
             ed.spanSelected.connect(self._on_span)
-            ed.setMinimumHeight(ed.sizeHint().height())   # the list scrolls instead of squashing sections
             self.sections_layout.insertWidget(self.sections_layout.count() - 1, ed)
             self._editors.append(ed)
         self._apply_confidence()

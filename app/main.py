@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     status = {"code": 0}
     if args.screenshot:
         def finish() -> None:
+            draft = window.draft_panel.draft if window.draft_panel is not None else None
+            if draft is not None:   # what a remote check can read without opening the picture
+                regions = ", ".join(s.region for s in draft.sections if s.region and s.text.strip())
+                words = sum(len(s.text.split()) for s in draft.sections)
+                print(f"draft: {len(draft.sections)} section(s), {words} words; regions: {regions or 'none'}")
             window.save_screenshot(args.screenshot)
             print(f"screenshot saved to {args.screenshot}")
             app.exit(status["code"])

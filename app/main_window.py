@@ -124,7 +124,7 @@ class MainWindow(QMainWindow):
 
         from .attention_panel import AttentionPanel
 
-        self.attention_panel = AttentionPanel(self.document, self.views.values(), self)
+        self.attention_panel = AttentionPanel(self.document, [*self.views.values(), self.view3d], self)
         self.attention_panel.errorOccurred.connect(lambda msg: self.show_error("Attention map", msg))
         att = QDockWidget("Attention", self)
         att.setObjectName("dock_attention")

@@ -31,6 +31,12 @@ from .style import VOLUME_PRESETS
 
 SURFACE_MAX_DIM = 128     # masks are downsampled to at most this many voxels per axis for meshing
 VOLUME_MAX_DIM = 160      # and the CT for volume rendering (software OpenGL must stay interactive)
+HEAT_MAX_DIM = 96         # attention maps are coarse (image patches): meshed on a smaller grid
+# The attention heatmap in 3D: nested iso-surfaces at these fractions of its peak, each coloured as the
+# slice views colour that value, the outer ones more transparent so the core shows through them.
+HEAT_ISO_LEVELS = (0.6, 0.75, 0.9)
+HEAT_SHELL_OPACITY = (0.25, 0.45, 0.9)
+REGION_FADE_UNDER_HEAT = 0.3   # region surfaces' opacity factor while a heatmap is shown
 
 
 def _stride(shape, max_dim: int) -> int:
@@ -75,6 +81,41 @@ def region_surfaces(volume: DisplayVolume, max_dim: int = SURFACE_MAX_DIM) -> di
     return out
 
 
+def heat_surfaces(codes: np.ndarray, spacing, levels=HEAT_ISO_LEVELS,
+                  max_dim: int = HEAT_MAX_DIM) -> list[tuple[float, vtkPolyData]]:
+    """Iso-surfaces of a heatmap (uint8 codes in display order, 255 = peak) in display-world mm.
+
+    Returns (level, surface) for each fraction of the peak that has a non-empty surface. The map is
+    smoothed first (one voxel of the meshing grid) so the patch blocks of the attention grid give
+    rounded shells rather than staircases.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    s = _stride(codes.shape, max_dim)
+    heat = gaussian_filter(codes[::s, ::s, ::s].astype(np.float32), sigma=1.0)     # (I/s, J/s, K/s)
+    peak = float(heat.max())
+    out: list[tuple[float, vtkPolyData]] = []
+    if peak <= 0:
+        return out
+    grid_spacing = tuple(float(v) * s for v in spacing)
+    padded = np.zeros(tuple(n + 2 for n in heat.shape), dtype=np.float32, order="F")
+    padded[1:-1, 1:-1, 1:-1] = heat                                          # closed shells at the borders
+    image = image_from_array(padded, grid_spacing)
+    image.SetOrigin(*(-v for v in grid_spacing))
+    for level in levels:
+        edges = vtkFlyingEdges3D()
+        edges.SetInputData(image)
+        edges.SetValue(0, level * peak)
+        edges.ComputeNormalsOn()
+        edges.Update()
+        if edges.GetOutput().GetNumberOfPoints() == 0:
+            continue
+        poly = vtkPolyData()
+        poly.DeepCopy(edges.GetOutput())
+        out.append((level, poly))
+    return out
+
+
 class View3D(QVTKRenderWindowInteractor):
     """Region surfaces (coloured as in the slice views) and an optional CT volume rendering."""
 
@@ -93,6 +134,8 @@ class View3D(QVTKRenderWindowInteractor):
         self.GetRenderWindow().GetInteractor().SetInteractorStyle(vtkInteractorStyleTrackballCamera())
         self._actors: dict[str, vtkActor] = {}
         self._volume_actor: vtkVolume | None = None
+        self._heat_actors: list[tuple[float, vtkActor]] = []
+        self._heat_codes: np.ndarray | None = None     # the map the shells were built from
         self.volume_preset = "Bone"
         self.show_volume = False
         self.show_surfaces = True
@@ -125,6 +168,7 @@ class View3D(QVTKRenderWindowInteractor):
         for actor in self._actors.values():
             self.renderer.RemoveActor(actor)
         self._actors.clear()
+        self._clear_heat()
         if self._volume_actor is not None:
             self.renderer.RemoveVolume(self._volume_actor)
             self._volume_actor = None
@@ -198,6 +242,54 @@ class View3D(QVTKRenderWindowInteractor):
             self._volume_actor.SetVisibility(on)
         self.request_render()
 
+    # -- attention heatmap -------------------------------------------------------------------
+    def set_heatmap(self, codes: np.ndarray | None, table: np.ndarray | None = None, opacity: float = 0.5) -> None:
+        """Show a heatmap as nested iso-surfaces (see `heat_surfaces`); the arguments are the slice
+        views' (`SliceView.set_heatmap`): uint8 codes in display order, an RGBA (256, 4) colour table,
+        an overall opacity. None hides it."""
+        vol = self.document.volume
+        if codes is not None and (vol is None or tuple(codes.shape) != tuple(vol.shape)):
+            raise ValueError(f"heatmap shape {codes.shape} is not the display volume's "
+                             f"{None if vol is None else vol.shape}")
+        if codes is None:
+            for _level, actor in self._heat_actors:
+                actor.VisibilityOff()
+            self._on_styles()
+            return
+        if codes is not self._heat_codes:        # a new map: mesh it (the same map is only restyled)
+            self._clear_heat()
+            for level, poly in heat_surfaces(codes, vol.spacing):
+                mapper = vtkPolyDataMapper()
+                mapper.SetInputData(poly)
+                mapper.ScalarVisibilityOff()
+                actor = vtkActor()
+                actor.SetMapper(mapper)
+                actor.PickableOff()
+                actor.GetProperty().SetSpecular(0.2)
+                self.renderer.AddActor(actor)
+                self._heat_actors.append((level, actor))
+            self._heat_codes = codes
+        if table is not None:
+            self._heat_table = np.asarray(table)
+        table = getattr(self, "_heat_table", None)
+        for i, (level, actor) in enumerate(self._heat_actors):
+            rgba = table[int(round(level * (len(table) - 1)))] if table is not None else (255, 80, 0, 255)
+            actor.GetProperty().SetColor(*(float(c) / 255.0 for c in rgba[:3]))
+            shell = HEAT_SHELL_OPACITY[min(i, len(HEAT_SHELL_OPACITY) - 1)]
+            actor.GetProperty().SetOpacity(float(np.clip(opacity * shell * 1.4, 0.0, 1.0)))
+            actor.SetVisibility(opacity > 0)
+        self._on_styles()
+
+    def heat_shown(self) -> bool:
+        """Whether heatmap shells are visible now."""
+        return any(actor.GetVisibility() for _level, actor in self._heat_actors)
+
+    def _clear_heat(self) -> None:
+        for _level, actor in self._heat_actors:
+            self.renderer.RemoveActor(actor)
+        self._heat_actors = []
+        self._heat_codes = None
+
     def set_surfaces_visible(self, on: bool) -> None:
         self.show_surfaces = on
         self._on_styles()
@@ -207,8 +299,10 @@ class View3D(QVTKRenderWindowInteractor):
             style = self.document.region_styles[region]
             actor.SetVisibility(self.show_surfaces and style.visible)
             actor.GetProperty().SetColor(*(c / 255.0 for c in style.color))
-            # Regions nest (mediastinum around heart): translucent by default so inner ones show.
-            actor.GetProperty().SetOpacity(0.35 if region in ("lung", "pleura", "mediastinum", "abdomen", "bone", "breast") else 1.0)
+            # Regions nest (mediastinum around heart): translucent by default so inner ones show; while
+            # a heatmap is shown they fade further so the heat inside them stays visible.
+            opacity = 0.35 if region in ("lung", "pleura", "mediastinum", "abdomen", "bone", "breast") else 1.0
+            actor.GetProperty().SetOpacity(opacity * (REGION_FADE_UNDER_HEAT if self.heat_shown() else 1.0))
         if render:
             self.request_render()
 

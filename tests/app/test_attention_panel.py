@@ -120,9 +120,17 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
     win.document.set_cursor(win.document.volume.from_stored(amap.peak_voxel))
     QApplication.processEvents()
     shown = frame_pixels(axial).astype(int)
+    shown3d = frame_pixels(win.view3d).astype(int)
+    assert win.view3d.heat_shown()
     att.show_box.setChecked(True)                      # hide it: back to the CT alone at that slice
     hidden = frame_pixels(axial).astype(int)
+    hidden3d = frame_pixels(win.view3d).astype(int)
+    assert not win.view3d.heat_shown()
     assert (np.abs(shown - hidden).sum(axis=2) > 30).sum() > 50
+    # ...and in 3D: the heat shells change the rendered pixels, and they are warm (the Hot map: red > blue)
+    changed3d = np.abs(shown3d - hidden3d).sum(axis=2) > 30
+    assert changed3d.sum() > 50
+    assert (shown3d[changed3d, 0] - shown3d[changed3d, 2]).mean() > 20
     att.show_box.setChecked(False)
     att.opacity.setValue(100)
 

@@ -1,11 +1,12 @@
 """The first README command's path with the embedded demo model: open the demo study, draft with the
 demo model (``ReportEngine.load(None)``, loaded by the panel off the GUI thread), see the confidence
-colours, select a sentence and see its attention heatmap over the CT. Skipped until the demo model
-(resources/demo_model, trained by reg2rg-train) is built."""
+colours, select a sentence and see its attention heatmap over the CT (slice views and 3D). Skipped
+only where the demo model (resources/demo_model, trained by reg2rg-train) is not built."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from reg2rg.app.draft_panel import sentence_span
 from reg2rg.app.loader import LoadRequest
 from reg2rg.app.main_window import MainWindow, frame_pixels
 from reg2rg.engine.generation import default_model_dir
+from reg2rg.engine.regions import REGIONS
 
 pytestmark = [
     pytest.mark.gui,
@@ -59,10 +61,13 @@ def test_demo_generate_colours_the_draft_and_a_sentence_shows_its_heatmap(qtbot,
         win.document.set_cursor(win.document.volume.from_stored(att.current.peak_voxel))
         QApplication.processEvents()
         shown = frame_pixels(axial).astype(int)
+        shown3d = frame_pixels(win.view3d).astype(int)
         att.show_box.setChecked(True)
         hidden = frame_pixels(axial).astype(int)
+        hidden3d = frame_pixels(win.view3d).astype(int)
         att.show_box.setChecked(False)
         assert (np.abs(shown - hidden).sum(axis=2) > 30).sum() > 100
+        assert (np.abs(shown3d - hidden3d).sum(axis=2) > 30).sum() > 100      # the heat shells in 3D
         win.save_screenshot(screenshot_dir / "demo_model_attention.png")
     finally:
         win.close()
@@ -74,5 +79,12 @@ def test_cli_demo_generate_screenshot_with_the_demo_model(screenshot_dir):
     proc = subprocess.run([sys.executable, "-m", "reg2rg.app.main", "--demo", "--generate", "--screenshot", str(out),
                            "--size", "1600x1000"], env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # the real demo model drafted: the summary names region sections with words in them
+    summary = next((ln for ln in proc.stdout.splitlines() if ln.startswith("draft: ")), "")
+    assert summary, proc.stdout[-2000:]
+    n_sections, n_words = (int(v) for v in re.match(r"draft: (\d+) section\(s\), (\d+) words", summary).groups())
+    assert n_sections >= 2 and n_words >= 10, summary
+    named = [r.strip() for r in summary.split("regions: ", 1)[1].split(",")]
+    assert named and set(named) <= set(REGIONS), summary
     img = QImage(str(out))
     assert not img.isNull() and img.width() >= 1500
