@@ -55,6 +55,7 @@ from .generation import EngineLoader, GenerationWorker, ModelChoice, WorkerJobs
 logger = logging.getLogger("reg2rg.app.draft")
 
 AUTOSAVE_DELAY_MS = 800
+LOW_CONFIDENCE = "low\u2011confidence"     # a non-breaking hyphen: the header never wraps inside the word
 EDITOR_MIN_H, EDITOR_MAX_H = 34, 220     # a section editor's height range (pixels), fitted to its text
 
 
@@ -145,18 +146,21 @@ class SectionEditor(QFrame):
             lambda: self.spanSelected.emit(self.section.slot, 0, len(self.section.text)))
         self.editor.selectionChanged.connect(self._on_selection)
         self.editor.setToolTip("")
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.attention_button)
-        buttons.addStretch(1)
-        for b in (self.accept_button, self.regenerate_button, self.reset_button):
-            buttons.addWidget(b)
+        # The actions sit on the header line (small buttons): more sections fit on screen at once.
+        self.header.setWordWrap(True)
+        top = QHBoxLayout()
+        top.setSpacing(3)
+        top.addWidget(self.header, 1)
+        for b in (self.attention_button, self.accept_button, self.regenerate_button, self.reset_button):
+            b.setObjectName("section_action")
+            b.setStyleSheet("QPushButton { padding: 1px 7px; }")
+            top.addWidget(b)
         lay = QVBoxLayout(self)
-        lay.setContentsMargins(6, 6, 6, 6)
+        lay.setContentsMargins(6, 4, 6, 5)
         lay.setSpacing(3)
-        lay.addWidget(self.header)
+        lay.addLayout(top)
         lay.addWidget(self.editor)
         lay.addWidget(self.low_label)
-        lay.addLayout(buttons)
         self.threshold = 0.5
         self.colour_on = False
         self.refresh()
@@ -188,8 +192,10 @@ class SectionEditor(QFrame):
             f" &nbsp;<span style='color:#ff7a5c'>⚠ the model named “{s.area or 'no area'}”, "
             f"the mask is {s.region or 'missing'}</span>")
         n_low = len(s.low_confidence(self.threshold if hasattr(self, "threshold") else 0.5))
-        low = (f" &nbsp;<span style='color:#e0a050'>{n_low} low-confidence</span>" if n_low else "")
-        self.header.setText(f"<b>{s.title}</b> <span style='color:#888'>· {slot}</span> &nbsp;{state}{low}{grounding}")
+        low = (f" &nbsp;<span style='color:#e0a050'>{n_low}&nbsp;{LOW_CONFIDENCE}</span>" if n_low else "")
+        # The slot number is for checking against the prompt, not for reading: it lives in the tooltip.
+        self.header.setToolTip(f"{slot} of the prompt" + (f" · mask: {s.region}" if s.region else ""))
+        self.header.setText(f"<b>{s.title}</b> &nbsp;{state}{low}{grounding}")
 
     def apply_confidence(self, on: bool, threshold: float) -> None:
         """Colour words below ``threshold``; list the section's lowest-confidence words."""
@@ -286,7 +292,6 @@ class DraftPanel(QWidget):
     # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
         self.model_label = QLabel("Model: embedded demo")
-        self.model_label.setMinimumWidth(80)
         self.model_button = QToolButton()
         self.model_button.setText("Model ▾")
         self.model_button.setPopupMode(QToolButton.InstantPopup)
@@ -312,7 +317,7 @@ class DraftPanel(QWidget):
         self.region_list = QListWidget()
         self.region_list.setFlow(QListWidget.LeftToRight)
         self.region_list.setWrapping(True)
-        self.region_list.setMaximumHeight(58)
+        self.region_list.setMaximumHeight(46)   # two rows of region check boxes
         self.generate_button = QPushButton("Generate")
         self.generate_button.setStyleSheet("QPushButton { background: #2f6f4f; font-weight: bold; }")
         self.stop_button = QPushButton("Stop")

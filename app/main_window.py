@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from PySide6.QtCore import QThread, Qt, Signal
+from PySide6.QtCore import QThread, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -54,6 +54,9 @@ QPushButton:hover { background: #3a424d; }
 QPushButton:disabled { color: #6a717b; }
 QComboBox { background: #30363f; border: 1px solid #424a56; padding: 2px 6px; }
 """
+
+
+DOCK_TABS_HEIGHT = 368     # pixels: ten region rows, or the attention controls and chart, without scrolling
 
 
 class MainWindow(QMainWindow):
@@ -369,6 +372,20 @@ class MainWindow(QMainWindow):
             self.draft_panel.export_dialog()
         else:
             self.screenshot_dialog()
+
+    def showEvent(self, ev) -> None:  # noqa: N802
+        super().showEvent(ev)
+        if not getattr(self, "_docks_sized", False) and getattr(self, "draft_panel", None) is not None:
+            self._docks_sized = True
+            QTimer.singleShot(0, self, self.size_docks)
+
+    def size_docks(self) -> None:
+        """The first layout of the dock column: wide enough for the draft's text, the region/attention
+        tabs just tall enough for ten regions (or the attention chart), the draft the rest."""
+        width = max(440, min(560, int(self.width() * 0.34)))
+        self.resizeDocks([self.region_dock], [width], Qt.Horizontal)
+        self.resizeDocks([self.region_dock, self.draft_dock], [DOCK_TABS_HEIGHT, max(300, self.height() - DOCK_TABS_HEIGHT)],
+                         Qt.Vertical)
 
     def closeEvent(self, ev) -> None:  # noqa: N802
         if self.draft_panel is not None:

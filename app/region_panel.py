@@ -51,6 +51,9 @@ class RegionPanel(QWidget):
         self.table = QTableWidget(len(REGIONS), 5, self)
         self.table.setHorizontalHeaderLabels(["", "Region", "Volume", "Fill", "Outline"])
         self.table.verticalHeader().hide()
+        # Compact rows: all ten regions fit in the dock above the draft without scrolling.
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.Fixed)
+        self.table.verticalHeader().setDefaultSectionSize(23)
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SingleSelection)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)

@@ -188,6 +188,8 @@ def test_export_text_json_pdf(panel, tmp_path):
 
 
 def test_confidence_threshold_counts_tooltips_and_grounding_marks(panel, screenshot_dir):
+    from reg2rg.app.draft_panel import LOW_CONFIDENCE
+
     panel.resize(560, 900)
     panel._restore(ReportDraft.from_result(make_result(), panel.document.study), "")
     heart, bone = panel.section_editor(0), panel.section_editor(2)
@@ -200,16 +202,16 @@ def test_confidence_threshold_counts_tooltips_and_grounding_marks(panel, screens
         low = [t for t in bone.section.tokens if t.prob < pct / 100 and t.text.strip()]
         assert low, "the known-answer probabilities fall below both thresholds in the bone section"
         assert len(bone.editor.extraSelections()) == len(low)
-        assert f"{len(low)} low-confidence" in bone.header.text()
+        assert f"{len(low)}&nbsp;{LOW_CONFIDENCE}" in bone.header.text()
         assert bone.low_label.text().startswith(f"{len(low)} word(s) below {pct}%")
         # the lowest-confidence word is listed first
         lowest = min(low, key=lambda t: t.prob)
         assert f"{lowest.text.strip()} ({lowest.prob:.0%})" in bone.low_label.text().split("lowest:")[1].split(",")[0]
     assert panel.threshold_label.text() == "70%"
     lung = panel.section_editor(1)                       # "No nodule." : 65 % and 62 %, both below 70 %
-    assert "2 low-confidence" in lung.header.text()
+    assert f"2&nbsp;{LOW_CONFIDENCE}" in lung.header.text()
     panel.threshold.setValue(50)
-    assert "low-confidence" not in lung.header.text()
+    assert LOW_CONFIDENCE not in lung.header.text()
     panel.colour_box.setChecked(False)
     assert bone.editor.extraSelections() == []
     # hovering a word: its probability and the model's alternatives
