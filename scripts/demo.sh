@@ -16,7 +16,7 @@ fi
 echo "demo: no display found: running the viewer under Xvfb, then the headless report generator"
 xvfb-run -a -s "-screen 0 1600x1000x24" "$BIN/reg2rg-viewer" --demo --generate --screenshot "$OUT/viewer.png" "$@"
 echo "demo: screenshot of the viewer: $OUT/viewer.png"
-"$BIN/reg2rg-generate" --demo --out "$OUT"
+"$BIN/reg2rg-generate" --demo --out "$OUT" --quiet
 echo "demo: report written to $OUT/report.txt"
 echo "----------------------------------------------------------------------"
 cat "$OUT/report.txt"
