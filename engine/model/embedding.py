@@ -18,6 +18,9 @@ from .config import Reg2RGConfig
 from .perceiver import PerceiverResampler
 from .vit3d import ViT3D
 
+# Volumes patch-embedded together in `encode_visual` (bounds the peak memory of that stage).
+PATCH_EMBED_CHUNK = 2
+
 
 @dataclass
 class VisualTokens:
@@ -65,8 +68,12 @@ class RegionFusionEmbedding(nn.Module):
             raise ValueError(f"{N} region volumes but {region_masks.shape[0]} region masks")
         dtype = self.fc.weight.dtype   # volumes arrive as float32; follow the model's dtype (bf16/fp16)
         images = images.to(dtype)
-        volumes = torch.cat([images, region_images.to(dtype)], dim=0)         # (B+N, C, H, W, D)
-        patches = self.vision_encoder(volumes)                                 # (B+N, P, dim)
+        # Patch embedding is per volume, and its full-resolution intermediates (the rearranged patches and
+        # their LayerNorm, each as large as the input) dominate memory: embed a few volumes at a time. The
+        # transformer and the perceiver, where batching pays, then run on all B+N volumes at once.
+        chunks = [images, *region_images.split(PATCH_EMBED_CHUNK)]
+        tokens = torch.cat([self.vision_encoder.embed_patches(c.to(dtype)) for c in chunks if len(c)])
+        patches = self.vision_encoder.transformer(tokens)                      # (B+N, P, dim)
         if return_attention:
             latents, attention = self.perceiver(patches, return_attention=True)
         else:

@@ -93,10 +93,13 @@ class ViT3D(nn.Module):
         self.transformer = Transformer(config.dim, config.depth, config.heads, config.dim_head,
                                        config.mlp_dim, config.dropout)
 
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+    def embed_patches(self, volume: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W, D) -> position-embedded patch tokens (B, h*w*d, dim), before the transformer."""
         _, _, H, W, D = volume.shape
         h, w, d = self.config.grid((H, W, D))
         x = self.to_patch_embedding(volume)                       # (B, h*w*d, dim)
         x = x + self.pos_embedding(h, w, d).to(x.dtype)           # broadcast over the batch
-        x = self.dropout(x)
-        return self.transformer(x)                                # (B, h*w*d, dim)
+        return self.dropout(x)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        return self.transformer(self.embed_patches(volume))      # (B, h*w*d, dim)
