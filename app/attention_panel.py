@@ -149,7 +149,7 @@ class SharesChart(QWidget):
     """Horizontal bars: the share of attention on the global image, each region slot and the rest."""
 
     ROW = 20
-    MIN_ROW = 15
+    MIN_ROW = 14
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -244,8 +244,10 @@ class AttentionPanel(QWidget):
         self.head_ids = QLineEdit()
         self.head_ids.setPlaceholderText("e.g. 0-3")
         for combo, edit in ((self.layers, self.layer_ids), (self.heads, self.head_ids)):
+            # the index field only appears for "Chosen …": the panel stays short enough for its dock
             edit.setEnabled(False)
-            combo.currentIndexChanged.connect(lambda i, c=combo, e=edit: e.setEnabled(c.currentIndex() == c.count() - 1))
+            edit.setVisible(False)
+            combo.currentIndexChanged.connect(lambda i, c=combo, e=edit: self._show_ids(e, c.currentIndex() == c.count() - 1))
             combo.activated.connect(lambda _i: self.recompute())
             edit.returnPressed.connect(self.recompute)
         self.colormap = QComboBox()
@@ -286,8 +288,11 @@ class AttentionPanel(QWidget):
         row_c.addWidget(self.opacity, 1)
         row_c.addWidget(self.opacity_label)
         row_c.addWidget(self.show_box)
-        form.addRow("Layers", row_l)
-        form.addRow("Heads", row_h)
+        row_lh = QHBoxLayout()
+        row_lh.addLayout(row_l, 1)
+        row_lh.addWidget(QLabel("Heads"))
+        row_lh.addLayout(row_h, 1)
+        form.addRow("Layers", row_lh)
         form.addRow("Overlay", row_c)
         buttons = QHBoxLayout()
         buttons.addWidget(self.status, 1)
@@ -340,6 +345,11 @@ class AttentionPanel(QWidget):
         """Aggregation changed: recompute the last selection."""
         if self._last_request is not None:
             self.request(*self._last_request)
+
+    @staticmethod
+    def _show_ids(edit: QLineEdit, on: bool) -> None:
+        edit.setEnabled(on)
+        edit.setVisible(on)
 
     def _set_hidden(self, hidden: bool) -> None:
         self.show_box.setText("Show" if hidden else "Hide")
