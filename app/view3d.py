@@ -136,6 +136,7 @@ class View3D(QVTKRenderWindowInteractor):
         self._volume_actor: vtkVolume | None = None
         self._heat_actors: list[tuple[float, vtkActor]] = []
         self._heat_codes: np.ndarray | None = None     # the map the shells were built from
+        self._heat_table: np.ndarray | None = None     # RGBA (256, 4): the slice views' colour map
         self.volume_preset = "Bone"
         self.show_volume = False
         self.show_surfaces = True
@@ -271,7 +272,7 @@ class View3D(QVTKRenderWindowInteractor):
             self._heat_codes = codes
         if table is not None:
             self._heat_table = np.asarray(table)
-        table = getattr(self, "_heat_table", None)
+        table = self._heat_table
         for i, (level, actor) in enumerate(self._heat_actors):
             rgba = table[int(round(level * (len(table) - 1)))] if table is not None else (255, 80, 0, 255)
             actor.GetProperty().SetColor(*(float(c) / 255.0 for c in rgba[:3]))
