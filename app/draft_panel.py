@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QSlider,
     QSpinBox,
     QTextEdit,
@@ -119,6 +120,8 @@ class SectionEditor(QFrame):
         self.section = section
         self.setFrameShape(QFrame.StyledPanel)
         self.setObjectName(f"section_{section.slot}")
+        # As tall as its content, never stretched: spare room in the draft list stays below the sections.
+        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Maximum)
         self.header = QLabel()
         self.header.setTextFormat(Qt.RichText)
         self.low_label = QLabel()

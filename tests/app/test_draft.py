@@ -187,7 +187,7 @@ def test_export_text_json_pdf(panel, tmp_path):
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
 
 
-def test_confidence_threshold_counts_tooltips_and_grounding_marks(panel, screenshot_dir):
+def test_confidence_threshold_counts_tooltips_and_grounding_marks(qtbot, panel, screenshot_dir):
     from reg2rg.app.draft_panel import LOW_CONFIDENCE
 
     panel.resize(560, 900)
@@ -223,6 +223,7 @@ def test_confidence_threshold_counts_tooltips_and_grounding_marks(panel, screens
     cur.setPosition(tok.start + 2)
     tip = heart.tooltip_at(heart.editor.cursorRect(cur).center())
     assert tok.text.strip() in tip and f"{tok.prob:.1%}" in tip and "top alternatives" in tip and "1.0%" in tip
+    qtbot.wait(50)                                       # let the section layouts settle before the picture
     panel.grab().save(str(screenshot_dir / "draft_confidence.png"))
 
 
