@@ -18,6 +18,9 @@ class StudyError(ValueError):
 
     def __init__(self, path: str | os.PathLike | None, problem: str):
         self.path = None if path is None else os.fspath(path)
+        if self.path and os.path.basename(self.path):
+            # libraries quote the full path again inside their own message: say it once, up front
+            problem = problem.replace(self.path, os.path.basename(self.path))
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 

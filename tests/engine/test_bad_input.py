@@ -87,3 +87,17 @@ def test_volume_without_foreground_cannot_be_preprocessed(tmp_path):
     study = Study(voxels=np.full((8, 8, 4), -1024, np.int16), affine=np.eye(4), source="air.nii.gz")
     with pytest.raises(StudyError, match="air.nii.gz: no voxel above -1000 HU"):
         preprocess(study, input_size=(4, 4, 2))
+
+
+def test_study_error_names_the_file_once(tmp_path):
+    from reg2rg.engine.errors import StudyError
+    from reg2rg.engine.studyio import read_study
+
+    path = tmp_path / "broken_ct.nii.gz"
+    path.write_bytes(b"\x00not a gzip stream at all")
+    with pytest.raises(StudyError) as info:
+        read_study(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert message.count(str(path)) == 1          # nibabel's own text quoted the full path a second time
+    assert "NIfTI" in message
