@@ -30,6 +30,7 @@ class LoadRequest:
     demo: bool = False
     study: Study | None = None
     masks_only: bool = False          # add ``masks`` to ``study`` (the open one) instead of a new study
+    series: str | None = None         # DICOM folder with several series: number or UID (None = largest CT)
 
     def describe(self) -> str:
         if self.demo:
@@ -86,7 +87,7 @@ def load_study(request: LoadRequest, progress=lambda text, pct: None) -> LoadedS
     elif request.demo:
         study = demo_study()
     else:
-        study = read_study(request.volume, request.masks)
+        study = read_study(request.volume, request.masks, series=request.series)
     progress("Preparing the views…", 45)
     volume = build_display_volume(study)
     progress("Building region surfaces…", 65)

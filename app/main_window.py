@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QDockWidget,
     QFileDialog,
     QGridLayout,
+    QInputDialog,
     QLabel,
     QMainWindow,
     QMessageBox,
@@ -232,8 +233,29 @@ class MainWindow(QMainWindow):
 
     def open_dicom_dialog(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Open DICOM series folder")
-        if path:
-            self.open_request(LoadRequest(volume=path))
+        if not path:
+            return
+        series = self.choose_dicom_series(path)
+        if series is not False:
+            self.open_request(LoadRequest(volume=path, series=series))
+
+    def choose_dicom_series(self, folder: str):
+        """None (one series, or none readable: the reader explains), the chosen series number/UID, or
+        False when the user cancels the choice among several series."""
+        from reg2rg.engine.studyio import list_dicom_series
+
+        try:
+            found = list_dicom_series(folder)
+        except (OSError, ValueError):
+            return None
+        if len(found) < 2:
+            return None
+        labels = [str(s) for s in found]
+        label, ok = QInputDialog.getItem(self, "Choose a DICOM series",
+                                         f"{Path(folder).name} holds {len(found)} series:", labels, 0, False)
+        if not ok:
+            return False
+        return found[labels.index(label)].uid
 
     def open_masks_dialog(self) -> None:
         if self.document.study is None:

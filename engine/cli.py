@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "The embedded demo model is trained on synthetic phantoms: not for clinical use.")
     src = p.add_argument_group("studies (choose one)")
     src.add_argument("--volume", help="CT volume (NIfTI file or DICOM series folder)")
+    p.add_argument("--series", metavar="NUMBER_OR_UID",
+                   help="with a DICOM folder holding several series: the one to read (default: the largest CT series)")
     src.add_argument("--demo", action="store_true", help="the embedded demo study")
     src.add_argument("--dataset", metavar="ROOT", help="RadGenome-style data root (needs --masks and --reports)")
     p.add_argument("--masks", help="region masks: a folder of per-region NIfTIs or a label map "
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .studyio import read_study
 
-            study = read_study(args.volume, args.masks)
+            study = read_study(args.volume, args.masks, series=args.series)
         _run_one(engine, study, args, settings, out)
         return 0
     except (CliError, StudyError, GenerationError, ModelFolderError, EngineOutOfMemory, CheckpointError,

@@ -253,3 +253,39 @@ def test_cli_generate_with_a_missing_model_exits_with_a_message(tmp_path):
     assert proc.returncode == 1
     assert "no_model" in proc.stderr and "Could not load the model" in proc.stderr and "Traceback" not in proc.stderr
     assert out.is_file()                       # the window (with its message) was still pictured
+
+
+def test_dicom_folder_with_two_series_lets_the_user_choose(qtbot, window, tmp_path):
+    """A folder with several series asks which one to open (largest CT first); the choice is what opens."""
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QInputDialog
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    from dicom_fixtures import write_series
+
+    affine = np.diag([-2.0, -2.0, 3.0, 1.0])
+    rng = np.random.default_rng(0)
+    big = rng.integers(-1000, 400, size=(24, 24, 10)).astype(np.float32)
+    small = rng.integers(-1000, 400, size=(24, 24, 4)).astype(np.float32)
+    write_series(tmp_path, big, affine, series_number=2, description="thin")
+    write_series(tmp_path, small, affine, series_number=7, description="scout")
+
+    def pick_second():
+        dialog = next((w for w in QApplication.topLevelWidgets()
+                       if isinstance(w, QInputDialog) and w.isVisible()), None)
+        if dialog is None:
+            QTimer.singleShot(50, pick_second)
+            return
+        items = dialog.comboBoxItems()
+        assert len(items) == 2 and "thin" in items[0] and "scout" in items[1]
+        dialog.setTextValue(items[1])
+        dialog.accept()
+
+    QTimer.singleShot(50, pick_second)
+    series = window.choose_dicom_series(str(tmp_path))
+    assert series is not False and series is not None
+    from reg2rg.app.loader import LoadRequest
+
+    with qtbot.waitSignal(window.studyLoaded, timeout=30000):
+        window.open_request(LoadRequest(volume=str(tmp_path), series=series))
+    assert window.document.study.shape == (24, 24, 4)          # the scout, as chosen, not the largest
