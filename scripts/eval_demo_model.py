@@ -176,7 +176,7 @@ def main() -> int:
     studies = json.loads((test / "manifest.json").read_text())["studies"][: args.limit]
     reports = read_reports(test / "reports.csv")
     model, tokenizer = load_pretrained(args.model)
-    summary = {"model": args.model, "test": str(test), "n_studies": len(studies)}
+    summary = {"model_dir": args.model, "test": str(test), "n_studies": len(studies)}  # "model": its scores
     for name, engine_cls in (("model", ReportEngine), ("blind_control", BlindReportEngine)):
         t0 = time.perf_counter()
         preds = run(engine_cls(model, tokenizer), studies, test, reports, out / f"{name}_predictions.csv")

@@ -5,8 +5,9 @@
 #      abnormal-rich fine-tuning set (reg2rg-phantom --abnormal-fraction, new seeds)
 #   2. a small BPE tokenizer trained on the stage-1 training reports and the prompt (engine.tokens.train_tokenizer)
 #   3. stage 1: reg2rg-train --config demo from scratch (one process; resumable)
-#   4. stage 2: fine-tuning from the stage-1 weights (--model.init_from) on the abnormal-rich set mixed with
-#      part of the stage-1 set, same tokenizer, constant lr after a short warm-up (resumable)
+#   4. stage 2 (opt-in, FT_STEPS > 0; off for the shipped model, see MODEL_CARD.md): fine-tuning from the
+#      stage-1 weights (--model.init_from) on the abnormal-rich set mixed with part of the stage-1 set, same
+#      tokenizer, constant lr after a short warm-up (resumable). FT_STEPS=900 reproduces the measured experiment.
 #   5. export the final model to resources/demo_model/ with its configs, training logs and seeds
 #   6. held-out evaluation on the test phantoms, with a blind control (scripts/eval_demo_model.py);
 #      the numbers go to resources/demo_model/eval_summary.json (quoted in its MODEL_CARD.md)
@@ -28,7 +29,7 @@ TRAIN_CHUNKS=${TRAIN_CHUNKS:-"1000:160 1160:40 1200:40 1280:40"}
 FT_CHUNKS=${FT_CHUNKS:-"2000:180 2180:180"}
 FT_ABNORMAL=${FT_ABNORMAL:-0.85}
 FT_MIX=${FT_MIX:-"1000"}
-FT_STEPS=${FT_STEPS:-900}
+FT_STEPS=${FT_STEPS:-0}            # 0: no stage 2 (the shipped model); 900: the measured experiment
 FT_LR=${FT_LR:-5e-4}
 N_VAL=${N_VAL:-16}
 N_TEST=${N_TEST:-40}
@@ -59,6 +60,7 @@ for chunk in $TRAIN_CHUNKS; do
   if [ $running -ge 2 ]; then wait; running=0; fi
 done
 wait
+[ "$FT_STEPS" -gt 0 ] || FT_CHUNKS=""
 for chunk in $FT_CHUNKS; do     # ft_* (not train_*): stage 1 and the tokenizer never see them
   phantoms "data/ft_${chunk%%:*}" "${chunk##*:}" "${chunk%%:*}" --abnormal-fraction "$FT_ABNORMAL" &
 done
@@ -102,8 +104,8 @@ echo "== 3/6 stage 1: reg2rg-train --config demo (from scratch)"
   --output.dir "$WORK/run" \
   --train.seed "$SEED" --train.max_steps "$STEPS" --train.threads "$THREADS" ${EXTRA:-}
 
-echo "== 4/6 stage 2: fine-tuning from the stage-1 weights on the abnormal-rich set"
-"$BIN/reg2rg-train" --config demo --resume \
+echo "== 4/6 stage 2: fine-tuning from the stage-1 weights on the abnormal-rich set (FT_STEPS=$FT_STEPS)"
+[ "$FT_STEPS" -gt 0 ] && "$BIN/reg2rg-train" --config demo --resume \
   --model.init_from "$WORK/run/final" \
   --tokenizer "$WORK/tokenizer" \
   --data.root "$WORK/data" \
@@ -116,10 +118,11 @@ echo "== 4/6 stage 2: fine-tuning from the stage-1 weights on the abnormal-rich 
 
 echo "== 5/6 export to $OUT"
 "$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" \
-  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" <<'EOF'
+  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" <<'EOF'
 import json, os, shutil, sys
-work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal = sys.argv[1:]
-final = f"{work}/run_ft/final"
+work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps = sys.argv[1:]
+last = "run_ft" if int(ft_steps) > 0 else "run"
+final = f"{work}/{last}/final"
 if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint in the engine's format
     import subprocess
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "reg2rg-train"), "export",
@@ -130,16 +133,18 @@ shutil.copytree(final, tmp)
 card = os.path.join(out, "MODEL_CARD.md")
 if os.path.isfile(card):
     shutil.copy(card, os.path.join(tmp, "MODEL_CARD.md"))
-shutil.copy(f"{work}/run_ft/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
-shutil.copy(f"{work}/run_ft/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
-shutil.copy(f"{work}/run/train_config.yaml", os.path.join(tmp, "train_config_stage1.yaml"))
-shutil.copy(f"{work}/run/train_log.jsonl", os.path.join(tmp, "train_log_stage1.jsonl"))
+shutil.copy(f"{work}/{last}/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
+shutil.copy(f"{work}/{last}/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
+if last == "run_ft":
+    shutil.copy(f"{work}/run/train_config.yaml", os.path.join(tmp, "train_config_stage1.yaml"))
+    shutil.copy(f"{work}/run/train_log.jsonl", os.path.join(tmp, "train_log_stage1.jsonl"))
 span = lambda c: [int(c.split(":")[0]), int(c.split(":")[0]) + int(c.split(":")[1]) - 1]
 mix = [span(c) for c in chunks.split() if c.split(":")[0] in ft_mix.split()]
 seeds = {"train_seed": int(seed),
          "phantom_splits": {"train": [span(c) for c in chunks.split()],
-                            "finetune": {"abnormal_fraction": float(ft_abnormal),
-                                         "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix},
+                            **({"finetune": {"abnormal_fraction": float(ft_abnormal), "steps": int(ft_steps),
+                                             "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix}}
+                               if last == "run_ft" else {}),
                             "validation": [int(s_val), int(s_val) + int(n_val) - 1],
                             "test": [int(s_test), int(s_test) + int(n_test) - 1]},
          "command": "scripts/train_demo_model.sh"}
