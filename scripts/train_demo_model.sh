@@ -36,7 +36,7 @@ N_TEST=${N_TEST:-40}
 SEED=${SEED:-42}                 # training seed (init, data order, region shuffles)
 VAL_SEED0=${VAL_SEED0:-5000}
 TEST_SEED0=${TEST_SEED0:-9000}
-STEPS=${STEPS:-1200}
+STEPS=${STEPS:-1400}
 THREADS=${THREADS:-2}
 VOCAB=${VOCAB:-1024}
 OUT=resources/demo_model
@@ -130,9 +130,9 @@ if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint
 tmp = out + ".tmp"
 shutil.rmtree(tmp, ignore_errors=True)
 shutil.copytree(final, tmp)
-card = os.path.join(out, "MODEL_CARD.md")
-if os.path.isfile(card):
-    shutil.copy(card, os.path.join(tmp, "MODEL_CARD.md"))
+for keep in ("MODEL_CARD.md", "eval_summary_stage2_experiment.json"):   # hand-written / measured elsewhere
+    if os.path.isfile(os.path.join(out, keep)):
+        shutil.copy(os.path.join(out, keep), os.path.join(tmp, keep))
 shutil.copy(f"{work}/{last}/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
 shutil.copy(f"{work}/{last}/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
 if last == "run_ft":
