@@ -40,6 +40,7 @@ from .confidence import (
     tokens_in_span,
 )
 from .regions import REGIONS, canonical_region
+from .sections import RegionSection
 
 logger = logging.getLogger("reg2rg.engine.generation")
 
@@ -141,7 +142,7 @@ GenerationEvent = EncodingStarted | EncodingDone | TokenEvent | Finished
 # results
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class GroundedSection:
+class GroundedSection(RegionSection):
     """A region section of the report (`sections.RegionSection`) with its grounding check.
 
     ``area`` is the area the model named (canonical spelling, or None when unknown/missing);
@@ -149,15 +150,8 @@ class GroundedSection:
     ``grounding_ok`` is True when the model named that region.
     """
 
-    slot: int | None                  # None: text before the first section
-    area: str | None
-    raw_area: str
-    text: str
-    start: int
-    end: int
-    body_start: int
-    region: str | None
-    grounding_ok: bool
+    region: str | None = None
+    grounding_ok: bool = False
     confidence: ConfidenceSummary = field(default_factory=ConfidenceSummary)
 
     def to_dict(self) -> dict:
