@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QPoint, Qt, QTimer, Signal
-from vtkmodules.qt.QVTKRenderWindowInteractor import QVTKRenderWindowInteractor
 from vtkmodules.util.numpy_support import numpy_to_vtk
 from vtkmodules.vtkCommonCore import vtkLookupTable, vtkPoints
 from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkImageData, vtkPolyData
@@ -34,6 +33,7 @@ from reg2rg.engine.regions import REGIONS
 
 from .display import VIEW_NAMES, compose_slice, orientation_letters, slice_of, window_slice, window_table
 from .document import RegionStyle, ViewerDocument
+from .render_widget import RenderWidget
 
 # Camera direction of projection and view-up per fixed display axis (RAS+ display axes). With
 # right = dop x up this puts the patient's left on the screen's right (radiological convention) and
@@ -135,7 +135,7 @@ class CornerText:
         return self.actors[corner].GetInput() or ""
 
 
-class SliceView(QVTKRenderWindowInteractor):
+class SliceView(RenderWidget):
     """An MPR view of one display axis; observes a ViewerDocument, requests changes through it."""
 
     hovered = Signal(object)            # display voxel under the mouse, or None
@@ -220,10 +220,8 @@ class SliceView(QVTKRenderWindowInteractor):
         self._press_pos: QPoint | None = None
         self._press_button = Qt.NoButton
         self._dragged = False
-        self._render_pending = False
         self._has_volume = False
         self._shown_slice: int | None = None   # the slice index drawn now
-        self.render_count = 0                  # frames rendered (tests and benchmarks)
         # Linked views: when only the crosshair moved here (another view scrolled), redraw once the
         # scrolling pauses instead of on every step, so the scrolled view gets the whole frame budget.
         self.lazy_links = True
@@ -384,23 +382,6 @@ class SliceView(QVTKRenderWindowInteractor):
         self._refresh_slice()
 
     # -- rendering ---------------------------------------------------------------------------
-    def request_render(self) -> None:
-        """Render once the event loop is idle: several changes in one step cost one frame."""
-        if not self._render_pending:
-            self._render_pending = True
-            QTimer.singleShot(0, self, self._render_now)  # bound to self: no call after deletion
-
-    def _render_now(self) -> None:
-        self._render_pending = False
-        if self.isVisible():
-            self.render_count += 1
-            self.GetRenderWindow().Render()
-
-    def render_now(self) -> None:
-        self._render_pending = False
-        self.render_count += 1
-        self.GetRenderWindow().Render()
-
     # -- picking -----------------------------------------------------------------------------
     def voxel_at(self, pos: QPoint) -> tuple[int, int, int] | None:
         """Display voxel under a widget position (the fixed axis is the current slice)."""

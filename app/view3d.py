@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QTimer, Signal
-from vtkmodules.qt.QVTKRenderWindowInteractor import QVTKRenderWindowInteractor
 from vtkmodules.vtkCommonDataModel import vtkPiecewiseFunction, vtkPolyData
 from vtkmodules.vtkFiltersCore import vtkFlyingEdges3D, vtkPolyDataNormals, vtkWindowedSincPolyDataFilter
 from vtkmodules.vtkFiltersSources import vtkSphereSource
@@ -26,6 +25,7 @@ from reg2rg.engine.regions import REGION_INDEX, REGIONS
 
 from .display import DisplayVolume
 from .document import ViewerDocument
+from .render_widget import RenderWidget
 from .slice_view import image_from_array
 from .style import VOLUME_PRESETS
 
@@ -116,7 +116,7 @@ def heat_surfaces(codes: np.ndarray, spacing, levels=HEAT_ISO_LEVELS,
     return out
 
 
-class View3D(QVTKRenderWindowInteractor):
+class View3D(RenderWidget):
     """Region surfaces (coloured as in the slice views) and an optional CT volume rendering."""
 
     maximiseToggled = Signal()
@@ -140,7 +140,6 @@ class View3D(QVTKRenderWindowInteractor):
         self.volume_preset = "Bone"
         self.show_volume = False
         self.show_surfaces = True
-        self._render_pending = False
         self._cursor_timer = QTimer(self)
         self._cursor_timer.setSingleShot(True)
         self._cursor_timer.setInterval(150)
@@ -330,20 +329,6 @@ class View3D(QVTKRenderWindowInteractor):
         self.renderer.ResetCamera()
         cam.Zoom(1.3)
         self.request_render()
-
-    def request_render(self) -> None:
-        if not self._render_pending:
-            self._render_pending = True
-            QTimer.singleShot(0, self, self._render_now)  # bound to self: no call after deletion
-
-    def _render_now(self) -> None:
-        self._render_pending = False
-        if self.isVisible():
-            self.GetRenderWindow().Render()
-
-    def render_now(self) -> None:
-        self._render_pending = False
-        self.GetRenderWindow().Render()
 
     def mouseDoubleClickEvent(self, ev) -> None:  # noqa: N802
         self.maximiseToggled.emit()
