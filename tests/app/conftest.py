@@ -87,3 +87,24 @@ def make_chest_study(shape=(96, 80, 48), spacing=(3.0, 3.0, 5.0), flip_x=True):
         affine[0, 3] = spacing[0] * (X - 1)
     masks = {"lung": lung_r | lung_l, "heart": heart, "bone": spine}
     return Study(voxels=vox, affine=affine, masks=masks, name="synthetic", source="synthetic://chest")
+
+
+@pytest.fixture
+def main_window(qtbot):
+    """Factory of shown, exposed `MainWindow`s of a given size; each is closed after the test."""
+    from reg2rg.app.main_window import MainWindow
+
+    opened = []
+
+    def make(width: int = 1300, height: int = 850):
+        win = MainWindow()
+        win.resize(width, height)
+        qtbot.addWidget(win)
+        win.show()
+        qtbot.waitExposed(win)
+        opened.append(win)
+        return win
+
+    yield make
+    for win in opened:
+        win.close()

@@ -19,7 +19,7 @@ from reg2rg.app.attention_panel import (
 )
 from reg2rg.app.display import AXIS_AXIAL, build_display_volume
 from reg2rg.app.draft_panel import sentence_span
-from reg2rg.app.main_window import MainWindow, frame_pixels
+from reg2rg.app.main_window import frame_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 
@@ -74,14 +74,8 @@ def engine():
 
 
 @pytest.fixture
-def win(qtbot):
-    w = MainWindow()
-    w.resize(1600, 1000)
-    qtbot.addWidget(w)
-    w.show()
-    qtbot.waitExposed(w)
-    yield w
-    w.close()
+def win(main_window):
+    return main_window(1600, 1000)
 
 
 def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win, engine, tmp_path, screenshot_dir):

@@ -14,7 +14,7 @@ from PySide6.QtGui import QImage, QMouseEvent, QWheelEvent
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from reg2rg.app.display import AXIS_AXIAL, AXIS_CORONAL
-from reg2rg.app.main_window import MainWindow, frame_pixels
+from reg2rg.app.main_window import frame_pixels
 from reg2rg.app.region_panel import COL_NAME
 from reg2rg.engine.regions import REGIONS
 
@@ -24,14 +24,8 @@ pytestmark = pytest.mark.gui
 
 
 @pytest.fixture
-def window(qtbot):
-    win = MainWindow()
-    win.resize(1300, 850)
-    qtbot.addWidget(win)
-    win.show()
-    qtbot.waitExposed(win)
-    yield win
-    win.close()
+def window(main_window):
+    return main_window(1300, 850)
 
 
 def open_study(qtbot, win, study=None):
