@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("volume", nargs="?", help="CT volume: a NIfTI file or a DICOM series folder")
     p.add_argument("--masks", help="region masks: a folder of <region>.nii.gz, a label map or TotalSegmentator output")
     p.add_argument("--model", help="model folder (default: the embedded demo model)")
+    p.add_argument("--published", metavar="FILE", help="the published Reg2RG checkpoint (needs --llm)")
+    p.add_argument("--llm", metavar="DIR", help="with --published: the local LLaMA-2-7B-chat folder")
     p.add_argument("--demo", action="store_true", help="open the embedded demo study")
     p.add_argument("--generate", action="store_true", help="draft a report as soon as the study is open")
     p.add_argument("--screenshot", metavar="PNG", help="save a picture of the window once ready, then exit")
@@ -53,7 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reg2rg-viewer: --size must look like 1500x950, got {args.size!r}", file=sys.stderr)
         return 2
     install_excepthook(window)
-    if args.model and window.draft_panel is not None:
+    if bool(args.published) != bool(args.llm):
+        print("reg2rg-viewer: --published and --llm go together (the checkpoint and its LLaMA folder)",
+              file=sys.stderr)
+        return 2
+    if args.published and window.draft_panel is not None:
+        from .generation import ModelChoice
+
+        window.draft_panel.set_model(ModelChoice(kind="published", checkpoint=args.published, llm_path=args.llm))
+    elif args.model and window.draft_panel is not None:
         window.draft_panel.set_model_dir(args.model)
     window.show()
 

@@ -249,6 +249,21 @@ def test_cli_generate_with_a_missing_model_exits_with_a_message(tmp_path):
     assert out.is_file()                       # the window (with its message) was still pictured
 
 
+def test_cli_published_checkpoint_needs_its_llama_folder_and_names_missing_files(tmp_path):
+    """--published without --llm is refused; with both, a missing checkpoint is named in the message."""
+    cmd = [sys.executable, "-m", "reg2rg.app.main", "--demo", "--size", "1200x800"]
+    alone = subprocess.run(cmd + ["--published", str(tmp_path / "Reg2RG.pth")], capture_output=True, text=True,
+                           timeout=120)
+    assert alone.returncode == 2 and "--llm" in alone.stderr and "Traceback" not in alone.stderr
+    out = tmp_path / "x.png"
+    both = subprocess.run(cmd + ["--generate", "--published", str(tmp_path / "Reg2RG.pth"),
+                                 "--llm", str(tmp_path / "llama"), "--screenshot", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert both.returncode == 1
+    assert "Reg2RG.pth" in both.stderr and "Traceback" not in both.stderr
+    assert out.is_file()
+
+
 def test_dicom_folder_with_two_series_lets_the_user_choose(qtbot, window, tmp_path):
     """A folder with several series asks which one to open (largest CT first); the choice is what opens."""
     from PySide6.QtCore import QTimer
