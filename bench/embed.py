@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import time
 
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from isolated import peak_rss_mb, run_variant_process
 
 
 def run_variant(mode: str, tokens: int, repeats: int, threads: int) -> dict:
@@ -44,7 +39,7 @@ def run_variant(mode: str, tokens: int, repeats: int, threads: int) -> dict:
     sample, slot = torch.zeros(R, dtype=torch.long), torch.arange(R)
     special = list(range(V, V + 4 + L + R * (L + 1)))                       # every special id once
     ids = torch.tensor(special + torch.randint(3, V, (tokens - len(special),)).tolist())[None]
-    base = rss_mb()
+    base = peak_rss_mb()
     times = []
     with torch.inference_mode():
         for _ in range(repeats):
@@ -61,7 +56,7 @@ def run_variant(mode: str, tokens: int, repeats: int, threads: int) -> dict:
                 out = one_hot @ table
             times.append(time.perf_counter() - t)
             checksum = float(out.double().sum())
-    return {"mode": mode, "seconds": min(times), "peak_rss_mb": rss_mb(), "base_rss_mb": base, "checksum": checksum}
+    return {"mode": mode, "seconds": min(times), "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base, "checksum": checksum}
 
 
 def main() -> None:
@@ -76,9 +71,8 @@ def main() -> None:
         return
     res = {}
     for mode in ("onehot", "gather"):
-        cmd = [sys.executable, __file__, "--mode", mode, "--tokens", str(args.tokens),
-               "--repeats", str(args.repeats), "--threads", str(args.threads)]
-        res[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        res[mode] = run_variant_process(__file__, mode, "--tokens", args.tokens, "--repeats", args.repeats,
+                                        "--threads", args.threads)
     one, gat = res["onehot"], res["gather"]
     print(f"32000x4096 table, {args.tokens}-token prompt, 10 regions x 33 + 32 global, CPU threads={args.threads}")
     for r in (one, gat):

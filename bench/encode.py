@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import time
 
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from isolated import peak_rss_mb, run_variant_process
 
 
 def run_variant(mode: str, regions: int, repeats: int, threads: int) -> dict:
@@ -35,7 +30,7 @@ def run_variant(mode: str, regions: int, repeats: int, threads: int) -> dict:
     images = torch.rand(1, 3, H, W, D)
     region_images = torch.rand(regions, 3, H, W, D)
     region_masks = (torch.rand(regions, 1, H, W, D) > 0.5).float()
-    base = rss_mb()
+    base = peak_rss_mb()
     times = []
     with torch.inference_mode():
         for _ in range(repeats):
@@ -53,7 +48,7 @@ def run_variant(mode: str, regions: int, repeats: int, threads: int) -> dict:
                     parts.append(torch.cat([tok, m[:, None]], dim=1))
                 checksum = float(torch.cat(parts).sum() + g.sum())
             times.append(time.perf_counter() - t)
-    return {"mode": mode, "seconds": min(times), "peak_rss_mb": rss_mb(), "model_rss_mb": base, "checksum": checksum}
+    return {"mode": mode, "seconds": min(times), "peak_rss_mb": peak_rss_mb(), "model_rss_mb": base, "checksum": checksum}
 
 
 def main() -> None:
@@ -68,9 +63,8 @@ def main() -> None:
         return
     results = {}
     for mode in ("sequential", "batched"):
-        cmd = [sys.executable, __file__, "--mode", mode, "--regions", str(args.regions),
-               "--repeats", str(args.repeats), "--threads", str(args.threads)]
-        results[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        results[mode] = run_variant_process(__file__, mode, "--regions", args.regions, "--repeats", args.repeats,
+                                            "--threads", args.threads)
     seq, bat = results["sequential"], results["batched"]
     print(f"published dims, 1 global + {args.regions} regions, 3x256x256x64, CPU threads={args.threads}")
     for r in (seq, bat):
