@@ -1,5 +1,8 @@
 """Opening studies off the GUI thread: read (engine), reorient for display, extract 3D surfaces.
 
+Everything the worker calls is imported here, at module level: an import statement executed in a worker
+thread goes through PySide's import hook while the GUI thread runs, which crashed (segfault) once in tests.
+
 `StudyLoader` is a QObject moved to a QThread; it reports progress and ends with `loaded` (a
 `LoadedStudy`) or `failed` (a message naming the file and the problem). The GUI stays responsive and
 an error never leaves a half-open study behind.
@@ -14,9 +17,12 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
+from reg2rg.engine.phantom import demo_study
 from reg2rg.engine.study import Study
+from reg2rg.engine.studyio import read_masks, read_study
 
 from .display import DisplayVolume, build_display_volume
+from .view3d import region_surfaces
 
 logger = logging.getLogger("reg2rg.app.loader")
 
@@ -49,32 +55,8 @@ class LoadedStudy:
     surfaces: dict = field(default_factory=dict)      # region -> vtkPolyData (display coordinates)
 
 
-def demo_study() -> Study:
-    """The embedded phantom study: resources/demo_study when present, else one made by the engine."""
-    try:
-        from reg2rg.engine.phantom import demo_study as engine_demo  # type: ignore[attr-defined]
-
-        return engine_demo()
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parents[1] / "resources" / "demo_study"
-    volumes = sorted(root.glob("*.nii.gz")) if root.is_dir() else []
-    if volumes:
-        from reg2rg.engine.studyio import read_study
-
-        masks = root / "masks"
-        return read_study(volumes[0], masks if masks.is_dir() else None)
-    try:
-        from reg2rg.engine.phantom import make_study
-    except ImportError as exc:
-        raise RuntimeError("the demo study is not installed (resources/demo_study is missing)") from exc
-    return make_study(0)
-
-
 def load_study(request: LoadRequest, progress=lambda text, pct: None) -> LoadedStudy:
     """Do the whole load synchronously (the worker's body; also used by the CLI and benchmarks)."""
-    from reg2rg.engine.studyio import read_masks, read_study
-
     progress(f"Reading {request.describe()}…", 5)
     if request.masks_only:
         study = request.study
@@ -91,8 +73,6 @@ def load_study(request: LoadRequest, progress=lambda text, pct: None) -> LoadedS
     progress("Preparing the views…", 45)
     volume = build_display_volume(study)
     progress("Building region surfaces…", 65)
-    from .view3d import region_surfaces
-
     surfaces = region_surfaces(volume)
     progress("Done", 100)
     return LoadedStudy(study, volume, surfaces)

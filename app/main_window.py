@@ -94,13 +94,8 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(grid_host)
 
         self.region_panel = RegionPanel(self.document, self)
-        dock = QDockWidget("Regions", self)
-        dock.setObjectName("dock_regions")
-        dock.setWidget(self.region_panel)
         self.region_panel.setMinimumWidth(400)
-        dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable)
-        self.addDockWidget(Qt.RightDockWidgetArea, dock)
-        self.region_dock = dock
+        self.region_dock = self._add_dock("Regions", "dock_regions", self.region_panel)
         self._build_draft_dock()
 
         self._build_status_bar()
@@ -119,22 +114,13 @@ class MainWindow(QMainWindow):
             return
         self.draft_panel = DraftPanel(self.document, self)
         self.draft_panel.errorOccurred.connect(lambda msg: self.show_error("Report draft", msg))
-        dock = QDockWidget("Report draft", self)
-        dock.setObjectName("dock_draft")
-        dock.setWidget(self.draft_panel)
-        dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable)
-        self.addDockWidget(Qt.RightDockWidgetArea, dock)
-        self.draft_dock = dock
+        self.draft_dock = self._add_dock("Report draft", "dock_draft", self.draft_panel)
 
         from .attention_panel import AttentionPanel
 
         self.attention_panel = AttentionPanel(self.document, [*self.views.values(), self.view3d], self)
         self.attention_panel.errorOccurred.connect(lambda msg: self.show_error("Attention map", msg))
-        att = QDockWidget("Attention", self)
-        att.setObjectName("dock_attention")
-        att.setWidget(self.attention_panel)
-        att.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable)
-        self.addDockWidget(Qt.RightDockWidgetArea, att)
+        att = self._add_dock("Attention", "dock_attention", self.attention_panel)
         self.tabifyDockWidget(self.region_dock, att)
         self.region_dock.raise_()
         self.attention_dock = att
@@ -157,6 +143,15 @@ class MainWindow(QMainWindow):
         self.progress.hide()
         for w in (self.status_region, self.status_hu, self.status_position, self.progress):
             bar.addPermanentWidget(w)
+
+    def _add_dock(self, title: str, name: str, widget) -> QDockWidget:
+        """A movable, floatable (not closable) dock on the right holding ``widget``."""
+        dock = QDockWidget(title, self)
+        dock.setObjectName(name)
+        dock.setWidget(widget)
+        dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable)
+        self.addDockWidget(Qt.RightDockWidgetArea, dock)
+        return dock
 
     def _build_actions(self) -> None:
         menu = self.menuBar()

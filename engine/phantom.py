@@ -22,8 +22,10 @@ gives the same anatomy whatever findings are planted.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -31,6 +33,7 @@ from scipy import ndimage
 
 from .regions import REGIONS
 from .study import Study
+from .studyio import read_study
 
 # ---------------------------------------------------------------------------------------------------------
 # Vocabulary: CT-RATE abnormality names (facts §6) where one applies, and where each finding is reported.
@@ -1418,15 +1421,10 @@ DEMO_FINDINGS = (
 
 def demo_study() -> Study:
     """The embedded demo study (resources/demo_study), read from disk; built from DEMO_SEED if absent."""
-    import json
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1] / "resources" / "demo_study"
     volumes = sorted(root.glob("*.nii.gz")) if root.is_dir() else []
     if not volumes:
         return make_study(DEMO_SEED, list(DEMO_FINDINGS))
-    from .studyio import read_study
-
     study = read_study(volumes[0], root / "masks")
     manifest = root / "manifest.json"
     if manifest.is_file():
