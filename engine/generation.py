@@ -29,7 +29,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
+from .attention import (AttentionMap, capture_attention, group_shares, latent_patch_attention, project_to_ct,
+                        visual_positions)
+from .checkpoint import CheckpointError, import_published, load_pretrained
 from .confidence import (
     ConfidenceSummary,
     SentenceConfidence,
@@ -39,8 +43,12 @@ from .confidence import (
     sentence_spans,
     tokens_in_span,
 )
+from .model.config import Reg2RGConfig
+from .model.reg2rg import Reg2RG
+from .preprocess import preprocess
 from .regions import REGIONS, canonical_region
-from .sections import RegionSection
+from .sections import RegionSection, parse_sections, region_prediction_accuracy
+from .tokens import SpecialIds, build_prompt_ids, load_tokenizer
 
 logger = logging.getLogger("reg2rg.engine.generation")
 
@@ -237,8 +245,6 @@ def _cache_kwarg(lang_model: torch.nn.Module) -> str:
 
 
 def _new_cache(lang_model: torch.nn.Module):
-    from transformers import DynamicCache
-
     base = lang_model.get_base_model() if hasattr(lang_model, "get_base_model") else lang_model
     return DynamicCache(config=base.config)
 
@@ -448,8 +454,6 @@ def token_piece_text(tokenizer, token_id: int) -> str:
 # ------------------------------------------------------------------------------------------------
 def ground_sections(text: str, slot_regions: dict[int, str], tokens: Sequence[TokenConfidence]) -> list[GroundedSection]:
     """Parse ``text`` into region sections and check each named area against the slot's true region."""
-    from .sections import parse_sections
-
     out = []
     for sec in parse_sections(text):
         slot = None if sec.slot is None else int(sec.slot)
@@ -468,8 +472,6 @@ def region_accuracy_of(sections: Sequence[GroundedSection], slot_regions: dict[i
     """The published region prediction accuracy of one study (`sections.region_prediction_accuracy`:
     a slot never written counts as wrong, a repeated slot is judged by its first section); None when
     the prompt had no region slots."""
-    from .sections import region_prediction_accuracy
-
     if not slot_regions:
         return None
     return float(region_prediction_accuracy(sections, slot_regions))
@@ -588,8 +590,6 @@ class ReportEngine:
     """
 
     def __init__(self, model, tokenizer, model_dir: str | os.PathLike | None = None):
-        from .tokens import SpecialIds
-
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -608,8 +608,6 @@ class ReportEngine:
         if available, else CPU float32). ``llm_path`` overrides the base LLaMA folder of a LoRA
         checkpoint. Raises `ModelFolderError` when the folder or one of its files is missing and
         `EngineOutOfMemory` when the weights do not fit."""
-        from .checkpoint import CheckpointError, load_pretrained
-
         folder = Path(model_dir) if model_dir is not None else default_model_dir()
         if not folder.is_dir():
             hint = " (the embedded demo model is not built yet)" if model_dir is None else ""
@@ -633,11 +631,6 @@ class ReportEngine:
         """The published Reg2RG checkpoint (a full state dict, safetensors or ``weights_only`` pickle)
         on the published dimensions, with the LLaMA-2-7B-chat folder ``llm_path`` (tokenizer and base
         weights, read offline)."""
-        from .checkpoint import import_published
-        from .model.config import Reg2RGConfig
-        from .model.reg2rg import Reg2RG
-        from .tokens import load_tokenizer
-
         for path, what in ((checkpoint, "published checkpoint file"), (llm_path, "LLaMA folder")):
             if not Path(path).exists():
                 raise ModelFolderError(f"{path}: {what} not found")
@@ -681,9 +674,6 @@ class ReportEngine:
 
     def prepare(self, study, regions: Sequence[str] | None = None) -> PreparedStudy:
         """Pre-process, encode every volume in one pass, and embed the prompt (done once per study)."""
-        from .preprocess import preprocess
-        from .tokens import build_prompt_ids
-
         chosen = self.select_regions(study, regions)
         inputs = preprocess(study, self.config.input_size, self.config.orientation, chosen)
         # preprocess skips regions it cannot crop (warned there): slots follow what it produced
@@ -786,8 +776,6 @@ class ReportEngine:
         ``heads``: ``"mean"`` (all heads, cached after the first call) or head indices.
         One teacher-forced pass with eager attention per call (the head-mean of all tokens and layers
         is kept after the first call, so later selections are instant)."""
-        from .attention import AttentionMap, capture_attention, group_shares, project_to_ct, visual_positions
-
         prepared: PreparedStudy | None = result.cache.get("prepared")
         if prepared is None:
             raise GenerationError("this result carries no encoding; attention maps need a result of this engine")
@@ -851,6 +839,4 @@ def _base_config(lang_model):
 
 
 def _latent_patch(perceiver_attention) -> torch.Tensor:
-    from .attention import latent_patch_attention
-
     return latent_patch_attention(perceiver_attention).cpu()
