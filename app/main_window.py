@@ -29,6 +29,7 @@ from reg2rg.engine.study import Study
 
 from .display import AXIS_AXIAL, AXIS_CORONAL, AXIS_SAGITTAL
 from .document import ViewerDocument
+from .gui_gc import collect_on_gui_thread
 from .loader import LoadedStudy, LoadRequest, start_loader
 from .region_panel import RegionPanel
 from .slice_view import SliceView
@@ -68,6 +69,7 @@ class MainWindow(QMainWindow):
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
+        collect_on_gui_thread(QApplication.instance())
         self.setWindowTitle("Reg2RG Viewer")
         self.resize(1500, 950)
         self.document = ViewerDocument(self)

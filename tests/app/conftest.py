@@ -108,3 +108,18 @@ def main_window(qtbot):
     yield make
     for win in opened:
         win.close()
+    import gc
+
+    gc.collect()      # the closed windows' Qt/VTK objects go on this (the GUI) thread, not in a worker
+
+
+@pytest.fixture(autouse=True)
+def _garbage_on_the_gui_thread(qapp):
+    """As in the app: no automatic collection in worker threads; collect on this thread after each test."""
+    import gc
+
+    from reg2rg.app.gui_gc import collect_on_gui_thread
+
+    collect_on_gui_thread(qapp)
+    yield
+    gc.collect()
