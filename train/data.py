@@ -179,10 +179,14 @@ class RegionReportDataset(torch.utils.data.Dataset):
 
     A region is usable when it has both a report and a non-empty mask. A study with none is skipped
     (see ``__getitem__``). Call `set_epoch` before each epoch.
+
+    With ``finding_labels`` (names among the labeller's `ABNORMALITIES`), each sample also carries the
+    targets of the model's finding head: per region, the labels `label_report` reads in that region's
+    own report sentence, and for the global image their union over the study's regions.
     """
 
     def __init__(self, records: Sequence[StudyRecord], tokenizer, special, load_study, max_length: int,
-                 seed: int = 42, shuffle_regions: bool = True):
+                 seed: int = 42, shuffle_regions: bool = True, finding_labels: Sequence[str] = ()):
         self.records = list(records)
         self.tokenizer = tokenizer
         self.special = special
@@ -191,6 +195,25 @@ class RegionReportDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.shuffle_regions = shuffle_regions
+        self.finding_labels = tuple(finding_labels)
+        self._targets: dict[str, dict[str, torch.Tensor]] = {}
+
+    def finding_targets(self, record: StudyRecord) -> dict[str, torch.Tensor]:
+        """Region -> (K,) 0/1 targets of the finding head, plus ``""`` -> the study's union (cached)."""
+        if record.name not in self._targets:
+            from .labeller import ABNORMALITIES, label_report
+
+            unknown = [n for n in self.finding_labels if n not in ABNORMALITIES]
+            if unknown:
+                raise ValueError(f"finding labels {unknown} are not labeller abnormalities")
+            targets = {}
+            for region, sentence in record.reports.items():
+                labels = label_report(sentence)
+                targets[region] = torch.tensor([float(labels[n]) for n in self.finding_labels])
+            union = torch.stack(list(targets.values())).amax(dim=0) if targets else torch.zeros(len(self.finding_labels))
+            targets[""] = union
+            self._targets[record.name] = targets
+        return self._targets[record.name]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -223,7 +246,7 @@ class RegionReportDataset(torch.utils.data.Dataset):
         order = self.region_order(index, usable)[: self.special.num_regions]
         example = build_example(self.tokenizer, [(r, record.reports[r]) for r in order],
                                 max_length=self.max_length, special=self.special, pad=False)
-        return {
+        sample = {
             "name": record.name,
             "input_ids": example["input_ids"],
             "labels": example["labels"],
@@ -233,6 +256,11 @@ class RegionReportDataset(torch.utils.data.Dataset):
             "region_masks": torch.stack([tensors.masks[r] for r in order]),     # (n, 1, H, W, D)
             "regions": order,
         }
+        if self.finding_labels:
+            targets = self.finding_targets(record)
+            sample["global_finding_targets"] = targets[""]                      # (K,)
+            sample["finding_targets"] = torch.stack([targets[r] for r in order])  # (n, K)
+        return sample
 
 
 def collate_regions(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
@@ -256,7 +284,7 @@ def collate_regions(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[
 
     region_sample = torch.cat([torch.full((len(s["regions"]),), i, dtype=torch.long) for i, s in enumerate(samples)])
     region_slot = torch.cat([torch.arange(len(s["regions"]), dtype=torch.long) for s in samples])
-    return {
+    batch = {
         "input_ids": pad("input_ids", pad_id),                                 # (B, T)
         "labels": pad("labels", -100),                                         # (B, T)
         "attention_mask": pad("attention_mask", 0),                            # (B, T)
@@ -269,7 +297,13 @@ def collate_regions(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[
         "regions": [s["regions"] for s in samples],
         "skipped": skipped,
     }
+    if all("finding_targets" in s for s in samples):
+        batch["finding_targets"] = torch.cat([s["finding_targets"] for s in samples])               # (N, K)
+        batch["global_finding_targets"] = torch.stack([s["global_finding_targets"] for s in samples])  # (B, K)
+    return batch
 
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "images", "region_images", "region_masks",
                     "region_sample", "region_slot")
+#: Inputs passed on to `Reg2RG.forward` when the batch has them (the finding head's targets).
+OPTIONAL_INPUT_KEYS = ("finding_targets", "global_finding_targets")

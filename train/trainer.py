@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, TrainConfigError, deepspeed_config_dict
-from .data import (MODEL_INPUT_KEYS, DatasetError, RegionReportDataset, SkipLog, StudyRecord,
+from .data import (MODEL_INPUT_KEYS, OPTIONAL_INPUT_KEYS, DatasetError, RegionReportDataset, SkipLog, StudyRecord,
                    collate_regions, epoch_batches, index_studies, read_reports, resolve_splits, scan_volumes)
 
 logger = logging.getLogger("reg2rg.train")
@@ -333,10 +333,12 @@ class Trainer:
         self.model = build_model(cfg, self.model_config, self.tokenizer)
         special = self.model.special
         max_length = min(cfg.data.max_length, self.model_config.max_length)
+        findings = self.model_config.finding_labels if self.model_config.finding_loss_weight else ()
         self.train_set = RegionReportDataset(self.splits.train, self.tokenizer, special, self.loader,
-                                             max_length, seed=cfg.train.seed)
+                                             max_length, seed=cfg.train.seed, finding_labels=findings)
         self.val_set = RegionReportDataset(self.splits.val[: cfg.data.val_samples], self.tokenizer, special,
-                                           self.loader, max_length, seed=cfg.train.seed + 1)
+                                           self.loader, max_length, seed=cfg.train.seed + 1,
+                                           finding_labels=self.model_config.finding_labels)
         per_epoch = self.micro_batches_per_epoch() // cfg.train.grad_accum
         if per_epoch < 1:
             raise DatasetError(
@@ -459,7 +461,7 @@ class Trainer:
 
     # -- steps --
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUT_KEYS}
+        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUT_KEYS + OPTIONAL_INPUT_KEYS if k in batch}
         if self.use_bf16:
             for key in ("images", "region_images", "region_masks"):
                 inputs[key] = inputs[key].to(torch.bfloat16)
@@ -480,6 +482,8 @@ class Trainer:
         else:
             out = model(**self._to_device(batch))
             loss, acc, n = out.loss, float(out.token_accuracy), len(batch["names"])
+            if out.finding_loss is not None:
+                self._finding_losses.append((float(out.lm_loss.detach()), float(out.finding_loss.detach())))
         value = float(loss.detach())
         finite = _all_min(1.0 if math.isfinite(value) else 0.0)
         if finite < 1.0:
@@ -551,6 +555,7 @@ class Trainer:
                                     self.rank, self.world)
             batches = batches[: self.steps_per_epoch * accum]
             window: list[tuple[float, float, int]] = []
+            self._finding_losses: list[tuple[float, float]] = []
             self._batch_digest = hashlib.sha1()
             t0 = time.perf_counter()
             for batch in self._loader(batches[self.state.batch_in_epoch:]):
@@ -575,7 +580,12 @@ class Trainer:
                           "samples_per_s": total / max(elapsed, 1e-9), "time": time.time(),
                           # which studies, in which region order, made this step (rank 0's share)
                           "batch_digest": self._batch_digest.hexdigest()[:12]}
-                window, t0 = [], time.perf_counter()
+                if self.model_config.finding_loss_weight:   # the two parts of the loss with a finding head
+                    lm, fl, k = _all_sum([sum(x for x, _ in self._finding_losses),
+                                          sum(y for _, y in self._finding_losses), len(self._finding_losses)])
+                    if k:
+                        record.update(lm_loss=lm / k, finding_loss=fl / k)
+                window, t0, self._finding_losses = [], time.perf_counter(), []
                 self._batch_digest = hashlib.sha1()
                 if self.state.global_step % max(cfg.output.log_steps, 1) == 0 or self.state.global_step == 1:
                     self._log(record)
@@ -612,16 +622,25 @@ class Trainer:
         pad_id = self.tokenizer.pad_token_id or 0
         indices = list(range(len(self.val_set)))[self.rank::self.world]
         loss_sum = acc_sum = count = 0.0
+        hits = [0.0, 0.0, 0.0]     # finding head, all volumes, threshold 0.5: true/false positives, false negatives
         for i in indices:
             batch = collate_regions([self.val_set[i]], pad_id)
             if "input_ids" not in batch:
                 continue
             out = model(**self._to_device(batch))
-            loss_sum += float(out.loss)
+            loss_sum += float(out.lm_loss)   # the language-model loss (comparable with the published runs)
             acc_sum += float(out.token_accuracy)
             count += 1
-        loss_sum, acc_sum, count = _all_sum([loss_sum, acc_sum, count])
+            if out.finding_logits is not None:
+                predicted = out.finding_logits > 0
+                target = torch.cat([batch["global_finding_targets"], batch["finding_targets"]]).to(predicted.device) > 0.5
+                hits[0] += float((predicted & target).sum())
+                hits[1] += float((predicted & ~target).sum())
+                hits[2] += float((~predicted & target).sum())
+        loss_sum, acc_sum, count, *hits = _all_sum([loss_sum, acc_sum, count, *hits])
         result = {"val_loss": loss_sum / max(count, 1), "val_token_accuracy": acc_sum / max(count, 1)}
+        if self.model_config.finding_labels:
+            result["val_finding_f1"] = 2 * hits[0] / max(2 * hits[0] + hits[1] + hits[2], 1.0)
         if self.config.train.val_metrics:
             result.update(self._generation_metrics())
         if self.rank == 0:

@@ -94,6 +94,12 @@ class Reg2RGConfig:
     ``llm_config`` is a dict of ``LlamaConfig`` arguments for a freshly initialised LLM.
     ``vocab_size`` is the text vocabulary V (rows of the LLM input embedding); it is filled from the
     tokenizer when the model is built and must match it afterwards.
+
+    ``finding_labels`` (not in the published model; empty there) adds a linear *finding head* to the
+    fusion layer: per region, the mean of its projected tokens -> one logit per label (for the global
+    image: the mean of the global tokens). Training adds ``finding_loss_weight`` x its binary
+    cross-entropy to the language-model loss (deep supervision of the visual tokens); the head's
+    probabilities are also available at inference (`Reg2RG.finding_probabilities`).
     """
 
     name: str = "custom"
@@ -113,9 +119,12 @@ class Reg2RGConfig:
     attn_implementation: str = "sdpa"
     max_length: int = 2048
     freeze_vision_encoder: bool = True
+    finding_labels: tuple[str, ...] = ()
+    finding_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]
+        self.finding_labels = tuple(str(s) for s in self.finding_labels)  # type: ignore[assignment]
         for name, cls in (("vision", VisionEncoderConfig), ("mask_encoder", VisionEncoderConfig),
                           ("perceiver", PerceiverConfig), ("lora", LoraSettings)):
             value = getattr(self, name)
@@ -143,6 +152,10 @@ class Reg2RGConfig:
         self.mask_encoder.validate(self.input_size, "mask encoder")
         if self.train_llm not in ("lora", "full", "frozen"):
             raise ConfigError(f"train_llm must be 'lora', 'full' or 'frozen', got {self.train_llm!r}")
+        if len(set(self.finding_labels)) != len(self.finding_labels):
+            raise ConfigError(f"finding_labels are named twice: {list(self.finding_labels)}")
+        if self.finding_loss_weight < 0 or (self.finding_loss_weight and not self.finding_labels):
+            raise ConfigError("finding_loss_weight must be >= 0 and needs finding_labels")
         if require_llm and self.llm_path is None and self.llm_config is None:
             raise ConfigError(f"preset {self.name!r}: set llm_path (a local LLaMA folder) or llm_config")
 
@@ -184,6 +197,7 @@ class Reg2RGConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["input_size"] = list(self.input_size)
+        data["finding_labels"] = list(self.finding_labels)
         return data
 
     @classmethod

@@ -54,6 +54,8 @@ class RegionFusionEmbedding(nn.Module):
                                             dim_head=p.dim_head, ff_mult=p.ff_mult)
         self.fc = nn.Linear(config.vision.dim, hidden_size)
         self.mask_fc = nn.Linear(config.mask_encoder.dim, hidden_size)
+        # Optional (not published): linear finding head on the projected tokens, see Reg2RGConfig.
+        self.finding_head = nn.Linear(hidden_size, len(config.finding_labels)) if config.finding_labels else None
         if config.freeze_vision_encoder:
             self.vision_encoder.requires_grad_(False)
         self.weight: nn.Parameter | None = None
@@ -88,6 +90,14 @@ class RegionFusionEmbedding(nn.Module):
             region_tokens = tokens.new_zeros(0, self.num_latents + 1, self.hidden_size)
         grid = self.config.vision.grid(tuple(images.shape[-3:]))
         return VisualTokens(global_tokens, region_tokens, attention, grid)
+
+    def finding_logits(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global (B, K), regions (N, K)) finding-head logits from the mean of each volume's tokens
+        (a region's latents and its mask token)."""
+        if self.finding_head is None:
+            raise RuntimeError("this model has no finding head (its config has no finding_labels)")
+        head = self.finding_head
+        return head(visual.global_tokens.mean(dim=1)), head(visual.region_tokens.mean(dim=1))
 
     # ---- the per-sample special table and the gather ---------------------------------------------
     def special_table(self, visual: VisualTokens, region_sample: torch.Tensor,

@@ -22,6 +22,9 @@ class Reg2RGOutput:
     logits: torch.Tensor                       # (B, T, V)
     token_accuracy: torch.Tensor | None = None     # correct / labelled next tokens
     sequence_accuracy: torch.Tensor | None = None  # the reference's logged "Accuracy": whole sequences right
+    lm_loss: torch.Tensor | None = None            # the language-model part of ``loss``
+    finding_loss: torch.Tensor | None = None       # the finding head's BCE (unweighted), when trained
+    finding_logits: torch.Tensor | None = None     # (B + N, K): global volumes, then regions
 
 
 class Reg2RG(nn.Module):
@@ -79,21 +82,42 @@ class Reg2RG(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, images: torch.Tensor | None = None,
                 region_images: torch.Tensor | None = None, region_masks: torch.Tensor | None = None,
-                region_sample: torch.Tensor | None = None, region_slot: torch.Tensor | None = None) -> Reg2RGOutput:
-        """Causal-LM loss exactly as the reference (HF shift, mean over labels != -100) and accuracies."""
+                region_sample: torch.Tensor | None = None, region_slot: torch.Tensor | None = None,
+                finding_targets: torch.Tensor | None = None,
+                global_finding_targets: torch.Tensor | None = None) -> Reg2RGOutput:
+        """Causal-LM loss exactly as the reference (HF shift, mean over labels != -100) and accuracies.
+
+        With a finding head (``config.finding_labels``) and targets — ``finding_targets`` (N, K) for the
+        regions, ``global_finding_targets`` (B, K) for the global images, 0/1 — ``loss`` adds
+        ``config.finding_loss_weight`` x the mean binary cross-entropy of the head over all B + N volumes."""
         if images is None:
             raise ValueError("Reg2RG.forward needs the global images (B, C, H, W, D)")
         if region_images is None:
             region_images = images.new_zeros(0, *images.shape[1:])
             region_masks = images.new_zeros(0, 1, *images.shape[2:])
             region_sample = region_slot = torch.zeros(0, dtype=torch.long, device=images.device)
-        embeds = self.embed_inputs(input_ids, images, region_images, region_masks, region_sample, region_slot)
+        visual = self.encode_visual(images, region_images, region_masks)
+        embeds = self.embed_inputs(input_ids, images, region_images, region_masks, region_sample, region_slot,
+                                   visual=visual)
         # The training/scoring pass never reuses a KV cache (and caching clashes with checkpointing).
         out = self.lang_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-        token_acc = seq_acc = None
+        token_acc = seq_acc = finding_loss = finding_logits = None
+        loss = out.loss
         if labels is not None:
             token_acc, seq_acc = next_token_accuracy(out.logits, labels)
-        return Reg2RGOutput(out.loss, out.logits, token_acc, seq_acc)
+        if finding_targets is not None and global_finding_targets is not None:
+            finding_logits = torch.cat(self.embedding_layer.finding_logits(visual)).float()
+            targets = torch.cat([global_finding_targets, finding_targets]).to(finding_logits)
+            finding_loss = nn.functional.binary_cross_entropy_with_logits(finding_logits, targets)
+            if loss is not None and self.config.finding_loss_weight:
+                loss = loss + self.config.finding_loss_weight * finding_loss
+        return Reg2RGOutput(loss, out.logits, token_acc, seq_acc, out.loss, finding_loss, finding_logits)
+
+    @torch.no_grad()
+    def finding_probabilities(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """The finding head's probabilities: global (B, K) and per region (N, K), in ``config.finding_labels`` order."""
+        global_logits, region_logits = self.embedding_layer.finding_logits(visual)
+        return global_logits.float().sigmoid(), region_logits.float().sigmoid()
 
 
 @torch.no_grad()

@@ -191,3 +191,60 @@ def test_validation_each_epoch_with_reg2rg_eval_metrics(phantoms, tmp_path):
     assert val[0]["val_loss"] > 0 and 0 <= val[0]["val_region_accuracy"] <= 1
     for name in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
         assert 0 <= val[0][f"val_{name}"] <= 10, name
+
+
+FINDINGS = ["Lung nodule", "Pleural effusion", "Cardiomegaly"]
+
+
+def test_finding_head_targets_come_from_each_regions_own_sentence(phantoms, tmp_path):
+    import dataclasses
+
+    from reg2rg.train.data import RegionReportDataset, collate_regions
+
+    root, csv_path, _ = phantoms
+    trainer = Trainer(load_train_config("demo", _overrides(root, csv_path, tmp_path / "run", **{
+        "model.overrides.finding_labels": FINDINGS, "model.overrides.finding_loss_weight": 1.0})))
+    trainer.setup()
+    record = trainer.train_set.records[0]
+    reports = {region: "Normal appearance." for region in record.reports}
+    reports.update(lung="A 12 mm nodule is seen in the right upper lobe. No pleural effusion.",
+                   pleura="There is a small left pleural effusion.", heart="The heart size is normal.")
+    record = dataclasses.replace(record, reports=reports)
+    ds = RegionReportDataset([record] * 3, trainer.tokenizer, trainer.model.special, trainer.loader, 1024,
+                             finding_labels=FINDINGS)
+    expected = {"lung": [1, 0, 0], "pleura": [0, 1, 0]}
+    for index in range(3):                       # regions are shuffled per draw: targets follow their slots
+        sample = ds[index]
+        for slot, region in enumerate(sample["regions"]):
+            assert sample["finding_targets"][slot].tolist() == expected.get(region, [0, 0, 0]), region
+        assert sample["global_finding_targets"].tolist() == [1, 1, 0]
+    batch = collate_regions([ds[0], ds[1]])
+    n = sum(len(r) for r in batch["regions"])
+    assert batch["finding_targets"].shape == (n, 3) and batch["global_finding_targets"].shape == (2, 3)
+
+
+@pytest.mark.slow
+def test_finding_head_trains_with_the_report_and_is_exported(phantoms, tmp_path):
+    from reg2rg.engine.checkpoint import load_pretrained
+
+    root, csv_path, names = phantoms
+    val_csv = tmp_path / "val.csv"
+    val_csv.write_text(f"Volumename\n{names[2]}.nii.gz\n")
+    out = tmp_path / "run"
+    trainer = Trainer(load_train_config("demo", _overrides(root, csv_path, out, **{
+        "model.overrides.finding_labels": FINDINGS, "model.overrides.finding_loss_weight": 2.0,
+        "data.val_split": str(val_csv), "train.epochs": 12, "train.micro_batch_size": 2,
+        "train.validate_every_epoch": True, "model.overrides.max_length": 600})))
+    trainer.setup()
+    final = trainer.train()
+    steps = [r for r in _log(out) if "finding_loss" in r]
+    assert len(steps) == 12
+    for r in steps:                              # what is optimised: the LM loss + 2 x the head's BCE
+        assert r["loss"] == pytest.approx(r["lm_loss"] + 2.0 * r["finding_loss"], rel=1e-4)
+    assert steps[-1]["finding_loss"] < 0.5 * steps[0]["finding_loss"]   # the head learns
+    val = [r for r in _log(out) if "val_loss" in r]
+    assert len(val) == 12 and all(0.0 <= r["val_finding_f1"] <= 1.0 for r in val)
+    model, _ = load_pretrained(final)
+    assert model.config.finding_labels == tuple(FINDINGS)
+    assert torch.equal(model.embedding_layer.finding_head.weight,
+                       trainer.model.embedding_layer.finding_head.weight.detach())

@@ -1,0 +1,93 @@
+"""The optional finding head (not in the published model): its loss, its absence by default, save/load."""
+
+import math
+
+import pytest
+import torch
+
+from reg2rg.engine.checkpoint import load_pretrained, save_pretrained
+from reg2rg.engine.model.config import ConfigError, Reg2RGConfig
+from reg2rg.engine.model.reg2rg import Reg2RG
+from reg2rg.engine.tokens import build_example, train_tokenizer
+
+LABELS = ("Lung nodule", "Pleural effusion", "Cardiomegaly")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["no nodule in the lung", "a small pleural effusion on the left", "the heart is enlarged"] * 30
+    return train_tokenizer(texts, 200)
+
+
+def _config(**extra) -> Reg2RGConfig:
+    config = Reg2RGConfig.preset("tiny")
+    for key, value in extra.items():
+        setattr(config, key, value)
+    return config
+
+
+def _batch(model, tokenizer):
+    H, W, D = model.config.input_size
+    g = torch.Generator().manual_seed(3)
+    example = build_example(tokenizer, [("lung", "a small pleural effusion on the left"), ("heart", "no nodule")],
+                            900, model.special, pad=False)
+    return dict(
+        input_ids=example["input_ids"][None], attention_mask=example["attention_mask"][None],
+        labels=example["labels"][None], images=torch.rand(1, 3, H, W, D, generator=g),
+        region_images=torch.rand(2, 3, H, W, D, generator=g), region_masks=(torch.rand(2, 1, H, W, D, generator=g) > 0.5).float(),
+        region_sample=torch.tensor([0, 0]), region_slot=torch.tensor([0, 1]))
+
+
+def _reference_bce(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    total = 0.0
+    for z, t in zip(logits.flatten().tolist(), targets.flatten().tolist()):
+        p = 1.0 / (1.0 + math.exp(-z))
+        total -= t * math.log(p) + (1 - t) * math.log(1 - p)
+    return total / logits.numel()
+
+
+def test_published_configs_have_no_finding_head(tokenizer):
+    model = Reg2RG.from_config(_config(), tokenizer)
+    assert model.embedding_layer.finding_head is None
+    assert not any("finding_head" in name for name in model.state_dict())
+    with pytest.raises(RuntimeError, match="no finding head"):
+        model.embedding_layer.finding_logits(model.encode_visual(*[_batch(model, tokenizer)[k] for k in
+                                                                    ("images", "region_images", "region_masks")]))
+    with pytest.raises(ConfigError, match="needs finding_labels"):
+        _config(finding_loss_weight=1.0).validate(require_llm=False)
+    with pytest.raises(ConfigError, match="named twice"):
+        _config(finding_labels=("Cardiomegaly", "Cardiomegaly")).validate(require_llm=False)
+
+
+def test_loss_adds_the_weighted_bce_of_the_head_on_each_volumes_mean_token(tokenizer):
+    torch.manual_seed(0)
+    model = Reg2RG.from_config(_config(finding_labels=LABELS, finding_loss_weight=0.5), tokenizer).eval()
+    batch = _batch(model, tokenizer)
+    region_targets = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    global_targets = torch.tensor([[0.0, 1.0, 0.0]])
+    with torch.no_grad():
+        plain = model(**batch)
+        out = model(**batch, finding_targets=region_targets, global_finding_targets=global_targets)
+        visual = model.encode_visual(batch["images"], batch["region_images"], batch["region_masks"])
+    head = model.embedding_layer.finding_head
+    # reference: mean over the global latents / over a region's latents AND its mask token, then the linear head
+    means = torch.cat([visual.global_tokens.mean(1), visual.region_tokens.mean(1)])
+    logits = means @ head.weight.T + head.bias
+    expected = _reference_bce(logits, torch.cat([global_targets, region_targets]))
+    assert out.finding_loss.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(out.finding_logits, logits, atol=1e-6)
+    assert out.lm_loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(plain.loss.item() + 0.5 * expected, rel=1e-5)
+    g, r = model.finding_probabilities(visual)
+    assert torch.allclose(torch.cat([g, r]), logits.sigmoid(), atol=1e-6)
+
+
+def test_finding_head_is_saved_and_loaded_with_the_model(tokenizer, tmp_path):
+    torch.manual_seed(1)
+    model = Reg2RG.from_config(_config(finding_labels=LABELS, finding_loss_weight=1.0), tokenizer)
+    with torch.no_grad():
+        model.embedding_layer.finding_head.weight.normal_()
+    save_pretrained(model, tokenizer, tmp_path / "m")
+    loaded, _ = load_pretrained(tmp_path / "m")
+    assert loaded.config.finding_labels == LABELS and loaded.config.finding_loss_weight == 1.0
+    assert torch.equal(loaded.embedding_layer.finding_head.weight, model.embedding_layer.finding_head.weight)
