@@ -96,8 +96,8 @@ class Reg2RGConfig:
     tokenizer when the model is built and must match it afterwards.
 
     ``finding_labels`` (not in the published model; empty there) adds a linear *finding head* to the
-    fusion layer: per region, the mean of its projected tokens -> one logit per label (for the global
-    image: the mean of the global tokens). Training adds ``finding_loss_weight`` x its binary
+    fusion layer: per region, the mean of its RMS-normalised projected tokens -> one logit per label
+    (for the global image: of the global tokens). Training adds ``finding_loss_weight`` x its binary
     cross-entropy to the language-model loss (deep supervision of the visual tokens); the head's
     probabilities are also available at inference (`Reg2RG.finding_probabilities`).
     """

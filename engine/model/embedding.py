@@ -92,12 +92,18 @@ class RegionFusionEmbedding(nn.Module):
         return VisualTokens(global_tokens, region_tokens, attention, grid)
 
     def finding_logits(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global (B, K), regions (N, K)) finding-head logits from the mean of each volume's tokens
-        (a region's latents and its mask token)."""
+        """(global (B, K), regions (N, K)) finding-head logits of each volume: the linear head on the mean
+        of its tokens (a region's latents and its mask token), each RMS-normalised as the LLM's first
+        layer sees it (so the head asks the tokens for findings at the scale the LLM reads them)."""
         if self.finding_head is None:
             raise RuntimeError("this model has no finding head (its config has no finding_labels)")
+
+        def pooled(tokens: torch.Tensor) -> torch.Tensor:
+            return nn.functional.rms_norm(tokens.float(), (tokens.shape[-1],), eps=1e-6).mean(dim=1)
+
         head = self.finding_head
-        return head(visual.global_tokens.mean(dim=1)), head(visual.region_tokens.mean(dim=1))
+        dtype = head.weight.dtype
+        return head(pooled(visual.global_tokens).to(dtype)), head(pooled(visual.region_tokens).to(dtype))
 
     # ---- the per-sample special table and the gather ---------------------------------------------
     def special_table(self, visual: VisualTokens, region_sample: torch.Tensor,

@@ -70,8 +70,11 @@ def test_loss_adds_the_weighted_bce_of_the_head_on_each_volumes_mean_token(token
         out = model(**batch, finding_targets=region_targets, global_finding_targets=global_targets)
         visual = model.encode_visual(batch["images"], batch["region_images"], batch["region_masks"])
     head = model.embedding_layer.finding_head
-    # reference: mean over the global latents / over a region's latents AND its mask token, then the linear head
-    means = torch.cat([visual.global_tokens.mean(1), visual.region_tokens.mean(1)])
+    # reference: each token divided by its root mean square (as LLaMA's RMSNorm, without its weight), then the
+    # mean over the global latents / over a region's latents AND its mask token, then the linear head
+    def rms(t):
+        return t / (t.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    means = torch.cat([rms(visual.global_tokens).mean(1), rms(visual.region_tokens).mean(1)])
     logits = means @ head.weight.T + head.bias
     expected = _reference_bce(logits, torch.cat([global_targets, region_targets]))
     assert out.finding_loss.item() == pytest.approx(expected, rel=1e-5)
