@@ -222,10 +222,17 @@ def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise TrainConfigError(f"{config.source}: nothing to train (every parameter is frozen)")
-    return torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    head_lr = config.train.finding_head_lr
+    head = [p for n, p in named if ".finding_head." in f".{n}"]
+    if head_lr is None or not head:
+        return torch.optim.AdamW([p for _, p in named], lr=config.train.lr, weight_decay=config.train.weight_decay)
+    # The finding head starts from zero knowledge on small visual features: it gets its own (larger) lr.
+    rest = [p for n, p in named if ".finding_head." not in f".{n}"]
+    return torch.optim.AdamW([{"params": rest}, {"params": head, "lr": head_lr}], lr=config.train.lr,
+                             weight_decay=config.train.weight_decay)
 
 
 @dataclass

@@ -83,3 +83,25 @@ def test_zero2_is_the_published_file_and_autos_are_filled():
     z3 = deepspeed_config_dict(load_train_config("radgenome-7b", ["--distributed.deepspeed_config", "zero3"]), 4, True)
     assert z3["zero_optimization"]["stage"] == 3 and z3["train_batch_size"] == 32
     assert json.dumps(z3)                          # plain JSON for deepspeed.initialize
+
+
+def test_finding_head_gets_its_own_learning_rate_when_asked():
+    import torch
+
+    from reg2rg.train.trainer import build_optimizer
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(4, 4)
+            self.embedding_layer = torch.nn.Module()
+            self.embedding_layer.finding_head = torch.nn.Linear(4, 2)
+
+    model = Model()
+    head = {id(p) for p in model.embedding_layer.finding_head.parameters()}
+    plain = build_optimizer(model, load_train_config("demo", {"train.lr": 1e-4}))
+    assert [g["lr"] for g in plain.param_groups] == [1e-4]
+    split = build_optimizer(model, load_train_config("demo", {"train.lr": 1e-4, "train.finding_head_lr": 1e-2}))
+    assert [g["lr"] for g in split.param_groups] == [1e-4, 1e-2]
+    assert {id(p) for p in split.param_groups[1]["params"]} == head
+    assert not head & {id(p) for p in split.param_groups[0]["params"]}
