@@ -121,6 +121,7 @@ class Reg2RGConfig:
     freeze_vision_encoder: bool = True
     finding_labels: tuple[str, ...] = ()
     finding_loss_weight: float = 0.0
+    token_focal_gamma: float = 0.0          # > 0: focal language-model loss in training (published: 0)
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]

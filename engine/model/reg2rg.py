@@ -89,7 +89,9 @@ class Reg2RG(nn.Module):
 
         With a finding head (``config.finding_labels``) and targets — ``finding_targets`` (N, K) for the
         regions, ``global_finding_targets`` (B, K) for the global images, 0/1 — ``loss`` adds
-        ``config.finding_loss_weight`` x the mean binary cross-entropy of the head over all B + N volumes."""
+        ``config.finding_loss_weight`` x the mean binary cross-entropy of the head over all B + N volumes.
+        With ``config.token_focal_gamma`` > 0 the language-model part of ``loss`` is the focal loss
+        (`focal_token_loss`); ``lm_loss`` stays the published cross-entropy."""
         if images is None:
             raise ValueError("Reg2RG.forward needs the global images (B, C, H, W, D)")
         if region_images is None:
@@ -105,6 +107,8 @@ class Reg2RG(nn.Module):
         loss = out.loss
         if labels is not None:
             token_acc, seq_acc = next_token_accuracy(out.logits, labels)
+            if self.config.token_focal_gamma:
+                loss = focal_token_loss(out.logits, labels, self.config.token_focal_gamma)
         if finding_targets is not None and global_finding_targets is not None:
             finding_logits = torch.cat(self.embedding_layer.finding_logits(visual)).float()
             targets = torch.cat([global_finding_targets, finding_targets]).to(finding_logits)
@@ -118,6 +122,17 @@ class Reg2RG(nn.Module):
         """The finding head's probabilities: global (B, K) and per region (N, K), in ``config.finding_labels`` order."""
         global_logits, region_logits = self.embedding_layer.finding_logits(visual)
         return global_logits.float().sigmoid(), region_logits.float().sigmoid()
+
+
+def focal_token_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Mean over labelled next tokens of ``-(1 - p)^gamma * log p`` (focal loss, Lin et al. 2017), with
+    the HF shift; gamma 0 is the published cross-entropy. It moves the weight of the loss from tokens the
+    text alone predicts to the uncertain ones, such as the first word that says normal or abnormal."""
+    logits, target = logits[:, :-1].float(), labels[:, 1:]
+    labelled = target != IGNORE_INDEX
+    logp = torch.log_softmax(logits[labelled], dim=-1).gather(-1, target[labelled][:, None])[:, 0]
+    weight = (1.0 - logp.exp()).clamp(min=0.0) ** gamma
+    return -(weight * logp).sum() / labelled.sum().clamp(min=1)
 
 
 @torch.no_grad()

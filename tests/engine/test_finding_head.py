@@ -94,3 +94,29 @@ def test_finding_head_is_saved_and_loaded_with_the_model(tokenizer, tmp_path):
     loaded, _ = load_pretrained(tmp_path / "m")
     assert loaded.config.finding_labels == LABELS and loaded.config.finding_loss_weight == 1.0
     assert torch.equal(loaded.embedding_layer.finding_head.weight, model.embedding_layer.finding_head.weight)
+
+
+def test_focal_token_loss_is_the_published_cross_entropy_at_gamma_0_and_reweights_above(tokenizer):
+    from reg2rg.engine.model.reg2rg import focal_token_loss
+
+    torch.manual_seed(2)
+    model = Reg2RG.from_config(_config(), tokenizer).eval()
+    batch = _batch(model, tokenizer)
+    with torch.no_grad():
+        out = model(**batch)
+    assert focal_token_loss(out.logits, batch["labels"], 0.0).item() == pytest.approx(out.loss.item(), rel=1e-5)
+    # reference, token by token: -(1 - p)^2 log p over the labelled next tokens
+    logits, labels = out.logits[0, :-1], batch["labels"][0, 1:]
+    terms = []
+    for row, t in zip(logits, labels.tolist()):
+        if t == -100:
+            continue
+        p = torch.softmax(row.double(), -1)[t].item()
+        terms.append(-((1 - p) ** 2) * math.log(p))
+    assert focal_token_loss(out.logits, batch["labels"], 2.0).item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+    focal = Reg2RG.from_config(_config(token_focal_gamma=2.0), tokenizer).eval()
+    focal.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out2 = focal(**batch)
+    assert out2.lm_loss.item() == pytest.approx(out.loss.item(), rel=1e-5)      # logged: the published loss
+    assert out2.loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)  # optimised: the focal loss
