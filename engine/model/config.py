@@ -97,7 +97,7 @@ class Reg2RGConfig:
 
     ``finding_labels`` (not in the published model; empty there) adds a linear *finding head* to the
     fusion layer: per region, the mean of its RMS-normalised projected tokens -> one logit per label
-    (for the global image: of the global tokens). Training adds ``finding_loss_weight`` x its binary
+    through unit-norm label directions (for the global image: of the global tokens). Training adds ``finding_loss_weight`` x its binary
     cross-entropy to the language-model loss (deep supervision of the visual tokens); the head's
     probabilities are also available at inference (`Reg2RG.finding_probabilities`).
     """

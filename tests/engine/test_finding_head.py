@@ -71,11 +71,11 @@ def test_loss_adds_the_weighted_bce_of_the_head_on_each_volumes_mean_token(token
         visual = model.encode_visual(batch["images"], batch["region_images"], batch["region_masks"])
     head = model.embedding_layer.finding_head
     # reference: each token divided by its root mean square (as LLaMA's RMSNorm, without its weight), then the
-    # mean over the global latents / over a region's latents AND its mask token, then the linear head
+    # mean over the global latents / over a region's latents AND its mask token, then the unit-norm head
     def rms(t):
         return t / (t.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
     means = torch.cat([rms(visual.global_tokens).mean(1), rms(visual.region_tokens).mean(1)])
-    logits = means @ head.weight.T + head.bias
+    logits = means @ (head.weight / head.weight.norm(dim=1, keepdim=True)).T + head.bias   # unit-norm rows
     expected = _reference_bce(logits, torch.cat([global_targets, region_targets]))
     assert out.finding_loss.item() == pytest.approx(expected, rel=1e-5)
     assert torch.allclose(out.finding_logits, logits, atol=1e-6)
