@@ -60,6 +60,7 @@ class TrainSection:
     grad_accum: int = 1
     lr: float = 5e-5
     finding_head_lr: float | None = None     # lr of the finding head (a fresh linear layer); None: lr
+    projector_lr: float | None = None        # lr of the perceiver, fc and mask_fc (the projector); None: lr
     weight_decay: float = 0.0
     scheduler: str = "constant_with_warmup"       # constant_with_warmup | cosine_with_warmup | linear_with_warmup
     warmup_steps: int = 20

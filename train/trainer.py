@@ -225,14 +225,22 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise TrainConfigError(f"{config.source}: nothing to train (every parameter is frozen)")
-    head_lr = config.train.finding_head_lr
-    head = [p for n, p in named if ".finding_head." in f".{n}"]
-    if head_lr is None or not head:
-        return torch.optim.AdamW([p for _, p in named], lr=config.train.lr, weight_decay=config.train.weight_decay)
-    # The finding head starts from zero knowledge on small visual features: it gets its own (larger) lr.
-    rest = [p for n, p in named if ".finding_head." not in f".{n}"]
-    return torch.optim.AdamW([{"params": rest}, {"params": head, "lr": head_lr}], lr=config.train.lr,
-                             weight_decay=config.train.weight_decay)
+    # Parameter groups with their own lr (as VLM recipes give the projector its own): the fresh finding
+    # head, and the projector between the ViT and the LLM. Everything else trains at train.lr.
+    special = {"finding_head": config.train.finding_head_lr, "perceiver": config.train.projector_lr,
+               "fc": config.train.projector_lr, "mask_fc": config.train.projector_lr}
+
+    def group_of(name: str) -> str | None:
+        parts = name.split(".")
+        return next((part for part in parts if special.get(part) is not None), None)
+
+    groups: dict[str | None, list] = {}
+    for name, p in named:
+        groups.setdefault(group_of(name), []).append(p)
+    param_groups = [{"params": groups.pop(None, [])}]
+    param_groups += [{"params": ps, "lr": special[key]} for key, ps in groups.items()]
+    param_groups = [g for g in param_groups if g["params"]]
+    return torch.optim.AdamW(param_groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
 
 
 @dataclass

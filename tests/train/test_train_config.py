@@ -85,7 +85,7 @@ def test_zero2_is_the_published_file_and_autos_are_filled():
     assert json.dumps(z3)                          # plain JSON for deepspeed.initialize
 
 
-def test_finding_head_gets_its_own_learning_rate_when_asked():
+def test_finding_head_and_projector_get_their_own_learning_rates_when_asked():
     import torch
 
     from reg2rg.train.trainer import build_optimizer
@@ -98,10 +98,17 @@ def test_finding_head_gets_its_own_learning_rate_when_asked():
             self.embedding_layer.finding_head = torch.nn.Linear(4, 2)
 
     model = Model()
+    model.embedding_layer.fc = torch.nn.Linear(4, 4)
     head = {id(p) for p in model.embedding_layer.finding_head.parameters()}
+    projector = {id(p) for p in model.embedding_layer.fc.parameters()}
     plain = build_optimizer(model, load_train_config("demo", {"train.lr": 1e-4}))
     assert [g["lr"] for g in plain.param_groups] == [1e-4]
     split = build_optimizer(model, load_train_config("demo", {"train.lr": 1e-4, "train.finding_head_lr": 1e-2}))
     assert [g["lr"] for g in split.param_groups] == [1e-4, 1e-2]
     assert {id(p) for p in split.param_groups[1]["params"]} == head
     assert not head & {id(p) for p in split.param_groups[0]["params"]}
+    both = build_optimizer(model, load_train_config("demo", {"train.lr": 1e-4, "train.finding_head_lr": 1e-2,
+                                                              "train.projector_lr": 1e-3}))
+    lrs = {g["lr"]: {id(p) for p in g["params"]} for g in both.param_groups}
+    assert lrs[1e-2] == head and lrs[1e-3] == projector
+    assert lrs[1e-4] == {id(p) for p in model.encoder.parameters()}
