@@ -97,7 +97,7 @@ class Reg2RGConfig:
 
     ``finding_labels`` (not in the published model; empty there) adds a linear *finding head* to the
     fusion layer: per region, the mean of its RMS-normalised projected tokens -> one logit per label
-    through unit-norm label directions (for the global image: of the global tokens). Training adds ``finding_loss_weight`` x its binary
+    (for the global image: of the global tokens). Training adds ``finding_loss_weight`` x its binary
     cross-entropy to the language-model loss (deep supervision of the visual tokens); the head's
     probabilities are also available at inference (`Reg2RG.finding_probabilities`).
     """
@@ -122,6 +122,7 @@ class Reg2RGConfig:
     finding_labels: tuple[str, ...] = ()
     finding_loss_weight: float = 0.0
     token_focal_gamma: float = 0.0          # > 0: focal language-model loss in training (published: 0)
+    lm_loss_weight: float = 1.0             # 0: visual-only training stage (finding head only; LLM not run)
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]

@@ -92,22 +92,18 @@ class RegionFusionEmbedding(nn.Module):
         return VisualTokens(global_tokens, region_tokens, attention, grid)
 
     def finding_logits(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global (B, K), regions (N, K)) finding-head logits of each volume.
-
-        The mean of the volume's tokens (a region's latents and its mask token), each RMS-normalised as
-        the LLM's first layer sees it, times **unit-norm** label directions, plus a bias (a cosine-style
-        classifier of fixed scale). The head cannot grow its weights to read a faint signal: its loss falls
-        only when a finding becomes a large part of the tokens the LLM reads."""
+        """(global (B, K), regions (N, K)) finding-head logits of each volume: the linear head on the mean
+        of its tokens (a region's latents and its mask token), each RMS-normalised as the LLM's first
+        layer sees it."""
         if self.finding_head is None:
             raise RuntimeError("this model has no finding head (its config has no finding_labels)")
 
-        def logits(tokens: torch.Tensor) -> torch.Tensor:
-            pooled = nn.functional.rms_norm(tokens.float(), (tokens.shape[-1],), eps=1e-6).mean(dim=1)
-            direction = nn.functional.normalize(head.weight.float(), dim=1)
-            return pooled @ direction.T + head.bias.float()
+        def pooled(tokens: torch.Tensor) -> torch.Tensor:
+            return nn.functional.rms_norm(tokens.float(), (tokens.shape[-1],), eps=1e-6).mean(dim=1)
 
         head = self.finding_head
-        return logits(visual.global_tokens), logits(visual.region_tokens)
+        dtype = head.weight.dtype
+        return head(pooled(visual.global_tokens).to(dtype)).float(), head(pooled(visual.region_tokens).to(dtype)).float()
 
     # ---- the per-sample special table and the gather ---------------------------------------------
     def special_table(self, visual: VisualTokens, region_sample: torch.Tensor,

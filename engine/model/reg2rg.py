@@ -91,7 +91,9 @@ class Reg2RG(nn.Module):
         regions, ``global_finding_targets`` (B, K) for the global images, 0/1 — ``loss`` adds
         ``config.finding_loss_weight`` x the mean binary cross-entropy of the head over all B + N volumes.
         With ``config.token_focal_gamma`` > 0 the language-model part of ``loss`` is the focal loss
-        (`focal_token_loss`); ``lm_loss`` stays the published cross-entropy."""
+        (`focal_token_loss`); ``lm_loss`` stays the published cross-entropy. With
+        ``config.lm_loss_weight`` 0 (a visual-only stage) and finding targets, the LLM is not run: ``loss``
+        is the weighted finding loss, ``logits`` None and the language numbers NaN."""
         if images is None:
             raise ValueError("Reg2RG.forward needs the global images (B, C, H, W, D)")
         if region_images is None:
@@ -99,13 +101,19 @@ class Reg2RG(nn.Module):
             region_masks = images.new_zeros(0, 1, *images.shape[2:])
             region_sample = region_slot = torch.zeros(0, dtype=torch.long, device=images.device)
         visual = self.encode_visual(images, region_images, region_masks)
-        embeds = self.embed_inputs(input_ids, images, region_images, region_masks, region_sample, region_slot,
-                                   visual=visual)
-        # The training/scoring pass never reuses a KV cache (and caching clashes with checkpointing).
-        out = self.lang_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
         token_acc = seq_acc = finding_loss = finding_logits = None
-        loss = out.loss
-        if labels is not None:
+        if self.config.lm_loss_weight == 0 and finding_targets is not None:
+            # visual-only stage: the finding head's loss alone, the LLM is not run
+            out = None
+            loss = visual.global_tokens.new_zeros((), dtype=torch.float32)
+        else:
+            embeds = self.embed_inputs(input_ids, images, region_images, region_masks, region_sample,
+                                       region_slot, visual=visual)
+            # The training/scoring pass never reuses a KV cache (and caching clashes with checkpointing).
+            out = self.lang_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                                  use_cache=False)
+            loss = out.loss
+        if out is not None and labels is not None:
             token_acc, seq_acc = next_token_accuracy(out.logits, labels)
             if self.config.token_focal_gamma:
                 loss = focal_token_loss(out.logits, labels, self.config.token_focal_gamma)
@@ -115,6 +123,9 @@ class Reg2RG(nn.Module):
             finding_loss = nn.functional.binary_cross_entropy_with_logits(finding_logits, targets)
             if loss is not None and self.config.finding_loss_weight:
                 loss = loss + self.config.finding_loss_weight * finding_loss
+        if out is None:
+            nan = torch.tensor(float("nan"))
+            return Reg2RGOutput(loss, None, nan, nan, nan, finding_loss, finding_logits)
         return Reg2RGOutput(loss, out.logits, token_acc, seq_acc, out.loss, finding_loss, finding_logits)
 
     @torch.no_grad()

@@ -71,11 +71,11 @@ def test_loss_adds_the_weighted_bce_of_the_head_on_each_volumes_mean_token(token
         visual = model.encode_visual(batch["images"], batch["region_images"], batch["region_masks"])
     head = model.embedding_layer.finding_head
     # reference: each token divided by its root mean square (as LLaMA's RMSNorm, without its weight), then the
-    # mean over the global latents / over a region's latents AND its mask token, then the unit-norm head
+    # mean over the global latents / over a region's latents AND its mask token, then the linear head
     def rms(t):
         return t / (t.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
     means = torch.cat([rms(visual.global_tokens).mean(1), rms(visual.region_tokens).mean(1)])
-    logits = means @ (head.weight / head.weight.norm(dim=1, keepdim=True)).T + head.bias   # unit-norm rows
+    logits = means @ head.weight.T + head.bias
     expected = _reference_bce(logits, torch.cat([global_targets, region_targets]))
     assert out.finding_loss.item() == pytest.approx(expected, rel=1e-5)
     assert torch.allclose(out.finding_logits, logits, atol=1e-6)
@@ -120,3 +120,23 @@ def test_focal_token_loss_is_the_published_cross_entropy_at_gamma_0_and_reweight
         out2 = focal(**batch)
     assert out2.lm_loss.item() == pytest.approx(out.loss.item(), rel=1e-5)      # logged: the published loss
     assert out2.loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)  # optimised: the focal loss
+
+
+def test_visual_only_stage_trains_the_encoders_and_head_without_running_the_llm(tokenizer):
+    torch.manual_seed(4)
+    model = Reg2RG.from_config(_config(finding_labels=LABELS, finding_loss_weight=3.0, lm_loss_weight=0.0), tokenizer)
+    batch = _batch(model, tokenizer)
+    targets = dict(finding_targets=torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]), global_finding_targets=torch.tensor([[1.0, 0, 1.0]]))
+    calls = []
+    hook = model.lang_model.register_forward_hook(lambda *_: calls.append(1))
+    out = model(**batch, **targets)
+    hook.remove()
+    assert calls == [] and out.logits is None and math.isnan(float(out.token_accuracy))
+    assert out.loss.item() == pytest.approx(3.0 * out.finding_loss.item(), rel=1e-6)
+    out.loss.backward()
+    for part in ("perceiver", "fc", "mask_encoder", "mask_fc"):     # (the tiny preset freezes the ViT)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model.embedding_layer, part).parameters()), part
+    assert model.embedding_layer.finding_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.lang_model.parameters())
+    # without targets (generation, scoring) the model is the usual one
+    assert model(**batch).logits is not None
