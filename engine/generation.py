@@ -580,6 +580,8 @@ class PreparedStudy:
     prompt_embeds: torch.Tensor              # (1, P, hidden)
     latent_patch: dict[str, torch.Tensor]    # 'global' / region -> (L, patches), last perceiver layer
     patch_grid: tuple[int, int, int]
+    # the finding head's probabilities, 'global' / region -> {label: p}, when the model has one
+    finding_probabilities: dict[str, dict[str, float]] | None = None
 
 
 class ReportEngine:
@@ -698,7 +700,13 @@ class ReportEngine:
         lp = _latent_patch(visual.perceiver_attention)                                    # (1+N, L, P)
         latent_patch = {"global": lp[0]}
         latent_patch.update({r: lp[1 + j] for j, r in enumerate(slots)})
-        return PreparedStudy(inputs, slot_regions, prompt_ids, embeds, latent_patch, tuple(visual.patch_grid))
+        findings = None
+        if self.config.finding_labels:
+            g, r = self.model.finding_probabilities(visual)
+            labels = self.config.finding_labels
+            findings = {name: dict(zip(labels, row.tolist())) for name, row in zip(["global", *slots], torch.cat([g, r]))}
+        return PreparedStudy(inputs, slot_regions, prompt_ids, embeds, latent_patch, tuple(visual.patch_grid),
+                             findings)
 
     # ---- generation ----------------------------------------------------------------------------
     def generate(self, study, regions: Sequence[str] | None = None,

@@ -137,6 +137,27 @@ def finding_scores(studies: list[dict], preds: dict[str, str]) -> dict:
             "per_type": {k: v for k, v in per_type.items() if any(v.values())}}
 
 
+def head_scores(engine: ReportEngine, studies: list[dict], test: Path) -> dict | None:
+    """What the image encoder itself detects: the finding head's study-level calls (a label is called when
+    any volume's probability passes 0.5) against the planted findings — micro P/R/F1 and per label."""
+    labels = engine.config.finding_labels
+    if not labels:
+        return None
+    per_type = {k: {"tp": 0, "fp": 0, "fn": 0} for k in labels}
+    for study_info in studies:
+        study = read_study(test / study_info["path"], test / study_info["masks"])
+        probs = engine.prepare(study).finding_probabilities
+        called = {k for k in labels if max(p[k] for p in probs.values()) > 0.5}
+        planted = {f["type"] for f in study_info["findings"]} & set(labels)
+        for k in labels:
+            per_type[k]["tp"] += k in called and k in planted
+            per_type[k]["fp"] += k in called and k not in planted
+            per_type[k]["fn"] += k in planted and k not in called
+    tp, fp, fn = (sum(v[x] for v in per_type.values()) for x in ("tp", "fp", "fn"))
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return {"tp": tp, "fp": fp, "fn": fn, "f1": f1, "per_type": per_type}
+
+
 def run(engine: ReportEngine, studies: list[dict], test: Path, reports: dict, out_csv: Path) -> dict[str, str]:
     settings = GenerationSettings(strategy="greedy", max_new_tokens=600)
     preds: dict[str, str] = {}
@@ -177,6 +198,10 @@ def main() -> int:
     reports = read_reports(test / "reports.csv")
     model, tokenizer = load_pretrained(args.model)
     summary = {"model_dir": args.model, "test": str(test), "n_studies": len(studies)}  # "model": its scores
+    head = head_scores(ReportEngine(model, tokenizer), studies, test)
+    if head is not None:
+        summary["finding_head"] = head
+        print("finding_head", json.dumps({k: v for k, v in head.items() if k != "per_type"}), flush=True)
     for name, engine_cls in (("model", ReportEngine), ("blind_control", BlindReportEngine)):
         t0 = time.perf_counter()
         preds = run(engine_cls(model, tokenizer), studies, test, reports, out / f"{name}_predictions.csv")

@@ -5,15 +5,18 @@
 #      abnormal-rich fine-tuning set (reg2rg-phantom --abnormal-fraction, new seeds)
 #   2. a small BPE tokenizer trained on the stage-1 training reports and the prompt (engine.tokens.train_tokenizer)
 #   3. stage 1: reg2rg-train --config demo from scratch (one process; resumable)
-#   4. stage 2 (opt-in, FT_STEPS > 0; off for the shipped model, see MODEL_CARD.md): fine-tuning from the
-#      stage-1 weights (--model.init_from) on the abnormal-rich set mixed with part of the stage-1 set, same
-#      tokenizer, constant lr after a short warm-up (resumable). FT_STEPS=900 reproduces the measured experiment.
+#   4. stage 2: fine-tuning from the stage-1 weights (--model.init_from) on the abnormal-rich set mixed with
+#      part of the stage-1 set, same tokenizer, with the finding head (model.finding_labels: the 13 CT-RATE
+#      abnormalities the phantom plants) whose loss, weighted FT_FINDING_WEIGHT, is added to the report loss,
+#      and the focal report loss (gamma FT_FOCAL) (resumable). FT_STEPS=0 stops after stage 1; see MODEL_CARD.md for the earlier stage-2 experiment
+#      without the head (FT_FINDING_WEIGHT=0 FT_STEPS=900 FT_SCHEDULER=constant_with_warmup FT_WARMUP=20).
 #   5. export the final model to resources/demo_model/ with its configs, training logs and seeds
 #   6. held-out evaluation on the test phantoms, with a blind control (scripts/eval_demo_model.py);
 #      the numbers go to resources/demo_model/eval_summary.json (quoted in its MODEL_CARD.md)
 #
 # Usage:  scripts/train_demo_model.sh [WORK_DIR]        (default: runs/demo_model)
-# Knobs (environment): TRAIN_CHUNKS FT_CHUNKS FT_MIX FT_ABNORMAL N_VAL N_TEST SEED STEPS FT_STEPS FT_LR THREADS
+# Knobs (environment): TRAIN_CHUNKS FT_CHUNKS FT_MIX FT_ABNORMAL N_VAL N_TEST SEED STEPS THREADS
+#                      FT_STEPS FT_LR FT_HEAD_LR FT_SCHEDULER FT_WARMUP FT_FINDINGS FT_FINDING_WEIGHT FT_FOCAL FT_DIR
 #                      EXTRA / FT_EXTRA (more --key value overrides of stage 1 / stage 2)
 # Re-running is safe: finished stages are skipped, training resumes. Delete WORK_DIR to start over.
 set -euo pipefail
@@ -29,8 +32,15 @@ TRAIN_CHUNKS=${TRAIN_CHUNKS:-"1000:160 1160:40 1200:40 1280:40"}
 FT_CHUNKS=${FT_CHUNKS:-"2000:180 2180:180"}
 FT_ABNORMAL=${FT_ABNORMAL:-0.85}
 FT_MIX=${FT_MIX:-"1000"}
-FT_STEPS=${FT_STEPS:-0}            # 0: no stage 2 (the shipped model); 900: the measured experiment
-FT_LR=${FT_LR:-5e-4}
+FT_STEPS=${FT_STEPS:-1400}         # 0: no stage 2
+FT_DIR=${FT_DIR:-run_aux}          # stage-2 run folder under WORK_DIR (the experiment without the head: run_ft)
+FT_LR=${FT_LR:-3e-4}
+FT_HEAD_LR=${FT_HEAD_LR:-0.1}         # the fresh finding head learns at its own, larger lr
+FT_FOCAL=${FT_FOCAL:-2}             # focal language-model loss (0: the published cross-entropy)
+FT_SCHEDULER=${FT_SCHEDULER:-cosine_with_warmup}
+FT_WARMUP=${FT_WARMUP:-30}
+FT_FINDING_WEIGHT=${FT_FINDING_WEIGHT:-10}
+FT_FINDINGS=${FT_FINDINGS:-'["Lung nodule","Lung opacity","Consolidation","Emphysema","Atelectasis","Pleural effusion","Pericardial effusion","Cardiomegaly","Arterial wall calcification","Coronary artery wall calcification","Lymphadenopathy","Hiatal hernia","Medical material"]'}
 N_VAL=${N_VAL:-16}
 N_TEST=${N_TEST:-40}
 SEED=${SEED:-42}                 # training seed (init, data order, region shuffles)
@@ -105,28 +115,31 @@ echo "== 3/6 stage 1: reg2rg-train --config demo (from scratch)"
   --train.seed "$SEED" --train.max_steps "$STEPS" --train.threads "$THREADS" ${EXTRA:-}
 
 echo "== 4/6 stage 2: fine-tuning from the stage-1 weights on the abnormal-rich set (FT_STEPS=$FT_STEPS)"
+FT_MODEL='{}'
+[ "$FT_FINDING_WEIGHT" != 0 ] && FT_MODEL="{\"finding_labels\": $FT_FINDINGS, \"finding_loss_weight\": $FT_FINDING_WEIGHT, \"token_focal_gamma\": $FT_FOCAL}"
 [ "$FT_STEPS" -gt 0 ] && "$BIN/reg2rg-train" --config demo --resume \
+  --model.overrides "$FT_MODEL" \
   --model.init_from "$WORK/run/final" \
   --tokenizer "$WORK/tokenizer" \
   --data.root "$WORK/data" \
   --data.reports "[$FT_REPORTS]" \
   --data.val_split "$WORK/data/val/reports.csv" \
   --data.cache_dir "$WORK/cache" \
-  --output.dir "$WORK/run_ft" \
-  --train.lr "$FT_LR" --train.scheduler constant_with_warmup --train.warmup_steps 20 \
+  --output.dir "$WORK/$FT_DIR" \
+  --train.lr "$FT_LR" --train.finding_head_lr "$FT_HEAD_LR" --train.scheduler "$FT_SCHEDULER" --train.warmup_steps "$FT_WARMUP" \
   --train.seed "$SEED" --train.max_steps "$FT_STEPS" --train.threads "$THREADS" ${FT_EXTRA:-}
 
 echo "== 5/6 export to $OUT"
 "$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" \
-  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" <<'EOF'
+  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" <<'EOF'
 import json, os, shutil, sys
-work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps = sys.argv[1:]
-last = "run_ft" if int(ft_steps) > 0 else "run"
+work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir = sys.argv[1:]
+last = ft_dir if int(ft_steps) > 0 else "run"
 final = f"{work}/{last}/final"
 if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint in the engine's format
     import subprocess
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "reg2rg-train"), "export",
-                    f"{work}/run_ft", f"{work}/run_ft/final"], check=True)
+                    f"{work}/{last}", final], check=True)
 tmp = out + ".tmp"
 shutil.rmtree(tmp, ignore_errors=True)
 shutil.copytree(final, tmp)
@@ -135,7 +148,7 @@ for keep in ("MODEL_CARD.md", "eval_summary_stage2_experiment.json"):   # hand-w
         shutil.copy(os.path.join(out, keep), os.path.join(tmp, keep))
 shutil.copy(f"{work}/{last}/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
 shutil.copy(f"{work}/{last}/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
-if last == "run_ft":
+if last != "run":
     shutil.copy(f"{work}/run/train_config.yaml", os.path.join(tmp, "train_config_stage1.yaml"))
     shutil.copy(f"{work}/run/train_log.jsonl", os.path.join(tmp, "train_log_stage1.jsonl"))
 span = lambda c: [int(c.split(":")[0]), int(c.split(":")[0]) + int(c.split(":")[1]) - 1]
@@ -144,7 +157,7 @@ seeds = {"train_seed": int(seed),
          "phantom_splits": {"train": [span(c) for c in chunks.split()],
                             **({"finetune": {"abnormal_fraction": float(ft_abnormal), "steps": int(ft_steps),
                                              "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix}}
-                               if last == "run_ft" else {}),
+                               if last != "run" else {}),
                             "validation": [int(s_val), int(s_val) + int(n_val) - 1],
                             "test": [int(s_test), int(s_test) + int(n_test) - 1]},
          "command": "scripts/train_demo_model.sh"}

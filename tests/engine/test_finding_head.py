@@ -140,3 +140,28 @@ def test_visual_only_stage_trains_the_encoders_and_head_without_running_the_llm(
     assert all(p.grad is None for p in model.lang_model.parameters())
     # without targets (generation, scoring) the model is the usual one
     assert model(**batch).logits is not None
+
+
+def test_the_engine_reports_the_heads_finding_probabilities_per_volume(tokenizer):
+    from generation_fixtures import box_study
+
+    from reg2rg.engine.generation import ReportEngine
+    from reg2rg.engine.preprocess import preprocess
+
+    torch.manual_seed(5)
+    model = Reg2RG.from_config(_config(finding_labels=LABELS), tokenizer).eval()
+    study = box_study()
+    prepared = ReportEngine(model, tokenizer).prepare(study)
+    regions = list(prepared.slot_regions.values())
+    assert list(prepared.finding_probabilities) == ["global", *regions]
+    inputs = preprocess(study, model.config.input_size)
+    with torch.no_grad():
+        visual = model.encode_visual(inputs.image[None], torch.stack([inputs.regions[r] for r in regions]),
+                                     torch.stack([inputs.masks[r] for r in regions]))
+        g, r = model.finding_probabilities(visual)
+    for row, name in zip(torch.cat([g, r]), ["global", *regions]):
+        got = prepared.finding_probabilities[name]
+        assert list(got) == list(LABELS)
+        assert torch.allclose(torch.tensor(list(got.values())), row, atol=1e-5)
+    # a model without a head has none
+    assert ReportEngine(Reg2RG.from_config(_config(), tokenizer).eval(), tokenizer).prepare(study).finding_probabilities is None
