@@ -5,18 +5,23 @@
 #      abnormal-rich fine-tuning set (reg2rg-phantom --abnormal-fraction, new seeds)
 #   2. a small BPE tokenizer trained on the stage-1 training reports and the prompt (engine.tokens.train_tokenizer)
 #   3. stage 1: reg2rg-train --config demo from scratch (one process; resumable)
-#   4. stage 2: fine-tuning from the stage-1 weights (--model.init_from) on the abnormal-rich set mixed with
-#      part of the stage-1 set, same tokenizer, with the finding head (model.finding_labels: the 13 CT-RATE
-#      abnormalities the phantom plants) whose loss, weighted FT_FINDING_WEIGHT, is added to the report loss,
-#      and the focal report loss (gamma FT_FOCAL) (resumable). FT_STEPS=0 stops after stage 1; see MODEL_CARD.md for the earlier stage-2 experiment
-#      without the head (FT_FINDING_WEIGHT=0 FT_STEPS=900 FT_SCHEDULER=constant_with_warmup FT_WARMUP=20).
+#   4. stage 2, opt-in (the shipped model is stage 1; MODEL_CARD.md gives the measured experiments), on the
+#      abnormal-rich set mixed with part of the stage-1 set, same tokenizer, resumable:
+#      a. VIS_STEPS > 0: visual-only training of the encoders with the finding head (model.finding_labels:
+#         the 13 CT-RATE abnormalities the phantom plants; model.lm_loss_weight 0, the LLM is not run),
+#         from the stage-1 weights -> WORK/run_vis
+#      b. FT_STEPS > 0: fine-tuning of the whole model from the weights of 4a (or of stage 1), with the
+#         finding head's loss (weight FT_FINDING_WEIGHT; 0 = no head) and the focal report loss (gamma
+#         FT_FOCAL; 0 = the published cross-entropy) -> WORK/FT_DIR. The first stage-2 experiment (no head):
+#         FT_FINDING_WEIGHT=0 FT_FOCAL=0 FT_STEPS=900 FT_LR=5e-4 FT_SCHEDULER=constant_with_warmup FT_WARMUP=20 FT_DIR=run_ft
 #   5. export the final model to resources/demo_model/ with its configs, training logs and seeds
 #   6. held-out evaluation on the test phantoms, with a blind control (scripts/eval_demo_model.py);
 #      the numbers go to resources/demo_model/eval_summary.json (quoted in its MODEL_CARD.md)
 #
 # Usage:  scripts/train_demo_model.sh [WORK_DIR]        (default: runs/demo_model)
 # Knobs (environment): TRAIN_CHUNKS FT_CHUNKS FT_MIX FT_ABNORMAL N_VAL N_TEST SEED STEPS THREADS
-#                      FT_STEPS FT_LR FT_HEAD_LR FT_SCHEDULER FT_WARMUP FT_FINDINGS FT_FINDING_WEIGHT FT_FOCAL FT_DIR
+#                      VIS_STEPS VIS_LR PROJ_LR FT_STEPS FT_LR FT_HEAD_LR FT_SCHEDULER FT_WARMUP FT_FINDINGS
+#                      FT_FINDING_WEIGHT FT_FOCAL FT_DIR
 #                      EXTRA / FT_EXTRA (more --key value overrides of stage 1 / stage 2)
 # Re-running is safe: finished stages are skipped, training resumes. Delete WORK_DIR to start over.
 set -euo pipefail
@@ -32,8 +37,11 @@ TRAIN_CHUNKS=${TRAIN_CHUNKS:-"1000:160 1160:40 1200:40 1280:40"}
 FT_CHUNKS=${FT_CHUNKS:-"2000:180 2180:180"}
 FT_ABNORMAL=${FT_ABNORMAL:-0.85}
 FT_MIX=${FT_MIX:-"1000"}
-FT_STEPS=${FT_STEPS:-1400}         # 0: no stage 2
-FT_DIR=${FT_DIR:-run_aux}          # stage-2 run folder under WORK_DIR (the experiment without the head: run_ft)
+VIS_STEPS=${VIS_STEPS:-0}          # stage 4a (0: skipped); the measured experiment: 3000
+VIS_LR=${VIS_LR:-1e-3}              # 4a: ViT and mask encoder lr
+PROJ_LR=${PROJ_LR:-3e-3}            # 4a: perceiver, fc and mask_fc lr
+FT_STEPS=${FT_STEPS:-0}            # stage 4b (0: skipped)
+FT_DIR=${FT_DIR:-run_aux}          # stage-4b run folder under WORK_DIR
 FT_LR=${FT_LR:-3e-4}
 FT_HEAD_LR=${FT_HEAD_LR:-0.1}         # the fresh finding head learns at its own, larger lr
 FT_FOCAL=${FT_FOCAL:-2}             # focal language-model loss (0: the published cross-entropy)
@@ -70,7 +78,7 @@ for chunk in $TRAIN_CHUNKS; do
   if [ $running -ge 2 ]; then wait; running=0; fi
 done
 wait
-[ "$FT_STEPS" -gt 0 ] || FT_CHUNKS=""
+[ "$FT_STEPS" -gt 0 ] || [ "$VIS_STEPS" -gt 0 ] || FT_CHUNKS=""
 for chunk in $FT_CHUNKS; do     # ft_* (not train_*): stage 1 and the tokenizer never see them
   phantoms "data/ft_${chunk%%:*}" "${chunk##*:}" "${chunk%%:*}" --abnormal-fraction "$FT_ABNORMAL" &
 done
@@ -114,12 +122,25 @@ echo "== 3/6 stage 1: reg2rg-train --config demo (from scratch)"
   --output.dir "$WORK/run" \
   --train.seed "$SEED" --train.max_steps "$STEPS" --train.threads "$THREADS" ${EXTRA:-}
 
-echo "== 4/6 stage 2: fine-tuning from the stage-1 weights on the abnormal-rich set (FT_STEPS=$FT_STEPS)"
+echo "== 4/6 stage 2 (opt-in): a. visual-only (VIS_STEPS=$VIS_STEPS), b. whole model (FT_STEPS=$FT_STEPS)"
+STAGE2_DATA=(--tokenizer "$WORK/tokenizer" --data.root "$WORK/data" --data.reports "[$FT_REPORTS]"
+             --data.val_split "$WORK/data/val/reports.csv" --data.cache_dir "$WORK/cache"
+             --train.seed "$SEED" --train.threads "$THREADS")
+if [ "$VIS_STEPS" -gt 0 ]; then
+  "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
+    --model.overrides "{\"finding_labels\": $FT_FINDINGS, \"finding_loss_weight\": 1.0, \"lm_loss_weight\": 0.0}" \
+    --model.init_from "$WORK/run/final" --output.dir "$WORK/run_vis" --output.save_steps 260 \
+    --train.lr "$VIS_LR" --train.finding_head_lr "$FT_HEAD_LR" --train.projector_lr "$PROJ_LR" \
+    --train.scheduler cosine_with_warmup --train.warmup_steps 30 --train.max_steps "$VIS_STEPS"
+  FT_INIT="$WORK/run_vis/final"
+else
+  FT_INIT="$WORK/run/final"
+fi
 FT_MODEL='{}'
 [ "$FT_FINDING_WEIGHT" != 0 ] && FT_MODEL="{\"finding_labels\": $FT_FINDINGS, \"finding_loss_weight\": $FT_FINDING_WEIGHT, \"token_focal_gamma\": $FT_FOCAL}"
 [ "$FT_STEPS" -gt 0 ] && "$BIN/reg2rg-train" --config demo --resume \
   --model.overrides "$FT_MODEL" \
-  --model.init_from "$WORK/run/final" \
+  --model.init_from "$FT_INIT" \
   --tokenizer "$WORK/tokenizer" \
   --data.root "$WORK/data" \
   --data.reports "[$FT_REPORTS]" \
@@ -131,10 +152,10 @@ FT_MODEL='{}'
 
 echo "== 5/6 export to $OUT"
 "$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" \
-  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" <<'EOF'
+  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" "$VIS_STEPS" <<'EOF'
 import json, os, shutil, sys
-work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir = sys.argv[1:]
-last = ft_dir if int(ft_steps) > 0 else "run"
+work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps = sys.argv[1:]
+last = ft_dir if int(ft_steps) > 0 else "run_vis" if int(vis_steps) > 0 else "run"
 final = f"{work}/{last}/final"
 if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint in the engine's format
     import subprocess
@@ -155,7 +176,7 @@ span = lambda c: [int(c.split(":")[0]), int(c.split(":")[0]) + int(c.split(":")[
 mix = [span(c) for c in chunks.split() if c.split(":")[0] in ft_mix.split()]
 seeds = {"train_seed": int(seed),
          "phantom_splits": {"train": [span(c) for c in chunks.split()],
-                            **({"finetune": {"abnormal_fraction": float(ft_abnormal), "steps": int(ft_steps),
+                            **({"finetune": {"abnormal_fraction": float(ft_abnormal), "steps": int(ft_steps), "visual_only_steps": int(vis_steps),
                                              "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix}}
                                if last != "run" else {}),
                             "validation": [int(s_val), int(s_val) + int(n_val) - 1],
