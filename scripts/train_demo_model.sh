@@ -136,8 +136,8 @@ if [ "$VIS_STEPS" -gt 0 ]; then
 else
   FT_INIT="$WORK/run/final"
 fi
-FT_MODEL='{}'
-[ "$FT_FINDING_WEIGHT" != 0 ] && FT_MODEL="{\"finding_labels\": $FT_FINDINGS, \"finding_loss_weight\": $FT_FINDING_WEIGHT, \"token_focal_gamma\": $FT_FOCAL}"
+FT_MODEL='{"lm_loss_weight": 1.0, "finding_loss_weight": 0.0, "token_focal_gamma": 0.0}'   # (init_from's config is the base: reset the objective)
+[ "$FT_FINDING_WEIGHT" != 0 ] && FT_MODEL="{\"finding_labels\": $FT_FINDINGS, \"finding_loss_weight\": $FT_FINDING_WEIGHT, \"token_focal_gamma\": $FT_FOCAL, \"lm_loss_weight\": 1.0}"
 [ "$FT_STEPS" -gt 0 ] && "$BIN/reg2rg-train" --config demo --resume \
   --model.overrides "$FT_MODEL" \
   --model.init_from "$FT_INIT" \
