@@ -173,10 +173,16 @@ def test_export_writes_a_checkpoint_the_engine_loads(phantoms, tmp_path):
     assert any(not torch.equal(p, params[n]) for n, p in final.named_parameters())
 
 
+def _val_split(tmp_path: Path, name: str) -> Path:
+    """A validation split CSV holding one volume."""
+    val_csv = tmp_path / "val.csv"
+    val_csv.write_text(f"Volumename\n{name}.nii.gz\n")
+    return val_csv
+
+
 def test_validation_each_epoch_with_reg2rg_eval_metrics(phantoms, tmp_path):
     root, csv_path, names = phantoms
-    val_csv = tmp_path / "val.csv"
-    val_csv.write_text(f"Volumename\n{names[2]}.nii.gz\n")
+    val_csv = _val_split(tmp_path, names[2])
     out = tmp_path / "run"
     trainer = Trainer(load_train_config("demo", _overrides(root, csv_path, out, **{
         "data.val_split": str(val_csv), "train.epochs": 1, "train.micro_batch_size": 2,
@@ -228,8 +234,7 @@ def test_finding_head_trains_with_the_report_and_is_exported(phantoms, tmp_path)
     from reg2rg.engine.checkpoint import load_pretrained
 
     root, csv_path, names = phantoms
-    val_csv = tmp_path / "val.csv"
-    val_csv.write_text(f"Volumename\n{names[2]}.nii.gz\n")
+    val_csv = _val_split(tmp_path, names[2])
     out = tmp_path / "run"
     trainer = Trainer(load_train_config("demo", _overrides(root, csv_path, out, **{
         "model.overrides.finding_labels": FINDINGS, "model.overrides.finding_loss_weight": 2.0,
