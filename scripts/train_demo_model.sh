@@ -164,7 +164,8 @@ if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint
 tmp = out + ".tmp"
 shutil.rmtree(tmp, ignore_errors=True)
 shutil.copytree(final, tmp)
-for keep in ("MODEL_CARD.md", "eval_summary_stage2_experiment.json"):   # hand-written / measured elsewhere
+for keep in ("MODEL_CARD.md", "eval_summary_stage2_experiment.json",   # hand-written / measured elsewhere
+             "eval_summary_stage2_findings_experiment.json"):
     if os.path.isfile(os.path.join(out, keep)):
         shutil.copy(os.path.join(out, keep), os.path.join(tmp, keep))
 shutil.copy(f"{work}/{last}/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
