@@ -122,7 +122,7 @@ class Reg2RGConfig:
     finding_labels: tuple[str, ...] = ()
     finding_loss_weight: float = 0.0
     token_focal_gamma: float = 0.0          # > 0: focal language-model loss in training (published: 0)
-    lm_loss_weight: float = 1.0             # 0: visual-only training stage (finding head only; LLM not run)
+    lm_loss_weight: float = 1.0             # weight of the LM loss; 0: visual-only stage (LLM not run)
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]

@@ -92,9 +92,9 @@ class RegionFusionEmbedding(nn.Module):
         return VisualTokens(global_tokens, region_tokens, attention, grid)
 
     def finding_logits(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global (B, K), regions (N, K)) finding-head logits of each volume: the linear head on the mean
-        of its tokens (a region's latents and its mask token), each RMS-normalised as the LLM's first
-        layer sees it."""
+        """(global (B, K), regions (N, K)) float32 finding-head logits of each volume: the linear head on
+        the mean of its tokens (a region's latents and its mask token), each RMS-normalised as the LLM's
+        first layer sees it."""
         if self.finding_head is None:
             raise RuntimeError("this model has no finding head (its config has no finding_labels)")
 

@@ -91,9 +91,9 @@ class Reg2RG(nn.Module):
         regions, ``global_finding_targets`` (B, K) for the global images, 0/1 — ``loss`` adds
         ``config.finding_loss_weight`` x the mean binary cross-entropy of the head over all B + N volumes.
         With ``config.token_focal_gamma`` > 0 the language-model part of ``loss`` is the focal loss
-        (`focal_token_loss`); ``lm_loss`` stays the published cross-entropy. With
-        ``config.lm_loss_weight`` 0 (a visual-only stage) and finding targets, the LLM is not run: ``loss``
-        is the weighted finding loss, ``logits`` None and the language numbers NaN."""
+        (`focal_token_loss`); ``lm_loss`` stays the published cross-entropy. The language-model part is
+        weighted by ``config.lm_loss_weight``; at 0 (a visual-only stage) with finding targets the LLM is
+        not run: ``loss`` is the weighted finding loss, ``logits`` None and the language numbers NaN."""
         if images is None:
             raise ValueError("Reg2RG.forward needs the global images (B, C, H, W, D)")
         if region_images is None:
@@ -117,8 +117,10 @@ class Reg2RG(nn.Module):
             token_acc, seq_acc = next_token_accuracy(out.logits, labels)
             if self.config.token_focal_gamma:
                 loss = focal_token_loss(out.logits, labels, self.config.token_focal_gamma)
+        if out is not None and loss is not None and self.config.lm_loss_weight != 1.0:
+            loss = self.config.lm_loss_weight * loss
         if finding_targets is not None and global_finding_targets is not None:
-            finding_logits = torch.cat(self.embedding_layer.finding_logits(visual)).float()
+            finding_logits = torch.cat(self.embedding_layer.finding_logits(visual))
             targets = torch.cat([global_finding_targets, finding_targets]).to(finding_logits)
             finding_loss = nn.functional.binary_cross_entropy_with_logits(finding_logits, targets)
             if loss is not None and self.config.finding_loss_weight:
@@ -132,7 +134,7 @@ class Reg2RG(nn.Module):
     def finding_probabilities(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
         """The finding head's probabilities: global (B, K) and per region (N, K), in ``config.finding_labels`` order."""
         global_logits, region_logits = self.embedding_layer.finding_logits(visual)
-        return global_logits.float().sigmoid(), region_logits.float().sigmoid()
+        return global_logits.sigmoid(), region_logits.sigmoid()
 
 
 def focal_token_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:

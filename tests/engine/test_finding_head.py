@@ -165,3 +165,16 @@ def test_the_engine_reports_the_heads_finding_probabilities_per_volume(tokenizer
         assert torch.allclose(torch.tensor(list(got.values())), row, atol=1e-5)
     # a model without a head has none
     assert ReportEngine(Reg2RG.from_config(_config(), tokenizer).eval(), tokenizer).prepare(study).finding_probabilities is None
+
+
+def test_lm_loss_weight_scales_the_language_part_only(tokenizer):
+    torch.manual_seed(6)
+    full = Reg2RG.from_config(_config(finding_labels=LABELS, finding_loss_weight=2.0), tokenizer).eval()
+    half = Reg2RG.from_config(_config(finding_labels=LABELS, finding_loss_weight=2.0, lm_loss_weight=0.5), tokenizer).eval()
+    half.load_state_dict(full.state_dict())
+    batch = _batch(full, tokenizer)
+    targets = dict(finding_targets=torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]), global_finding_targets=torch.tensor([[1.0, 0, 1.0]]))
+    with torch.no_grad():
+        a, b = full(**batch, **targets), half(**batch, **targets)
+    assert b.lm_loss.item() == pytest.approx(a.lm_loss.item(), rel=1e-6)          # logged unweighted
+    assert b.loss.item() == pytest.approx(0.5 * a.lm_loss.item() + 2.0 * a.finding_loss.item(), rel=1e-5)
