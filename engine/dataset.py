@@ -29,7 +29,6 @@ class DatasetError(ValueError):
     """The dataset as a whole cannot be used (no CSV, no usable study); the message names the file."""
 
 
-
 def volume_key(name: str) -> str:
     """``train_1_a_1.nii.gz`` / ``train_1_a_1`` -> ``train_1_a_1`` (how volumes and CSV rows are matched)."""
     name = os.path.basename(name.strip())
@@ -89,7 +88,6 @@ def scan_volumes(root: str | os.PathLike) -> dict[str, str]:
             if fname.lower().endswith(VOLUME_SUFFIXES):
                 found.setdefault(volume_key(fname), os.path.join(dirpath, fname))
     return found
-
 
 
 def find_mask_folder(mask_root: Path, volume: Path, name: str) -> Path | None:

@@ -30,6 +30,8 @@ from reg2rg.engine.dataset import (DatasetError, find_mask_folder, read_reports,
                                    volume_key)
 from reg2rg.engine.regions import REGIONS
 
+from .labeller import ABNORMALITIES, label_report
+
 logger = logging.getLogger("reg2rg.train.data")
 
 
@@ -196,16 +198,14 @@ class RegionReportDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.shuffle_regions = shuffle_regions
         self.finding_labels = tuple(finding_labels)
+        unknown = [n for n in self.finding_labels if n not in ABNORMALITIES]
+        if unknown:
+            raise ValueError(f"finding labels {unknown} are not labeller abnormalities")
         self._targets: dict[str, dict[str, torch.Tensor]] = {}
 
     def finding_targets(self, record: StudyRecord) -> dict[str, torch.Tensor]:
         """Region -> (K,) 0/1 targets of the finding head, plus ``""`` -> the study's union (cached)."""
         if record.name not in self._targets:
-            from .labeller import ABNORMALITIES, label_report
-
-            unknown = [n for n in self.finding_labels if n not in ABNORMALITIES]
-            if unknown:
-                raise ValueError(f"finding labels {unknown} are not labeller abnormalities")
             targets = {}
             for region, sentence in record.reports.items():
                 labels = label_report(sentence)

@@ -227,18 +227,18 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         raise TrainConfigError(f"{config.source}: nothing to train (every parameter is frozen)")
     # Parameter groups with their own lr (as VLM recipes give the projector its own): the fresh finding
     # head, and the projector between the ViT and the LLM. Everything else trains at train.lr.
-    special = {"finding_head": config.train.finding_head_lr, "perceiver": config.train.projector_lr,
-               "fc": config.train.projector_lr, "mask_fc": config.train.projector_lr}
+    group_lr = {"finding_head": config.train.finding_head_lr, "projector": config.train.projector_lr}
+    part_group = {"finding_head": "finding_head", "perceiver": "projector", "fc": "projector", "mask_fc": "projector"}
 
     def group_of(name: str) -> str | None:
-        parts = name.split(".")
-        return next((part for part in parts if special.get(part) is not None), None)
+        group = next((part_group[p] for p in name.split(".") if p in part_group), None)
+        return group if group_lr.get(group) is not None else None
 
     groups: dict[str | None, list] = {}
     for name, p in named:
         groups.setdefault(group_of(name), []).append(p)
     param_groups = [{"params": groups.pop(None, [])}]
-    param_groups += [{"params": ps, "lr": special[key]} for key, ps in groups.items()]
+    param_groups += [{"params": ps, "lr": group_lr[key]} for key, ps in groups.items()]
     param_groups = [g for g in param_groups if g["params"]]
     return torch.optim.AdamW(param_groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
 

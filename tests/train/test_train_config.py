@@ -99,8 +99,9 @@ def test_finding_head_and_projector_get_their_own_learning_rates_when_asked():
 
     model = Model()
     model.embedding_layer.fc = torch.nn.Linear(4, 4)
+    model.embedding_layer.perceiver = torch.nn.Linear(4, 4)
     head = {id(p) for p in model.embedding_layer.finding_head.parameters()}
-    projector = {id(p) for p in model.embedding_layer.fc.parameters()}
+    projector = {id(p) for m in (model.embedding_layer.fc, model.embedding_layer.perceiver) for p in m.parameters()}
     plain = build_optimizer(model, load_train_config("demo", {"train.lr": 1e-4}))
     assert [g["lr"] for g in plain.param_groups] == [1e-4]
     split = build_optimizer(model, load_train_config("demo", {"train.lr": 1e-4, "train.finding_head_lr": 1e-2}))
@@ -109,6 +110,7 @@ def test_finding_head_and_projector_get_their_own_learning_rates_when_asked():
     assert not head & {id(p) for p in split.param_groups[0]["params"]}
     both = build_optimizer(model, load_train_config("demo", {"train.lr": 1e-4, "train.finding_head_lr": 1e-2,
                                                               "train.projector_lr": 1e-3}))
+    assert len(both.param_groups) == 3                   # the projector's parts share one group
     lrs = {g["lr"]: {id(p) for p in g["params"]} for g in both.param_groups}
     assert lrs[1e-2] == head and lrs[1e-3] == projector
     assert lrs[1e-4] == {id(p) for p in model.encoder.parameters()}
