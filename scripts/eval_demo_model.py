@@ -137,17 +137,16 @@ def finding_scores(studies: list[dict], preds: dict[str, str]) -> dict:
             "per_type": {k: v for k, v in per_type.items() if any(v.values())}}
 
 
-def head_scores(engine: ReportEngine, studies: list[dict], test: Path) -> dict | None:
+def head_scores(labels: tuple[str, ...], studies: list[dict], probs: dict[str, dict]) -> dict | None:
     """What the image encoder itself detects: the finding head's study-level calls (a label is called when
-    any volume's probability passes 0.5) against the planted findings — micro P/R/F1 and per label."""
-    labels = engine.config.finding_labels
+    any volume's probability passes 0.5) against the planted findings — micro P/R/F1 and per label.
+    ``probs``: volume -> the draft's `PreparedStudy.finding_probabilities`."""
     if not labels:
         return None
     per_type = {k: {"tp": 0, "fp": 0, "fn": 0} for k in labels}
     for study_info in studies:
-        study = read_study(test / study_info["path"], test / study_info["masks"])
-        probs = engine.prepare(study).finding_probabilities
-        called = {k for k in labels if max(p[k] for p in probs.values()) > 0.5}
+        volumes = probs[study_info["volume"]].values()
+        called = {k for k in labels if max(p[k] for p in volumes) > 0.5}
         planted = {f["type"] for f in study_info["findings"]} & set(labels)
         for k in labels:
             per_type[k]["tp"] += k in called and k in planted
@@ -158,9 +157,12 @@ def head_scores(engine: ReportEngine, studies: list[dict], test: Path) -> dict |
     return {"tp": tp, "fp": fp, "fn": fn, "f1": f1, "per_type": per_type}
 
 
-def run(engine: ReportEngine, studies: list[dict], test: Path, reports: dict, out_csv: Path) -> dict[str, str]:
+def run(engine: ReportEngine, studies: list[dict], test: Path, reports: dict,
+        out_csv: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """Draft every study: (volume -> report, volume -> the finding head's probabilities of that draft)."""
     settings = GenerationSettings(strategy="greedy", max_new_tokens=600)
     preds: dict[str, str] = {}
+    probs: dict[str, dict] = {}
     with open(out_csv, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["AccNum", "GT_combined_report", "Pred_combined_report", "Region_slots"])
@@ -171,9 +173,10 @@ def run(engine: ReportEngine, studies: list[dict], test: Path, reports: dict, ou
             if slots is None:
                 slots = dict(enumerate(engine.select_regions(study)))
             preds[study_info["volume"]] = result.text
+            probs[study_info["volume"]] = result.cache["prepared"].finding_probabilities
             writer.writerow([study_info["volume"], reference_report(reports[study_info["volume"]], slots), result.text,
                              json.dumps({str(k): v for k, v in slots.items()})])
-    return preds
+    return preds, probs
 
 
 def reg2rg_eval(csv_path: Path, out: Path) -> dict:
@@ -198,13 +201,13 @@ def main() -> int:
     reports = read_reports(test / "reports.csv")
     model, tokenizer = load_pretrained(args.model)
     summary = {"model_dir": args.model, "test": str(test), "n_studies": len(studies)}  # "model": its scores
-    head = head_scores(ReportEngine(model, tokenizer), studies, test)
-    if head is not None:
-        summary["finding_head"] = head
-        print("finding_head", json.dumps({k: v for k, v in head.items() if k != "per_type"}), flush=True)
     for name, engine_cls in (("model", ReportEngine), ("blind_control", BlindReportEngine)):
         t0 = time.perf_counter()
-        preds = run(engine_cls(model, tokenizer), studies, test, reports, out / f"{name}_predictions.csv")
+        preds, probs = run(engine_cls(model, tokenizer), studies, test, reports, out / f"{name}_predictions.csv")
+        head = head_scores(model.config.finding_labels, studies, probs) if name == "model" else None
+        if head is not None:   # the head reads the encoding itself (never blinded): scored once
+            summary["finding_head"] = head
+            print("finding_head", json.dumps({k: v for k, v in head.items() if k != "per_type"}), flush=True)
         metrics = reg2rg_eval(out / f"{name}_predictions.csv", out / f"{name}_eval")
         summary[name] = {
             "seconds_per_report": (time.perf_counter() - t0) / max(len(studies), 1),

@@ -23,8 +23,10 @@ import torch
 
 from reg2rg.engine.checkpoint import load_pretrained
 
-FINDING_REGION = {"Pleural effusion": "pleura", "Cardiomegaly": "heart", "Lung nodule": "lung", "Emphysema": "lung",
-                  "Pericardial effusion": "heart", "Lymphadenopathy": "mediastinum"}
+from reg2rg.engine.phantom import FINDING_REGION as PHANTOM_FINDING_REGION
+
+PROBED = ("Pleural effusion", "Cardiomegaly", "Lung nodule", "Emphysema", "Pericardial effusion", "Lymphadenopathy")
+FINDING_REGION = {finding: PHANTOM_FINDING_REGION[finding] for finding in PROBED}
 
 
 def probe(args) -> None:
