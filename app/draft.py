@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reg2rg.engine.fileio import atomic_write
 from reg2rg.engine.regions import REGIONS
 
 GENERATED, ACCEPTED, EDITED = "generated", "accepted", "edited"
@@ -269,12 +270,15 @@ class DraftStore:
 
 
 def export_json(draft: ReportDraft, path: str | os.PathLike) -> None:
-    """Sections, tokens with confidences and alternatives, and every edit."""
-    Path(path).write_text(json.dumps(draft.to_dict(), indent=1), encoding="utf-8")
+    """Sections, tokens with confidences and alternatives, and every edit (written atomically)."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(draft.to_dict(), indent=1))
 
 
 def export_text(draft: ReportDraft, path: str | os.PathLike) -> None:
-    Path(path).write_text(draft.report_text(), encoding="utf-8")
+    """The report text (written atomically)."""
+    with atomic_write(path) as f:
+        f.write(draft.report_text())
 
 
 def region_order(region: str | None) -> int:

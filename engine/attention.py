@@ -31,6 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .fileio import atomic_path
+
 GLOBAL = "global"
 
 
@@ -65,7 +67,8 @@ class AttentionMap:
         path = os.fspath(path)
         img = nib.Nifti1Image(np.asarray(self.heatmap, dtype=np.float32), np.asarray(self.affine, dtype=np.float64))
         img.header.set_intent("estimate", name="attention")
-        nib.save(img, path)
+        with atomic_path(path) as tmp:
+            nib.save(img, tmp)
         return path
 
 

@@ -109,19 +109,29 @@ def _save_base_llm(model: Reg2RG, out_dir: str) -> None:
 
 
 def save_pretrained(model: Reg2RG, tokenizer, out_dir: str | os.PathLike) -> str:
-    """Write ``model`` and ``tokenizer`` as one folder (see module docstring); returns the folder."""
+    """Write ``model`` and ``tokenizer`` as one folder (see module docstring); returns the folder.
+
+    The folder is written under a temporary name beside ``out_dir`` and replaces it as a whole only
+    when complete (`fileio.atomic_folder`): an interrupted or failed save (full disk) leaves the previous
+    model folder as it was. A non-empty folder that is not a model folder is refused rather than replaced.
+    """
     from safetensors.torch import save_file
 
+    from .fileio import OutputError, atomic_folder
+
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    model.config.save(out_dir)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in vision_state_dict(model).items()},
-              os.path.join(out_dir, VISION_FILE), metadata={"format": "pt"})
-    if model.config.train_llm == "lora":
-        model.lang_model.save_pretrained(os.path.join(out_dir, ADAPTER_DIR))
-    if _bundles_llm(model.config):
-        _save_base_llm(model, os.path.join(out_dir, LLM_DIR))
-    tokenizer.save_pretrained(os.path.join(out_dir, TOKENIZER_DIR))
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, CONFIG_NAME)):
+        raise OutputError(out_dir, "the folder is not empty and is not a model folder (no config.json); "
+                                   "choose a new folder so nothing in it is replaced")
+    with atomic_folder(out_dir) as tmp:
+        model.config.save(tmp)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in vision_state_dict(model).items()},
+                  os.path.join(tmp, VISION_FILE), metadata={"format": "pt"})
+        if model.config.train_llm == "lora":
+            model.lang_model.save_pretrained(os.path.join(tmp, ADAPTER_DIR))
+        if _bundles_llm(model.config):
+            _save_base_llm(model, os.path.join(tmp, LLM_DIR))
+        tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
     return out_dir
 
 

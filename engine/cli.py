@@ -100,9 +100,21 @@ def _slug(region: str) -> str:
 
 
 def write_outputs(engine, result, out_dir: Path, attention: bool) -> dict:
-    """Write report.txt, report.json and (optionally) attention NIfTIs for one result; returns the JSON."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.txt").write_text(result.text.strip() + "\n", encoding="utf-8")
+    """Write report.txt, report.json and (optionally) attention NIfTIs for one result; returns the JSON.
+
+    The files are written under temporary names and renamed into place together once all are complete
+    (`fileio.staged_files`): a full or read-only disk leaves the previous outputs or none, never a new
+    ``report.txt`` beside a truncated ``report.json``; the error (`fileio.OutputError`) names the file.
+    """
+    from .fileio import staged_files
+
+    with staged_files(out_dir) as stage:
+        return _stage_outputs(engine, result, stage, attention)
+
+
+def _stage_outputs(engine, result, stage, attention: bool) -> dict:
+    with stage.open("report.txt") as f:
+        f.write(result.text.strip() + "\n")
     data = result.to_dict()
     if attention and result.tokens:
         maps = {}
@@ -116,10 +128,10 @@ def write_outputs(engine, result, out_dir: Path, attention: bool) -> dict:
             if file in maps:                      # a repeated slot: the first section wins
                 continue
             am = engine.attention_map(result, idx)
-            am.save_nifti(out_dir / file)
+            am.save_nifti(stage.path(file))
             maps[file] = {"token_indices": [idx[0], idx[-1]], "shares": am.shares, "other_share": am.other_share}
         data["attention"] = maps
-    with open(out_dir / "report.json", "w", encoding="utf-8") as f:
+    with stage.open("report.json") as f:
         json.dump(data, f, indent=1)
     return data
 
@@ -156,6 +168,7 @@ def run_dataset(engine, args, settings, out: Path) -> int:
 
     from .dataset import find_mask_folder, read_reports, scan_volumes
     from .errors import StudyError
+    from .fileio import ensure_folder
     from .regions import REGIONS
     from .studyio import read_study
 
@@ -171,7 +184,7 @@ def run_dataset(engine, args, settings, out: Path) -> int:
     todo = [n for n in names if n not in done]
     if args.limit is not None:
         todo = todo[: args.limit]
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_folder(out)
     new_file = not csv_path.is_file()
     failures = 0
     with open(csv_path, "a", newline="", encoding="utf-8") as f:
@@ -218,12 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .dataset import DatasetError
     from .errors import StudyError
+    from .fileio import OutputError, ensure_folder, output_error
     from .generation import EngineOutOfMemory, GenerationError, ModelFolderError
     from .model.config import ConfigError
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"reg2rg-generate: --out {out} is an existing file; --out names a folder for the report files "
+              "(it is created if missing)", file=sys.stderr)
+        return 2
     try:
         settings = _settings(args)
+        ensure_folder(out)              # an unwritable --out fails now, not after loading the model
         engine = _load_engine(args)
         if args.dataset:
             return run_dataset(engine, args, settings, out)
@@ -238,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         _run_one(engine, study, args, settings, out)
         return 0
     except (CliError, StudyError, GenerationError, ModelFolderError, EngineOutOfMemory, CheckpointError,
-            ConfigError, DatasetError) as err:
+            ConfigError, DatasetError, OutputError) as err:
         print(f"reg2rg-generate: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:          # writing predictions.csv (report files arrive as OutputError above)
+        print(f"reg2rg-generate: {output_error(err.filename or out, err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("reg2rg-generate: interrupted (finished studies are kept)", file=sys.stderr)

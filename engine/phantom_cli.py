@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from .fileio import atomic_write, ensure_folder
 from .regions import REGIONS
 
 
@@ -97,7 +98,7 @@ def write_dataset(out: str | Path, n: int, seed: int, shape=None, spacing=None, 
     from .studyio import write_study
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_folder(out)
     rows, studies = [], []
     for i in range(n):
         study = _make_study_redrawing(seed + i, shape, spacing, abnormal_fraction, log)
@@ -116,12 +117,13 @@ def write_dataset(out: str | Path, n: int, seed: int, shape=None, spacing=None, 
             "findings": _json_ready(study.metadata["findings"]),
         })
         log(f"[{i + 1}/{n}] {file_name}: {len(study.metadata['findings'])} finding(s)")
-    with open(out / "reports.csv", "w", newline="", encoding="utf-8") as fh:
+    with atomic_write(out / "reports.csv", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["Volumename", "Anatomy", "Sentence"])
         writer.writerows(rows)
     manifest = {"generator": "reg2rg.engine.phantom", "seed": seed, "n": n, "studies": studies}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    with atomic_write(out / "manifest.json") as fh:
+        fh.write(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -151,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reg2rg-phantom: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"reg2rg-phantom: cannot write to {args.out}: {exc}", file=sys.stderr)
+        from .fileio import output_error
+
+        print(f"reg2rg-phantom: {output_error(args.out, exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -167,19 +167,22 @@ def write_study(study: Study, volume_path: str | os.PathLike, mask_dir: str | os
     """
     import nibabel as nib
 
+    from .fileio import atomic_path, ensure_folder
+
     volume_path = Path(volume_path)
-    volume_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(volume_path.parent)
     img = nib.Nifti1Image(study.voxels, study.affine)
     img.set_qform(study.affine, code=1)
     img.set_sform(study.affine, code=1)
     img.header.set_slope_inter(1.0, 0.0)
-    nib.save(img, str(volume_path))
+    with atomic_path(volume_path) as tmp:
+        nib.save(img, tmp)
     if mask_dir is None:
         return
-    mask_dir = Path(mask_dir)
-    mask_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir = ensure_folder(mask_dir)
     for region, mask in study.masks.items():
         m = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), study.affine)
         m.set_qform(study.affine, code=1)
         m.set_sform(study.affine, code=1)
-        nib.save(m, str(mask_dir / f"{region}.nii.gz"))
+        with atomic_path(mask_dir / f"{region}.nii.gz") as tmp:
+            nib.save(m, tmp)

@@ -254,7 +254,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
                                         eos_token="</s>", pad_token="<unk>")
     tokenizer.padding_side = "right"
     if out_dir is not None:
-        tokenizer.save_pretrained(os.fspath(out_dir))
+        from .fileio import atomic_folder
+
+        with atomic_folder(out_dir) as tmp:
+            tokenizer.save_pretrained(tmp)
     return tokenizer
 
 

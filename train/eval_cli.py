@@ -252,11 +252,16 @@ def format_table(result: dict) -> str:
 
 def write_outputs(result: dict, out_dir: Path) -> None:
     """Write ``metrics.json``, ``metrics.csv`` and ``clinical_efficacy.csv`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    (out_dir / "metrics.csv").write_text(_csv_text(metrics_rows(result)), encoding="utf-8")
+    from reg2rg.engine.fileio import staged_files
+
     ce_rows = [{"abnormality": k, **v} for k, v in result["clinical_efficacy"].items()]
-    (out_dir / "clinical_efficacy.csv").write_text(_csv_text(ce_rows), encoding="utf-8")
+    with staged_files(out_dir) as stage:          # the three files are replaced together or not at all
+        with stage.open("metrics.json") as f:
+            f.write(json.dumps(result, indent=2, allow_nan=True) + "\n")
+        with stage.open("metrics.csv", newline="") as f:
+            f.write(_csv_text(metrics_rows(result)))
+        with stage.open("clinical_efficacy.csv", newline="") as f:
+            f.write(_csv_text(ce_rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,8 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvalInputError as e:
         print(f"reg2rg-eval: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"reg2rg-eval: error: cannot write results: {e}", file=sys.stderr)
+    except OSError as e:      # an output problem arrives as fileio.OutputError, which names the file
+        print(f"reg2rg-eval: error: {e}", file=sys.stderr)
         return 2
     if args.format == "json":
         print(json.dumps(result, indent=2))

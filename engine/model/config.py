@@ -212,9 +212,11 @@ class Reg2RGConfig:
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write ``config.json`` into ``directory``; returns its path."""
-        os.makedirs(directory, exist_ok=True)
+        from ..fileio import atomic_write, ensure_folder
+
+        ensure_folder(directory)
         path = os.path.join(directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_write(path) as f:
             json.dump(self.to_dict(), f, indent=2)
         return path
 
