@@ -56,7 +56,9 @@ class ModelChoice:
     llm_path: str | None = None              # the local LLaMA folder (kind "published")
 
     def describe(self, full: bool = False) -> str:
-        name = (lambda p: str(p) if full else Path(p).name)
+        def name(p) -> str:
+            return str(p) if full else Path(p).name
+
         if self.kind == "folder":
             return name(self.path)
         if self.kind == "published":

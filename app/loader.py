@@ -96,7 +96,7 @@ class StudyLoader(QObject):
             result = load_study(self.request, lambda t, p: self.progress.emit(t, p))
         except MemoryError:
             self.failed.emit(f"{self.request.describe()}: not enough memory to open this study")
-        except Exception as exc:  # every reader error must reach the user as a message, not a traceback
+        except Exception as exc:  # noqa: BLE001 - every reader error must reach the user as a message, not a traceback
             logger.debug("load failed:\n%s", traceback.format_exc())
             self.failed.emit(_describe_error(self.request, exc))
         else:

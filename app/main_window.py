@@ -428,7 +428,7 @@ def install_excepthook(window: MainWindow | None) -> None:
             if window is not None:
                 window.show_error("Unexpected error", f"{exc_type.__name__}: {exc}\n\nThe viewer stays open; "
                                   "the details were written to the log.")
-        except Exception:  # the hook must never raise
+        except Exception:  # noqa: BLE001 - the hook must never raise
             previous(exc_type, exc, tb)
 
     sys.excepthook = hook

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     engine.eos_token_id = -1
     study = study_with_all_regions(engine.config.input_size, args.regions)
     t = time.perf_counter()
-    inputs = preprocess(study, engine.config.input_size, engine.config.orientation, study.regions_present)
+    preprocess(study, engine.config.input_size, engine.config.orientation, study.regions_present)
     pre_s = time.perf_counter() - t
     settings = GenerationSettings(max_new_tokens=args.tokens)
 

@@ -11,7 +11,6 @@ view re-rendered on every step, 4x multisampling, and a vtkCornerAnnotation for 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "app"))
-import conftest  # noqa: E402  (starts Xvfb when DISPLAY is unset)
+import conftest  # noqa: E402, F401  (starts Xvfb when DISPLAY is unset)
 
 
 def make_big_study(shape):

@@ -71,7 +71,7 @@ def _plain_layout(img, path: Path):
         dtype = np.dtype(proxy.dtype)
         offset = int(proxy.offset)
         order = proxy.order
-    except Exception:
+    except Exception:  # noqa: BLE001 - any surprise in nibabel's proxy: use the general reader
         return None
     if order != "F":
         return None

@@ -36,7 +36,7 @@ from .study import Study
 from .studyio import read_study
 
 # ---------------------------------------------------------------------------------------------------------
-# Vocabulary: CT-RATE abnormality names (facts §6) where one applies, and where each finding is reported.
+# Vocabulary: CT-RATE abnormality names (docs/reproduction.md §6) where one applies, and where each finding is reported.
 
 LUNG_NODULE = "Lung nodule"
 LUNG_OPACITY = "Lung opacity"
@@ -1212,7 +1212,7 @@ def _plant_medical_material(cv: _Canvas, pt: Patient, f: Finding, lm: _Landmarks
     size = (22.0, 4.5, 20.0) if f.kind == "pacemaker" else (13.0, 7.0, 13.0)
     got = cv.ellipsoid(box, size)
     cv.paint(got[0], got[1] <= 1, HU["metal"], METAL, None)
-    c, r = lm.heart_centre, lm.heart_radii
+    c = lm.heart_centre
     vein = [box, np.array([sgn * 45.0, -30.0, zc + pt.z(15)]), np.array([sgn * 20.0, -25.0, zc + pt.z(5)])]
     if f.kind == "pacemaker":
         tip = c + np.array([10.0, -22.0, -25.0]) * pt.heart_scale   # right ventricular apex

@@ -23,7 +23,9 @@ def _study(stored_flipped: bool):
     if not stored_flipped:
         return Study(voxels=vol, affine=affine, masks={"lung": lung})
     # stored as (Z, Y, X) with the first and last axes reversed: index (i,j,k) holds voxel (X-1-k, j, Z-1-i)
-    t = lambda a: np.ascontiguousarray(np.flip(np.flip(a, 0), 2).transpose(2, 1, 0))
+    def t(a):
+        return np.ascontiguousarray(np.flip(np.flip(a, 0), 2).transpose(2, 1, 0))
+
     m = np.zeros((4, 4))
     m[0, 2], m[0, 3] = -1, SHAPE[0] - 1
     m[1, 1] = 1

@@ -1,4 +1,4 @@
-"""Our pre-processing reproduces the published MONAI pipeline (facts §3) on real .nii.gz files."""
+"""Our pre-processing reproduces the published MONAI pipeline (docs/reproduction.md §3) on real .nii.gz files."""
 
 from __future__ import annotations
 
@@ -149,7 +149,9 @@ def test_flipped_storage_reaches_model_the_same_way():
     flip = np.eye(4)
     flip[0, 0], flip[0, 3] = -1, SHAPE[0] - 1
     perm = np.eye(4)[[0, 2, 1, 3]]
-    stored = lambda x: np.ascontiguousarray(np.flip(x, 0).transpose(0, 2, 1))
+    def stored(x):
+        return np.ascontiguousarray(np.flip(x, 0).transpose(0, 2, 1))
+
     flipped = Study(voxels=stored(vol), affine=a @ flip @ perm, masks={r: stored(m) for r, m in masks.items()})
     assert original.orientation != flipped.orientation
 
@@ -222,8 +224,6 @@ def test_mask_resize_from_its_box_is_bitwise_the_area_resize(mask_box):
 @pytest.mark.parametrize("mask_order", ["F", "C"])
 def test_regions_bitwise_equal_the_float_path_in_any_layout(orientation, mask_order):
     """Flipped/permuted views and mixed memory layouts: the exact path keeps the float path's last bit."""
-    from nibabel.orientations import apply_orientation
-
     from reg2rg.engine.preprocess import OUTSIDE_REGION_HU, _intensity, _orient, _resize
 
     rng = np.random.default_rng(11)
