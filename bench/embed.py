@@ -1,7 +1,7 @@
 """Building inputs_embeds at published dims: the reference's one-hot x table vs our gather.
 
 32000x4096 text table, 32 global + 10x33 region tokens, a 700-token prompt with 10 regions, one sample.
-Reference (facts §2): cat([text table, 2 marker weights x2, global, regions]) -> (32366, 4096), one-hot
+Reference (docs/reproduction.md §2): cat([text table, 2 marker weights x2, global, regions]) -> (32366, 4096), one-hot
 (700, 32366) @ table. Ours: `RegionFusionEmbedding.special_table` + `embed` (gather). Each variant in
 its own subprocess so its peak RSS is its own.
 

@@ -1,6 +1,6 @@
 """Encoding one study (global + 10 regions) at the published ViT/perceiver dims on CPU.
 
-Reference way: the global volume, then each region, one ViT + perceiver pass at a time (facts §7).
+Reference way: the global volume, then each region, one ViT + perceiver pass at a time (docs/reproduction.md §7).
 Ours: `RegionFusionEmbedding.encode_visual`, all 11 volumes in one batched pass. Random weights.
 Each variant runs in its own subprocess so its peak RSS is its own.
 

@@ -1,4 +1,4 @@
-"""The published inference procedure, re-stated for benchmarks (facts §2, §5, §7).
+"""The published inference procedure, re-stated for benchmarks (docs/reproduction.md §2, §5, §7).
 
 Each volume goes through the ViT + perceiver one after another, the prompt is embedded by a one-hot
 matrix times a (V + 4 + L + R(L+1)) x hidden table, and the text comes from HF

@@ -1,6 +1,6 @@
 """The RadGenome-ChestCT dataset layout: which volume, which mask folder, which report.
 
-The one home of the layout (facts §3), shared by ``reg2rg-train`` (``train/data.py``) and
+The one home of the layout (docs/reproduction.md §3), shared by ``reg2rg-train`` (``train/data.py``) and
 ``reg2rg-generate --dataset`` (``engine/cli.py``)::
 
     <root>/<patient>/<accession>/<volume>.nii.gz

@@ -1,4 +1,4 @@
-"""Pre-processing of a study into the tensors Reg2RG was trained on (facts §3), with the geometry kept.
+"""Pre-processing of a study into the tensors Reg2RG was trained on (docs/reproduction.md §3), with the geometry kept.
 
 The published pipeline (MONAI, per study):
 
@@ -369,7 +369,7 @@ def _orient(study: Study, orientation: str | None):
 
 def preprocess(study: Study, input_size=PUBLISHED_INPUT_SIZE, orientation: str | None = None,
                regions=None) -> ModelInputs:
-    """Turn a study into Reg2RG model inputs exactly as the published pipeline does (facts §3).
+    """Turn a study into Reg2RG model inputs exactly as the published pipeline does (docs/reproduction.md §3).
 
     ``input_size``: (H, W, D) of the model grid. ``orientation``: None keeps the stored voxel order
     (what the published weights expect), or an axis code such as ``"LPS"`` to reorient first.

@@ -1,4 +1,4 @@
-"""The ten anatomical regions of Reg2RG, in the published order (facts §1).
+"""The ten anatomical regions of Reg2RG, in the published order (docs/reproduction.md §1).
 
 This is the one home of the region list: everything that names regions (masks, prompt slots,
 reports, the viewer's panel, training data) imports it from here.

@@ -1,6 +1,6 @@
 """Region sections of a generated report: "The region {i} is {area}: {report} ...".
 
-Reg2RG writes one section per region slot and must name the anatomy of each slot itself (facts §2).
+Reg2RG writes one section per region slot and must name the anatomy of each slot itself (docs/reproduction.md §2).
 This module is the one home of reading that structure back: generation streams it, evaluation
 strips it or scores per region, the viewer highlights it. Model output is not always well formed,
 so the parser tolerates a missing colon, an unknown area, a repeated slot and text before the first

@@ -1,4 +1,4 @@
-"""Reg2RG's special tokens, prompt and training text (facts §2), built from ids directly.
+"""Reg2RG's special tokens, prompt and training text (docs/reproduction.md §2), built from ids directly.
 
 The reference expanded ``<image0>…`` placeholders by string replacement and re-tokenized the result,
 so a report that happens to contain the text ``<image0>`` turned into a visual slot. Here the prompt

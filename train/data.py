@@ -1,6 +1,6 @@
 """RadGenome-ChestCT training data: index the folder, read and pre-process through `engine`, draw samples.
 
-The layout (facts §3)::
+The layout (docs/reproduction.md §3)::
 
     <root>/<patient>/<accession>/<volume>.nii.gz
     <mask_root>/seg_<volume>/<region>.nii.gz

@@ -1,7 +1,7 @@
 """`Reg2RGConfig`: every dimension of the Reg2RG network, saved as JSON beside the weights.
 
 Nothing in the model code hard-codes a published dimension (4096, 32000, 768, 32, 33): they all come
-from here. ``Reg2RGConfig.preset("reg2rg-7b")`` holds the published values (facts §1).
+from here. ``Reg2RGConfig.preset("reg2rg-7b")`` holds the published values (docs/reproduction.md §1).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The reference built, per sample, a (V + 4 + L + R(L+1)) x hidden table and multiplied a one-hot
 matrix of the whole prompt by it. Here text ids read the LLM's input embedding and special ids read a
 small per-sample table of 4 + L + R(L+1) rows by gather — the same numbers at a tiny fraction of the
-work (facts §2, §7). The global volume and every region volume of the batch go through the ViT and the
+work (docs/reproduction.md §2, §7). The global volume and every region volume of the batch go through the ViT and the
 perceiver in one batched pass.
 """
 

@@ -1,4 +1,4 @@
-"""RadFM's learned 3D position embedding (facts §1: three tables, concatenated, subsampled)."""
+"""RadFM's learned 3D position embedding (docs/reproduction.md §1: three tables, concatenated, subsampled)."""
 
 from __future__ import annotations
 

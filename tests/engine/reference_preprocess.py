@@ -1,4 +1,4 @@
-"""The published Reg2RG pre-processing, rebuilt from MONAI's own transforms (facts §3).
+"""The published Reg2RG pre-processing, rebuilt from MONAI's own transforms (docs/reproduction.md §3).
 
 Used by tests/engine/test_preprocess.py (equivalence) and bench/preprocess.py (speed and memory
 baseline). It mirrors what the reference data loader does, step by step: float32 voxels from nibabel,

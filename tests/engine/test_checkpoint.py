@@ -91,7 +91,7 @@ def test_load_names_missing_files(tokenizer_dir, tmp_path):
 
 
 def published_names(cfg: Reg2RGConfig, n_llm_layers: int, base_layer: bool) -> list[str]:
-    """State-dict names of the published checkpoint, written out from the facts page (§1)."""
+    """State-dict names of the published checkpoint, written out from docs/reproduction.md §1."""
     names = ["embedding_layer.weight", "embedding_layer.image_token_weight", "embedding_layer.region_token_weight"]
     for enc, depth in (("vision_encoder", cfg.vision.depth), ("mask_encoder", cfg.mask_encoder.depth)):
         p = f"embedding_layer.{enc}."

@@ -1,4 +1,4 @@
-"""Gather fusion == the published one-hot x table product; batched encoding == one-at-a-time (facts §2, §7)."""
+"""Gather fusion == the published one-hot x table product; batched encoding == one-at-a-time (docs/reproduction.md §2, §7)."""
 
 import random
 

@@ -1,4 +1,4 @@
-"""Special-token layout, prompt ids and training examples (facts §2)."""
+"""Special-token layout, prompt ids and training examples (docs/reproduction.md §2)."""
 
 import random
 

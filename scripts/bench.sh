@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The benchmarks that need no GPU, one after another, each printing its ratio against a baseline measured
+# in the same run (bench/RESULTS.md records results and commands). By default at quick sizes (a few
+# minutes on one idle core); `--full` runs each at the size documented in its docstring (much longer).
+# bench/gpu.py needs a CUDA device: `make bench-gpu`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+full=0
+[ "${1:-}" = "--full" ] && full=1
+
+run() {
+  echo "== $PY $*"
+  local t0=$SECONDS
+  "$PY" "$@"
+  echo "   ($((SECONDS - t0)) s)"
+}
+
+if [ $full = 1 ]; then
+  run bench/preprocess.py
+  run bench/embed.py
+  run bench/encode.py
+  run bench/generate.py --tokens 100 --repeats 3
+  run bench/train.py
+  run bench/viewer.py --shape 512x512x300 --steps 60
+else
+  run bench/preprocess.py --shape 256 256 100
+  run bench/embed.py --repeats 1
+  run bench/encode.py --regions 2
+  run bench/generate.py --tokens 50 --repeats 1
+  run bench/train.py --studies 3 --steps 3 --batch 1
+  run bench/viewer.py --shape 256x256x100 --steps 30
+fi
