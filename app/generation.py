@@ -54,6 +54,7 @@ class ModelChoice:
     path: str | None = None                  # the model folder (kind "folder")
     checkpoint: str | None = None            # the published checkpoint file (kind "published")
     llm_path: str | None = None              # the local LLaMA folder (kind "published")
+    strict: bool = True                      # kind "published": refuse a checkpoint whose keys do not match
 
     def describe(self, full: bool = False) -> str:
         def name(p) -> str:
@@ -77,7 +78,7 @@ class ModelChoice:
         from reg2rg.engine.generation import ReportEngine
 
         if self.kind == "published":
-            return ReportEngine.from_published(self.checkpoint, self.llm_path, device=device)
+            return ReportEngine.from_published(self.checkpoint, self.llm_path, device=device, strict=self.strict)
         return ReportEngine.load(self.path if self.kind == "folder" else None, device=device)
 
 

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the embedded demo model)")
     p.add_argument("--published", metavar="FILE", help="the published Reg2RG checkpoint (needs --llm)")
     p.add_argument("--llm", metavar="DIR", help="with --published: the local LLaMA-2-7B-chat folder")
+    p.add_argument("--non-strict", action="store_true",
+                   help="with --published: load a checkpoint whose keys do not match the model (missing weights "
+                        "stay random; for inspection only)")
     p.add_argument("--demo", action="store_true", help="open the embedded demo study")
     p.add_argument("--generate", action="store_true", help="draft a report as soon as the study is open")
     p.add_argument("--screenshot", metavar="PNG", help="save a picture of the window once ready, then exit")
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.masks and not args.volume:
         print("reg2rg-viewer: --masks needs a VOLUME", file=sys.stderr)
+        return 2
+    if args.non_strict and not args.published:
+        print("reg2rg-viewer: --non-strict applies to --published only", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.screenshot and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.published and window.draft_panel is not None:
         from .generation import ModelChoice
 
-        window.draft_panel.set_model(ModelChoice(kind="published", checkpoint=args.published, llm_path=args.llm))
+        window.draft_panel.set_model(ModelChoice(kind="published", checkpoint=args.published, llm_path=args.llm,
+                                                 strict=not args.non_strict))
     elif args.model and window.draft_panel is not None:
         window.draft_panel.set_model_dir(args.model)
     window.show()

@@ -44,14 +44,33 @@ class CheckpointError(ValueError):
 
 @dataclass
 class ImportReport:
-    """Keys of the model that the file did not provide, and keys of the file the model does not have."""
+    """Keys of the model that the file did not provide, and keys of the file the model does not have.
+
+    ``buffers`` are file keys that name buffers the model computes itself (the LLaMA's rotary
+    ``inv_freq``, which transformers 4.28 saved in every state dict); they are ignored, never an error.
+    """
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    buffers: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return not self.missing and not self.unexpected
+
+    def describe(self, limit: int = 20) -> str:
+        """The mismatch in one paragraph: counts, then the keys (at most ``limit`` of each kind)."""
+        def listing(keys: list[str]) -> str:
+            more = f", … (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            return ", ".join(keys[:limit]) + more
+
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} model weight(s) missing from the file: {listing(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} key(s) in the file that the model does not have: "
+                         f"{listing(self.unexpected)}")
+        return "; ".join(parts)
 
 
 # ---- reading weight files safely ----------------------------------------------------------------
@@ -205,20 +224,36 @@ def _normalise_published_keys(state: Mapping[str, torch.Tensor], ours: set[str])
     return out
 
 
-def import_published(model: Reg2RG, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> ImportReport:
+def import_published(model: Reg2RG, source: str | os.PathLike | Mapping[str, torch.Tensor],
+                     strict: bool = True) -> ImportReport:
     """Load the published Reg2RG checkpoint (a full ``state_dict`` of embedding_layer + lang_model) into
-    ``model``; returns the model keys it lacked and the file keys the model does not have."""
+    ``model`` and return what did not match.
+
+    Strict by default, as the reference loads it (docs/reproduction.md §1): a model weight missing from
+    the file, or a file key the model does not have (other than a buffer the model computes itself),
+    raises `CheckpointError` listing them and leaves ``model`` untouched — a wrong file must not load as
+    partly random weights. ``strict=False`` loads what matches and reports the rest.
+    """
     path = None if isinstance(source, Mapping) else os.fspath(source)
     state = load_weights_file(path) if path is not None else dict(source)
     ours = model.state_dict()
     mapped = _normalise_published_keys(state, set(ours))
+    buffer_leaves = {name.rpartition(".")[2] for name, _ in model.named_buffers()}
+    extra = sorted(set(mapped) - set(ours))
+    report = ImportReport(missing=sorted(set(ours) - set(mapped)),
+                          unexpected=[k for k in extra if k.rpartition(".")[2] not in buffer_leaves],
+                          buffers=[k for k in extra if k.rpartition(".")[2] in buffer_leaves])
+    if strict and not report.complete:
+        raise CheckpointError(path, f"does not match the published Reg2RG model: {report.describe()}. "
+                                    "Check that this is the published checkpoint for this model size; "
+                                    "--non-strict loads it anyway (missing weights stay random).")
     known = {k: v for k, v in mapped.items() if k in ours}
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in known.items() if v.shape != ours[k].shape]
     if wrong:
         raise CheckpointError(path, f"shapes do not match the model config: {wrong[:5]}"
                                     + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""))
     model.load_state_dict(known, strict=False)
-    return ImportReport(missing=sorted(set(ours) - set(mapped)), unexpected=sorted(set(mapped) - set(ours)))
+    return report
 
 
 def import_radfm(model: Reg2RG, vit_path: str | os.PathLike | None = None,

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", metavar="DIR", help="model folder (default: the embedded demo model)")
     model.add_argument("--published", metavar="FILE", help="the published Reg2RG checkpoint (needs --llm)")
     model.add_argument("--llm", metavar="DIR", help="local LLaMA-2-7B-chat folder (published checkpoint or LoRA model)")
+    model.add_argument("--non-strict", action="store_true",
+                       help="with --published: load a checkpoint whose keys do not match the model (missing weights "
+                            "stay random; for inspecting a damaged or foreign file, not for drafting)")
     model.add_argument("--device", default="auto", help="auto (CUDA bf16 if available, else CPU fp32), cpu, cuda, cuda:1")
     model.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default follows the device)")
     gen = p.add_argument_group("generation")
@@ -90,7 +93,10 @@ def _load_engine(args):
     if args.published:
         if not args.llm:
             raise CliError("--published needs --llm (the local LLaMA-2-7B-chat folder)")
-        return ReportEngine.from_published(args.published, args.llm, args.device, args.dtype)
+        return ReportEngine.from_published(args.published, args.llm, args.device, args.dtype,
+                                           strict=not args.non_strict)
+    if args.non_strict:
+        raise CliError("--non-strict applies to --published only (a model folder is always loaded strictly)")
     return ReportEngine.load(args.model, args.device, args.dtype, llm_path=args.llm)
 
 

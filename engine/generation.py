@@ -629,10 +629,12 @@ class ReportEngine:
 
     @classmethod
     def from_published(cls, checkpoint: str | os.PathLike, llm_path: str | os.PathLike,
-                       device: str | torch.device = "auto", dtype: str | torch.dtype | None = None) -> "ReportEngine":
+                       device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
+                       strict: bool = True) -> "ReportEngine":
         """The published Reg2RG checkpoint (a full state dict, safetensors or ``weights_only`` pickle)
         on the published dimensions, with the LLaMA-2-7B-chat folder ``llm_path`` (tokenizer and base
-        weights, read offline)."""
+        weights, read offline). ``strict`` (default): a file whose keys do not match the model raises
+        `CheckpointError` listing them; ``strict=False`` loads what matches and logs the rest."""
         for path, what in ((checkpoint, "published checkpoint file"), (llm_path, "LLaMA folder")):
             if not Path(path).exists():
                 raise ModelFolderError(f"{path}: {what} not found")
@@ -643,15 +645,14 @@ class ReportEngine:
         try:
             tokenizer = load_tokenizer(llm_path)
             model = Reg2RG.from_config(config, tokenizer, dtype=dt)
-            report = import_published(model, checkpoint)
+            report = import_published(model, checkpoint, strict=strict)
             model.to(dev).eval()
         except Exception as err:  # noqa: BLE001
             if _is_oom(err):
                 raise EngineOutOfMemory(_oom_message(dev, f"loading {checkpoint}")) from err
             raise
-        if report.missing:
-            logger.warning("%s: %d model weights were not in the checkpoint (first: %s)", checkpoint,
-                           len(report.missing), report.missing[:3])
+        if not report.complete:     # only reached with strict=False
+            logger.warning("%s: loaded non-strictly: %s", checkpoint, report.describe())
         return cls(model, tokenizer, Path(checkpoint).parent)
 
     # ---- regions and prompt -------------------------------------------------------------------

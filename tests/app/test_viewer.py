@@ -255,6 +255,8 @@ def test_cli_published_checkpoint_needs_its_llama_folder_and_names_missing_files
     alone = subprocess.run(cmd + ["--published", str(tmp_path / "Reg2RG.pth")], capture_output=True, text=True,
                            timeout=120)
     assert alone.returncode == 2 and "--llm" in alone.stderr and "Traceback" not in alone.stderr
+    loose = subprocess.run(cmd + ["--non-strict"], capture_output=True, text=True, timeout=120)
+    assert loose.returncode == 2 and "--non-strict applies to --published only" in loose.stderr
     out = tmp_path / "x.png"
     both = subprocess.run(cmd + ["--generate", "--published", str(tmp_path / "Reg2RG.pth"),
                                  "--llm", str(tmp_path / "llama"), "--screenshot", str(out)],

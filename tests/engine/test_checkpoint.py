@@ -143,11 +143,37 @@ def test_import_published_names_reproduces_logits(tokenizer_dir, tmp_path, base_
     report = import_published(target, path)
     assert report.complete, (report.missing, report.unexpected)
     torch.testing.assert_close(logits(target, tok), logits(source, tok), atol=0, rtol=0)
-    # an extra key and a dropped key are reported by name
+    # the rotary inv_freq buffers transformers 4.28 saved are not an error (the model computes them)
+    rotary = "lang_model.base_model.model.model.layers.0.self_attn.rotary_emb.inv_freq"
+    report = import_published(target, {**state, rotary: torch.ones(4)})
+    assert report.complete and report.buffers == [rotary]
+
+
+def test_import_published_is_strict(tokenizer_dir, tmp_path):
+    """A wrong file must not load as partly random weights: missing keys and unexpected non-buffer keys
+    are refused with both lists, the model stays as it was; strict=False loads and reports them."""
+    source, tok = build(tokenizer_dir, 0)
+    target, _ = build(tokenizer_dir, 1)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
     state["embedding_layer.unknown"] = torch.zeros(1)
     del state["embedding_layer.fc.bias"]
-    report = import_published(target, state)
+    path = tmp_path / "reg2rg_published.pth"
+    torch.save(state, path)
+    before = logits(target, tok)
+    with pytest.raises(CheckpointError) as info:
+        import_published(target, path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and "--non-strict" in message
+    assert "1 model weight(s) missing from the file: embedding_layer.fc.bias" in message
+    assert "1 key(s) in the file that the model does not have: embedding_layer.unknown" in message
+    torch.testing.assert_close(logits(target, tok), before, atol=0, rtol=0)      # nothing was loaded
+    report = import_published(target, path, strict=False)
     assert report.unexpected == ["embedding_layer.unknown"] and report.missing == ["embedding_layer.fc.bias"]
+    assert torch.equal(target.embedding_layer.fc.weight, source.embedding_layer.fc.weight)
+    # a long list is cut with a count
+    many = {k: v for k, v in state.items() if not k.startswith("embedding_layer.vision_encoder.")}
+    with pytest.raises(CheckpointError, match=r"model weight\(s\) missing from the file: .*\(\+\d+ more\)"):
+        import_published(target, many)
 
 
 def test_import_radfm_files(tokenizer_dir, tmp_path):

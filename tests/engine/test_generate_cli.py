@@ -98,3 +98,6 @@ def test_clear_errors(model_dir, dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nope.nii.gz" in err and "Traceback" not in err
     assert main(["--demo", "--volume", "x"]) == 2
+    # strictness can only be relaxed for the published checkpoint, and only explicitly
+    assert main(["--demo", "--model", str(model_dir), "--non-strict", "--out", str(tmp_path)]) == 2
+    assert "--non-strict applies to --published only" in capsys.readouterr().err
