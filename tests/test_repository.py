@@ -20,7 +20,8 @@ def _tracked_text_files() -> list[Path]:
     paths = []
     for name in out.splitlines():
         path = ROOT / name
-        if path.suffix in {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt"} and path.is_file():
+        if path.suffix in {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt"} and path.is_file() \
+                and path != Path(__file__).resolve():
             paths.append(path)
     return paths
 
