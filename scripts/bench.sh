@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks that need no GPU, one after another, each printing its ratio against a baseline measured
 # in the same run (bench/RESULTS.md records results and commands). By default at quick sizes (a few
-# minutes on one idle core); `--full` runs each at the size documented in its docstring (much longer).
+# minutes on one idle core: about 5 on a shared 2-core machine); `--full` runs each at the size documented in its docstring (much longer).
 # bench/gpu.py needs a CUDA device: `make bench-gpu`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,6 @@ else
   run bench/embed.py --repeats 1
   run bench/encode.py --regions 2
   run bench/generate.py --tokens 50 --repeats 1
-  run bench/train.py --studies 3 --steps 3 --batch 1
+  run bench/train.py --studies 2 --steps 2 --batch 1
   run bench/viewer.py --shape 256x256x100 --steps 30
 fi
