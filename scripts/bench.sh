@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmarks that need no GPU, one after another, each printing its ratio against a baseline measured
-# in the same run (bench/RESULTS.md records results and commands). By default at quick sizes (a few
-# minutes on one idle core: about 5 on a shared 2-core machine); `--full` runs each at the size documented in its docstring (much longer).
+# in the same run (bench/RESULTS.md records results and commands). By default at quick sizes (about
+# 5 minutes on a shared 2-core machine); `--full` runs each at the size documented in its docstring
+# (much longer).
 # bench/gpu.py needs a CUDA device: `make bench-gpu`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
