@@ -51,6 +51,19 @@ TOTALSEG_V2_CLASSES: dict[int, str] = {
     116: "sternum", 117: "costal_cartilages",
 }
 
+#: The other TotalSegmentator tasks that give Reg2RG regions (open licence, CT), label value -> structure,
+#: as TotalSegmentator 2.x writes them (its ``map_to_binary.class_map``). A multi-label file written by
+#: TotalSegmentator carries its own table in the NIfTI header, which wins over these.
+TOTALSEG_TASK_CLASSES: dict[str, dict[int, str]] = {
+    "total": TOTALSEG_V2_CLASSES,
+    "breasts": {1: "breast"},
+    "trunk_cavities": {1: "abdominal_cavity", 2: "thoracic_cavity", 3: "pericardium", 4: "mediastinum"},
+    "pleural_pericard_effusion": {1: "lung_pleural", 2: "pleural_effusion", 3: "pericardial_effusion"},
+    "lung_vessels": {1: "lung_airways", 2: "lung_airways_wall", 3: "lung_arteries", 4: "lung_veins"},
+}
+# older spellings of the same tasks' classes (TotalSegmentator 2.0-2.4 lung_vessels)
+_TOTALSEG_OLDER_NAMES = ("lung_vessels", "lung_trachea_bronchia")
+
 _ABDOMEN = (
     "liver", "stomach", "spleen", "pancreas", "kidney_right", "kidney_left", "kidney_cyst_left",
     "kidney_cyst_right", "gallbladder", "adrenal_gland_right", "adrenal_gland_left", "duodenum",
@@ -71,29 +84,66 @@ _LUNG = (
     "lung_lower_lobe_right", "lung_left", "lung_right",
 )
 
-#: TotalSegmentator structure name -> Reg2RG region. Structures not listed (vessels, muscles, spinal
-#: cord, brain, pelvic organs) belong to no Reg2RG region and are ignored. Breast, mediastinum and
-#: pleura have no TotalSegmentator class: they stay absent and are reported absent.
+# How TotalSegmentator's structures become the ten RadGenome regions. RadGenome-ChestCT's masks come
+# from SAT (not installable here); each rule says where it differs from SAT's region.
+#
+# * abdomen  = total's abdominal organs (liver, spleen, stomach, pancreas, kidneys, adrenals, gallbladder,
+#              bowel, portal/splenic vein) + trunk_cavities' abdominal_cavity where present. SAT's abdomen is
+#              the whole abdominal cavity in the scan; without trunk_cavities the fat between organs is missing.
+# * bone     = total's ribs, vertebrae, sternum, costal cartilages, clavicles, scapulae, humeri, pelvis, femora.
+# * breast   = breasts' breast (glandular and fatty breast tissue; SAT's breast is similar, both sides).
+# * esophagus, thyroid = total's esophagus / thyroid_gland (the same organs as SAT).
+# * heart    = total's heart (+ atrial appendage) + pleural_pericard_effusion's pericardial_effusion: the
+#              effusion is a heart finding in RadGenome's reports. The pericardial fat SAT may include is not.
+# * lung     = total's five lobes (SAT: both lungs, the same parenchyma).
+# * mediastinum = trunk_cavities' mediastinum minus heart, esophagus and trachea, which have their own
+#              regions (SAT's mediastinum may overlap them; RadGenome's reports name them separately).
+# * pleura   = trunk_cavities' thoracic_cavity minus lungs, mediastinum, pericardium, heart, esophagus and
+#              trachea (the pleural space, so a pleural effusion falls inside it), plus pleural_pericard_effusion's
+#              pleural_effusion. SAT segments the pleura as a thin layer; this space is wider where fluid is.
+# * trachea and bronchie = total's trachea + lung_vessels' airways (lung_airways, airway wall; older
+#              versions: lung_trachea_bronchia) where that optional task was run. SAT includes the main bronchi.
+#
+# Structures not listed (vessels, muscles, spinal cord, brain, pelvic organs) belong to no region.
+
+#: TotalSegmentator structure name -> Reg2RG region, for the structures that map one to one.
 TOTALSEG_TO_REGION: dict[str, str] = {
     **{n: "abdomen" for n in _ABDOMEN},
+    "abdominal_cavity": "abdomen",
     **{n: "bone" for n in _BONE},
+    "breast": "breast",
     **{n: "heart" for n in _HEART},
+    "pericardial_effusion": "heart",
     **{n: "lung" for n in _LUNG},
     "esophagus": "esophagus",
     "thyroid_gland": "thyroid",
     "trachea": "trachea and bronchie",
-    "lung_trachea_bronchia": "trachea and bronchie",   # lung_vessels task
+    "lung_airways": "trachea and bronchie",
+    "lung_airways_wall": "trachea and bronchie",
+    "lung_trachea_bronchia": "trachea and bronchie",   # lung_vessels task before TotalSegmentator 2.5
+}
+
+#: Structures that feed the derived regions (mediastinum, pleura); see the rules above.
+TOTALSEG_DERIVED_INPUTS: tuple[str, ...] = ("mediastinum", "thoracic_cavity", "pericardium", "pleural_effusion")
+
+#: The TotalSegmentator task that provides each region.
+REGION_TOTALSEG_TASK: dict[str, str] = {
+    **{r: "total" for r in REGIONS}, "breast": "breasts", "mediastinum": "trunk_cavities", "pleura": "trunk_cavities",
 }
 
 _TOTALSEG_LOWER: dict[str, str] = {k.lower(): v for k, v in TOTALSEG_TO_REGION.items()}
-_TOTALSEG_NAMES_LOWER = {n.lower() for n in TOTALSEG_V2_CLASSES.values()} | set(_TOTALSEG_LOWER)
+_TOTALSEG_NAMES_LOWER = (
+    {n.lower() for classes in TOTALSEG_TASK_CLASSES.values() for n in classes.values()}
+    | set(_TOTALSEG_LOWER) | set(_TOTALSEG_OLDER_NAMES)
+)
 
-#: Reg2RG regions TotalSegmentator cannot provide.
-TOTALSEG_ABSENT_REGIONS: tuple[str, ...] = tuple(r for r in REGIONS if r not in set(TOTALSEG_TO_REGION.values()))
+#: Reg2RG regions TotalSegmentator's ``total`` task alone cannot provide (they need the other tasks).
+TOTALSEG_ABSENT_REGIONS: tuple[str, ...] = tuple(r for r in REGIONS if REGION_TOTALSEG_TASK[r] != "total")
 
 
 def region_for_name(name: str) -> str | None:
-    """The Reg2RG region a mask name stands for: a region name (any spelling) or a TotalSegmentator structure."""
+    """The Reg2RG region a mask name stands for: a region name (any spelling) or a TotalSegmentator structure
+    that maps one to one (the derived regions' inputs, such as ``thoracic_cavity``, give None)."""
     region = canonical_region(name)
     if region is not None:
         return region
@@ -103,6 +153,48 @@ def region_for_name(name: str) -> str | None:
 def is_totalsegmentator_name(name: str) -> bool:
     """True for any structure name TotalSegmentator writes (mapped to a region or not)."""
     return name.strip().lower() in _TOTALSEG_NAMES_LOWER
+
+
+def label_table_from_header(img) -> dict[int, str] | None:
+    """The label table TotalSegmentator writes into a multi-label NIfTI's header (a CaretExtension XML), or None."""
+    import re
+
+    for ext in getattr(img.header, "extensions", []) or []:
+        try:
+            content = ext.get_content()
+        except Exception:  # an extension nibabel cannot decode is just not ours
+            continue
+        if isinstance(content, bytes):
+            content = content.decode("utf-8", errors="replace")
+        if not isinstance(content, str) or "<LabelTable>" not in content:
+            continue
+        labels = re.findall(r'<Label\s+Key="(-?\d+)"[^>]*>\s*<!\[CDATA\[(.*?)\]\]>\s*</Label>', content, re.S)
+        if labels:
+            return {int(k): v.strip() for k, v in labels}
+    return None
+
+
+def totalseg_label_header(label_table: dict[int, str]):
+    """A NIfTI header extension holding ``label_table`` as TotalSegmentator writes it (for files we write)."""
+    import nibabel as nib
+    from xml.sax.saxutils import escape
+
+    body = "".join(f'<Label Key="{k}" Red="1" Green="0" Blue="0" Alpha="1"><![CDATA[{escape(v)}]]></Label>\n'
+                   for k, v in sorted(label_table.items()))
+    xml = ('<?xml version="1.0" encoding="UTF-8"?> <CaretExtension> <VolumeInformation Index="0"> <LabelTable>\n'
+           f"{body}</LabelTable> <VolumeType><![CDATA[Label]]></VolumeType> </VolumeInformation></CaretExtension>\n")
+    return nib.nifti1.Nifti1Extension(0, xml.encode("utf-8"))
+
+
+def save_label_map(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarray, label_table: dict[int, str]) -> None:
+    """Write a multi-label NIfTI as TotalSegmentator's ``--ml`` does: uint8 labels, the table in the header."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.extensions.append(totalseg_label_header(label_table))
+    nib.save(img, str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +331,32 @@ def _to_binary(data: np.ndarray, path: Path, messages: list[str]) -> np.ndarray:
     return data > 0
 
 
-def _onto_ct_grid(data: np.ndarray, affine, path: Path, ct_shape, ct_affine, messages: list[str]) -> np.ndarray:
+def _grid_mismatch(shape, affine, ct_shape, ct_affine) -> str | None:
+    """Why a mask grid differs from the CT's by more than a small resampling (None when it does not).
+
+    A mask made on this CT (TotalSegmentator, SAT, an editor) shares its grid or differs by rounding and a
+    different voxel size over the same field of view. Fields of view whose centres lie more than 20 mm apart,
+    or which cover less than 80% of each other, mean the mask was drawn on another scan.
+    """
+    def box(sh, aff):
+        corners = np.array([[i, j, k, 1.0] for i in (-0.5, sh[0] - 0.5) for j in (-0.5, sh[1] - 0.5)
+                            for k in (-0.5, sh[2] - 0.5)])
+        world = corners @ np.asarray(aff, dtype=np.float64).T
+        return world[:, :3].min(0), world[:, :3].max(0)
+
+    (alo, ahi), (blo, bhi) = box(shape, affine), box(ct_shape, ct_affine)
+    shift = float(np.linalg.norm((alo + ahi) / 2 - (blo + bhi) / 2))
+    inter = np.prod(np.clip(np.minimum(ahi, bhi) - np.maximum(alo, blo), 0, None))
+    cover = inter / max(min(np.prod(ahi - alo), np.prod(bhi - blo)), 1e-9)
+    if shift > 20.0:
+        return f"its field of view is centred {shift:.0f} mm away from the CT's"
+    if cover < 0.8:
+        return f"its field of view covers only {100 * cover:.0f}% of the CT's"
+    return None
+
+
+def _onto_ct_grid(data: np.ndarray, affine, path: Path, ct_shape, ct_affine, messages: list[str],
+                  problems: list[str] | None = None, what: str | None = None) -> np.ndarray:
     if same_grid(data.shape, affine, ct_shape, ct_affine):
         return data
     if data.shape == tuple(ct_shape) and np.allclose(affine[:3, :3], ct_affine[:3, :3], atol=1e-3) \
@@ -250,19 +367,14 @@ def _onto_ct_grid(data: np.ndarray, affine, path: Path, ct_shape, ct_affine, mes
     warn(messages, path, f"mask grid (shape {data.shape}, {''.join(nib.aff2axcodes(affine))}) differs from the CT "
          f"grid (shape {tuple(ct_shape)}, {''.join(nib.aff2axcodes(ct_affine))}); resampled onto the CT by the "
          "affines (nearest neighbour)")
+    why = _grid_mismatch(data.shape, affine, ct_shape, ct_affine)
+    if why is not None and problems is not None:
+        problems.append(f"The {what or _mask_name(path)} mask was drawn on a different scan grid ({why}); "
+                        "it may belong to another scan — check that it lines up with the anatomy.")
     out = resample_to_grid(data, affine, ct_shape, ct_affine)
     if data.any() and not out.any():
         warn(messages, path, "mask does not overlap the CT volume (check that it belongs to this study)")
     return out
-
-
-def _add(out: dict, sources: dict, region: str, mask: np.ndarray, source: str) -> None:
-    if region in out:
-        out[region] = out[region] | mask
-        sources[region] = sources[region] + " + " + source
-    else:
-        out[region] = mask
-        sources[region] = source
 
 
 def _mask_name(path: Path) -> str:
@@ -273,108 +385,223 @@ def _mask_name(path: Path) -> str:
     return path.stem
 
 
-def _read_mask_folder(folder: Path, ct_shape, ct_affine, messages: list[str]):
+class _RegionAssembly:
+    """Region masks gathered from one or more files, then the derived regions (mediastinum, pleura)."""
+
+    def __init__(self) -> None:
+        self.masks: dict[str, np.ndarray] = {}
+        self.sources: dict[str, str] = {}
+        self.inputs: dict[str, np.ndarray] = {}       # structures feeding derived regions
+        self.totalseg = False
+
+    def add(self, region: str, mask: np.ndarray, source: str) -> None:
+        if region in self.masks:
+            self.masks[region] = self.masks[region] | mask
+            self.sources[region] = self.sources[region] + " + " + source
+        else:
+            self.masks[region] = mask
+            self.sources[region] = source
+
+    def add_input(self, name: str, mask: np.ndarray) -> None:
+        self.inputs[name] = self.inputs[name] | mask if name in self.inputs else mask
+
+    def add_structure(self, name: str, mask: np.ndarray, source: str) -> bool:
+        """A TotalSegmentator structure: into its region, or kept as an input of a derived region."""
+        key = name.strip().lower()
+        if key in TOTALSEG_DERIVED_INPUTS:
+            self.add_input(key, mask)
+            return True
+        region = _TOTALSEG_LOWER.get(key)
+        if region is None:
+            return False
+        self.add(region, mask, source)
+        return True
+
+    def derive(self, messages: list[str], where) -> None:
+        """Apply the mediastinum and pleura rules (see the table at the top of this module)."""
+        def union(names):
+            out = None
+            for n in names:
+                m = self.masks.get(n) if n in REGIONS else self.inputs.get(n)
+                if m is not None:
+                    out = m.copy() if out is None else (out | m)
+            return out
+
+        own = union(("heart", "esophagus", "trachea and bronchie"))
+        med = self.inputs.get("mediastinum")
+        if med is not None and "mediastinum" not in self.masks:
+            self.add("mediastinum", med & ~own if own is not None else med,
+                     f"{where}: TotalSegmentator trunk_cavities mediastinum minus heart, esophagus, trachea")
+        cavity = self.inputs.get("thoracic_cavity")
+        if cavity is not None and "pleura" not in self.masks:
+            taken = union(("lung", "heart", "esophagus", "trachea and bronchie", "mediastinum", "pericardium"))
+            pleura = cavity & ~taken if taken is not None else cavity.copy()
+            how = f"{where}: TotalSegmentator trunk_cavities thoracic cavity minus lungs, mediastinum, heart, airways"
+            if "pleural_effusion" in self.inputs:
+                pleura |= self.inputs["pleural_effusion"]
+                how += " + pleural_pericard_effusion: pleural effusion"
+            self.add("pleura", pleura, how)
+        elif "pleural_effusion" in self.inputs and "pleura" not in self.masks and self.inputs["pleural_effusion"].any():
+            warn(messages, where, "a pleural effusion mask was found but no thoracic cavity: the pleura needs "
+                 "TotalSegmentator's 'trunk_cavities' task")
+        self.inputs.clear()
+
+
+def _is_totalseg_table(names) -> bool:
+    """A table (or folder) written by TotalSegmentator: it names a structure that is not a region name."""
+    return any(canonical_region(n) is None and is_totalsegmentator_name(n) for n in names)
+
+
+def _read_mask_folder(folder: Path, ct_shape, ct_affine, messages: list[str], problems: list[str],
+                      asm: _RegionAssembly) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")))
     if not files:
         raise StudyError(folder, "mask folder holds no .nii/.nii.gz files")
-    masks: dict[str, np.ndarray] = {}
-    sources: dict[str, str] = {}
-    totalseg = False
+    totalseg_folder = _is_totalseg_table(_mask_name(p) for p in files)
+    asm.totalseg |= totalseg_folder
     for path in files:
         name = _mask_name(path)
+        if name.strip().lower() in TOTALSEG_TASK_CLASSES or _has_label_header(path):
+            _read_label_map(path, None, ct_shape, ct_affine, messages, problems, asm)
+            continue
         region = canonical_region(name)
-        if region is None:
-            if is_totalsegmentator_name(name):
-                totalseg = True
-                region = _TOTALSEG_LOWER.get(name.strip().lower())
-                if region is None:
-                    continue  # a TotalSegmentator structure outside the 10 regions (vessel, muscle, ...)
-            else:
-                warn(messages, path, f"unknown region name '{name}'; ignored (expected one of {', '.join(REGIONS)} "
-                     "or a TotalSegmentator structure)")
-                continue
+        if totalseg_folder and is_totalsegmentator_name(name):
+            region = None                       # a TotalSegmentator structure, even when named like a region
+        if region is None and not is_totalsegmentator_name(name):
+            warn(messages, path, f"unknown region name '{name}'; ignored (expected one of {', '.join(REGIONS)} "
+                 "or a TotalSegmentator structure)")
+            continue
+        key = name.strip().lower()
+        if region is None and key not in _TOTALSEG_LOWER and key not in TOTALSEG_DERIVED_INPUTS:
+            continue  # a TotalSegmentator structure outside the 10 regions (vessel, muscle, ...)
         mask, affine = _load_binary_mask(path, messages)
-        mask = _onto_ct_grid(mask, affine, path, ct_shape, ct_affine, messages)
-        _add(masks, sources, region, mask, str(path))
-    return masks, sources, totalseg
+        mask = _onto_ct_grid(mask, affine, path, ct_shape, ct_affine, messages, problems,
+                             what=region or name.replace("_", " "))
+        if region is not None:
+            asm.add(region, mask, str(path))
+        else:
+            asm.add_structure(name, mask, str(path))
 
 
-def _read_label_map(path: Path, label_table, ct_shape, ct_affine, messages: list[str]):
+def _has_label_header(path: Path) -> bool:
+    import nibabel as nib
+
+    try:
+        return label_table_from_header(nib.load(str(path))) is not None
+    except Exception:  # unreadable files are reported when they are read as masks
+        return False
+
+
+def _read_label_map(path: Path, label_table, ct_shape, ct_affine, messages: list[str], problems: list[str],
+                    asm: _RegionAssembly) -> None:
+    import nibabel as nib
+
     data, affine = _load_mask_image(path)
     if np.issubdtype(data.dtype, np.floating):
         if not np.all(np.isfinite(data)) or not np.all(data == np.round(data)):
             raise StudyError(path, "label map must hold integer labels (found fractional or NaN values)")
         data = data.astype(np.int32)
-    totalseg = False
-    if label_table is None:
+    if label_table is not None:
+        table = load_label_table(label_table)
+    else:
         sidecar = next((path.with_name(_mask_name(path) + ext) for ext in (".json", ".csv", ".txt")
                         if path.with_name(_mask_name(path) + ext).is_file()), None)
+        task = _mask_name(path).strip().lower()
         if sidecar is not None:
             table = load_label_table(sidecar)
+        elif (header := label_table_from_header(nib.load(str(path)))) is not None:
+            table = header                              # TotalSegmentator's own table, in the file
+        elif task in TOTALSEG_TASK_CLASSES:
+            table = dict(TOTALSEG_TASK_CLASSES[task])   # a TotalSegmentator --ml file named after its task
         else:
             table = dict(TOTALSEG_V2_CLASSES)
-            totalseg = True
             warn(messages, path, "label map without a label table: read as TotalSegmentator v2 'total' "
                  "multi-label output (pass label_table= otherwise)")
-    else:
-        table = load_label_table(label_table)
-    data = _onto_ct_grid(data, affine, path, ct_shape, ct_affine, messages)
+    totalseg = _is_totalseg_table(table.values()) or table == TOTALSEG_V2_CLASSES
+    asm.totalseg |= totalseg
+    data = _onto_ct_grid(data, affine, path, ct_shape, ct_affine, messages, problems, what="label-map")
     present = set(int(v) for v in np.unique(data)) - {0}
-    by_region: dict[str, list[int]] = {}
+    targets: dict[str, list[int]] = {}            # region, or "input:<structure>"
     for value, name in table.items():
-        region = region_for_name(name)
+        key = name.strip().lower()
+        if totalseg and key in TOTALSEG_DERIVED_INPUTS:
+            targets.setdefault("input:" + key, []).append(value)
+            continue
+        region = canonical_region(name) if not (totalseg and is_totalsegmentator_name(name)) else None
+        region = region or _TOTALSEG_LOWER.get(key)
         if region is None:
             if not is_totalsegmentator_name(name):
                 warn(messages, path, f"label {value} '{name}' names no Reg2RG region; ignored")
             continue
-        totalseg |= is_totalsegmentator_name(name) and canonical_region(name) is None
-        by_region.setdefault(region, []).append(value)
+        targets.setdefault(region, []).append(value)
     unlabeled = sorted(present - set(table))
     if unlabeled:
         warn(messages, path, f"label values {unlabeled[:10]} are not in the label table; ignored")
-    masks: dict[str, np.ndarray] = {}
-    sources: dict[str, str] = {}
-    for region, values in by_region.items():
-        values = [v for v in values if v in present]
+    # one gather through a lookup table instead of one pass over the volume per label value
+    lut = np.zeros(max(max(present, default=0), max(table, default=0)) + 1, dtype=np.uint8)
+    order = list(targets)
+    for i, target in enumerate(order, start=1):
+        for v in targets[target]:
+            if v >= 0:
+                lut[v] = i
+    codes = lut[np.clip(data, 0, len(lut) - 1)] if len(order) else None
+    for i, target in enumerate(order, start=1):
+        values = [v for v in targets[target] if v in present]
         if not values:
             continue
-        masks[region] = np.isin(data, values)
-        sources[region] = f"{path} (labels {', '.join(str(v) for v in values)})"
-    return masks, sources, totalseg
+        mask = codes == i
+        if target.startswith("input:"):
+            asm.add_input(target[len("input:"):], mask)
+        else:
+            asm.add(target, mask, f"{path} (labels {', '.join(str(v) for v in values)})")
 
 
-def read_region_masks(source, ct_shape, ct_affine, label_table=None, messages: list[str] | None = None):
+def read_region_masks(source, ct_shape, ct_affine, label_table=None, messages: list[str] | None = None,
+                      problems: list[str] | None = None):
     """Read region masks from a folder or label-map file onto the CT grid.
 
+    ``source``: a RadGenome folder of ``<region>.nii.gz``; a TotalSegmentator per-structure folder (any of
+    its tasks, mixed); a folder of TotalSegmentator multi-label files (``total.nii.gz``, ``breasts.nii.gz``
+    …, or any file carrying TotalSegmentator's label table in its header); or one label-map file.
     Returns ``(masks, sources, warnings)``: region -> bool (X, Y, Z) on the CT grid in REGIONS order,
     region -> provenance string, and the warning messages. Empty masks and masks that fall outside
-    the CT are dropped with a warning; regions that the source cannot provide are reported absent.
+    the CT are dropped with a warning; regions that the source cannot provide are reported absent, naming
+    the TotalSegmentator task that would provide them. ``problems`` (if given) receives the sentences
+    for masks drawn on another scan's grid (see `maskcheck` for the anatomical checks).
     """
     messages = [] if messages is None else messages
+    problems = [] if problems is None else problems
     source = Path(source)
+    asm = _RegionAssembly()
     if source.is_dir():
-        masks, sources, totalseg = _read_mask_folder(source, ct_shape, ct_affine, messages)
+        _read_mask_folder(source, ct_shape, ct_affine, messages, problems, asm)
     elif source.is_file():
-        masks, sources, totalseg = _read_label_map(source, label_table, ct_shape, ct_affine, messages)
+        _read_label_map(source, label_table, ct_shape, ct_affine, messages, problems, asm)
     else:
         raise StudyError(source, "mask source not found (expected a folder of <region>.nii.gz or a label-map file)")
+    asm.derive(messages, source)
+    masks, sources = asm.masks, asm.sources
 
     kept: dict[str, np.ndarray] = {}
     for region in REGIONS:
         if region not in masks:
             continue
         if not masks[region].any():
-            warn(messages, sources[region], f"mask '{region}' is empty; region skipped")
+            warn(messages, sources[region], f"the '{region}' mask is empty: the {region} section will not be drafted")
             continue
         kept[region] = masks[region]
-    absent = [r for r in REGIONS if r not in kept]
-    if totalseg:
-        missing = [r for r in TOTALSEG_ABSENT_REGIONS]
-        if missing:
-            warn(messages, source, f"TotalSegmentator has no class for {', '.join(missing)}: "
-                 "these regions stay absent")
-    if absent:
-        messages_absent = [r for r in absent if not (totalseg and r in TOTALSEG_ABSENT_REGIONS)]
-        if messages_absent:
-            warn(messages, source, f"no usable mask for {', '.join(messages_absent)}")
+    absent = [r for r in REGIONS if r not in kept and r not in masks]
+    if asm.totalseg and absent:
+        by_task: dict[str, list[str]] = {}
+        for r in absent:
+            by_task.setdefault(REGION_TOTALSEG_TASK[r], []).append(r)
+        for task, regions in by_task.items():
+            if task == "total":
+                warn(messages, source, f"no usable mask for {', '.join(regions)} (not in this scan or not found "
+                     "by TotalSegmentator)")
+            else:
+                warn(messages, source, f"TotalSegmentator output without its '{task}' task: no mask for "
+                     f"{', '.join(regions)}; these regions stay absent (reg2rg-segment runs that task)")
+    elif absent:
+        warn(messages, source, f"no usable mask for {', '.join(absent)}")
     return kept, {r: sources[r] for r in kept}, messages

@@ -1275,7 +1275,7 @@ def _affine(cv: _Canvas) -> np.ndarray:
 
 
 def make_study(seed: int, findings: Sequence[Finding] | None = None, shape: Sequence[int] | None = None,
-               spacing: Sequence[float] | None = None) -> Study:
+               spacing: Sequence[float] | None = None, totalseg: bool = False) -> Study:
     """Build one synthetic chest CT study.
 
     ``findings=None`` draws a random set from the seed (about a third normal, others 1-4 findings);
@@ -1283,6 +1283,8 @@ def make_study(seed: int, findings: Sequence[Finding] | None = None, shape: Sequ
     ``shape`` (X, Y, Z) and ``spacing`` (mm) override the seed's grid. Returns a `Study` with int16 HU
     voxels in LPS voxel order (slice 0 caudal), masks for all ten regions, and ``metadata`` holding
     ``findings`` (planted, with region, side, size, centre voxel), ``region_reports`` and ``report``.
+    ``totalseg=True`` also puts the same anatomy as TotalSegmentator label maps in
+    ``metadata["totalseg"]`` (task -> uint8 array on the CT grid, see `totalseg_label_maps`).
     """
     from .phantom_reports import region_reports, study_report
 
@@ -1358,6 +1360,7 @@ def make_study(seed: int, findings: Sequence[Finding] | None = None, shape: Sequ
 
     voxels = _scan(cv, pt, noise_rng, coarse)
     masks = {name: cv.region == code for name, code in _REGION_CODE.items()}
+    label_maps = totalseg_label_maps(cv, pt) if totalseg else None
     affine = _affine(cv)
 
     records = []
@@ -1386,6 +1389,8 @@ def make_study(seed: int, findings: Sequence[Finding] | None = None, shape: Sequ
                               "heart_scale": round(pt.heart_scale * heart_scale, 3)},
                   "orientation": "LPS voxel axes, slice 0 caudal"},
     )
+    if label_maps is not None:
+        study.metadata["totalseg"] = label_maps
     return study
 
 
@@ -1431,3 +1436,93 @@ def demo_study() -> Study:
         meta = json.loads(manifest.read_text())
         study.metadata.update({k: meta[k] for k in ("seed", "findings", "region_reports", "report") if k in meta})
     return study
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same anatomy as TotalSegmentator would write it (tests of the region mapping, reg2rg-phantom --totalseg).
+
+def totalseg_label_maps(cv: _Canvas, pt: Patient) -> dict[str, np.ndarray]:
+    """TotalSegmentator multi-label maps of the painted anatomy, task -> uint8 labels (values as its tasks'
+    tables in `reg2rg.engine.masks.TOTALSEG_TASK_CLASSES`).
+
+    The structures are cut from the painted regions and tissues: lung lobes by the phantom's fissures,
+    vertebrae and ribs numbered by height (the phantom paints no separate clavicle/scapula labels: they are
+    written as ribs, still bone), liver/spleen/stomach/kidneys from the abdominal tissues, the heart without
+    its pericardial effusion (which goes to ``pleural_pericard_effusion``), the cavities of ``trunk_cavities``
+    such that the mapping rules give back each phantom region.
+    """
+    from .masks import TOTALSEG_TASK_CLASSES
+
+    ids = {task: {n: v for v, n in table.items()} for task, table in TOTALSEG_TASK_CLASSES.items()}
+    T = ids["total"]
+    region, tissue = cv.region, cv.tissue
+    x = cv.xs[:, None, None]
+    y = cv.ys[None, :, None]
+    z = cv.zs[None, None, :]
+    total = np.zeros(cv.shape, dtype=np.uint8)
+
+    # lungs: left/right by the side of the midline, lobes by the phantom's own fissures (see lung_lobe)
+    lung = region == R_LUNG
+    y_ant, y_post = -pt.cavity_ant, pt.cavity_post
+    z_post, z_ant = pt.carina - pt.z(15.0), min(pt.dome_left, pt.dome_right) - pt.z(5.0)
+    lower = z < z_ant + (z_post - z_ant) * (y - y_ant) / (y_post - y_ant)
+    middle = ~lower & (x < 0) & (z < pt.carina - pt.z(45.0)) & (y < 0.3 * pt.cavity_post)
+    right = np.broadcast_to(x < 0, cv.shape)
+    for name, sel in (("lung_lower_lobe_right", right & lower), ("lung_middle_lobe_right", right & middle),
+                      ("lung_upper_lobe_right", right & ~lower & ~middle), ("lung_lower_lobe_left", ~right & lower),
+                      ("lung_upper_lobe_left", ~right & ~lower)):
+        total[lung & sel] = T[name]
+
+    effusion_in_heart = (region == R_HEART) & (tissue == FLUID)
+    total[(region == R_HEART) & ~effusion_in_heart] = T["heart"]
+    total[region == R_ESO] = T["esophagus"]
+    total[region == R_TRACHEA] = T["trachea"]
+    total[region == R_THY] = T["thyroid_gland"]
+
+    # bone: spine and sternum near the midline, ribs (and shoulder girdle) lateral, numbered by height
+    bone = region == R_BONE
+    if bone.any():
+        zs = np.broadcast_to(z, cv.shape)[bone]
+        z_lo, z_hi = float(zs.min()), float(zs.max())
+        band = np.clip(((z_hi - z) / max(z_hi - z_lo, 1e-6) * 12).astype(int), 0, 11)   # 0 = top
+        mid = np.abs(x) < 24.0
+        spine = bone & mid & (y > 0)
+        total[spine] = np.broadcast_to(T["vertebrae_T1"] - band, cv.shape)[spine]   # T1 at the top
+        total[bone & mid & (y <= 0)] = T["sternum"]
+        lateral = bone & ~mid
+        rib_right = np.broadcast_to(T["rib_right_1"] + band, cv.shape)
+        rib_left = np.broadcast_to(T["rib_left_1"] + band, cv.shape)
+        total[lateral & right] = rib_right[lateral & right]
+        total[lateral & ~right] = rib_left[lateral & ~right]
+
+    abd = region == R_ABD
+    total[abd & (tissue == LIVER)] = T["liver"]
+    total[abd & (tissue == SPLEEN)] = T["spleen"]
+    total[abd & np.isin(tissue, [STOMACH_WALL, GAS])] = T["stomach"]
+    total[abd & (tissue == FLUID)] = T["stomach"]
+    total[abd & (tissue == KIDNEY) & right] = T["kidney_right"]
+    total[abd & (tissue == KIDNEY) & ~right] = T["kidney_left"]
+
+    breasts = (region == R_BREAST).astype(np.uint8) * ids["breasts"]["breast"]
+
+    C = ids["trunk_cavities"]
+    cavities = np.zeros(cv.shape, dtype=np.uint8)
+    cavities[abd] = C["abdominal_cavity"]
+    cavities[(region == R_LUNG) | (region == R_PLEURA)] = C["thoracic_cavity"]
+    cavities[region == R_HEART] = C["pericardium"]
+    # TotalSegmentator's mediastinum holds the esophagus and the trachea inside the chest
+    in_chest = np.broadcast_to(z <= pt.inlet, cv.shape)
+    cavities[(region == R_MED) | (((region == R_ESO) | (region == R_TRACHEA)) & in_chest)] = C["mediastinum"]
+
+    E = ids["pleural_pericard_effusion"]
+    effusion = np.zeros(cv.shape, dtype=np.uint8)
+    effusion[(region == R_PLEURA) & (tissue == FLUID)] = E["pleural_effusion"]
+    effusion[effusion_in_heart] = E["pericardial_effusion"]
+
+    V = ids["lung_vessels"]
+    vessels = np.zeros(cv.shape, dtype=np.uint8)
+    vessels[lung & (tissue == BLOOD)] = V["lung_arteries"]
+    vessels[lung & (tissue == AIRWAY_WALL)] = V["lung_airways_wall"]
+    vessels[lung & (tissue == AIR)] = V["lung_airways"]
+    return {"total": total, "breasts": breasts, "trunk_cavities": cavities, "pleural_pericard_effusion": effusion,
+            "lung_vessels": vessels}

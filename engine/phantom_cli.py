@@ -6,6 +6,9 @@ Layout under ``--out`` (study i has seed S + i, so a study is reproducible on it
     <out>/masks/seg_phantom_<seed>_a_1/<region>.nii.gz                 the 10 region masks (uint8 0/1)
     <out>/reports.csv        Volumename, Anatomy, Sentence (empty Anatomy = whole-study report)
     <out>/manifest.json      the planted findings of every volume, its seed, shape and spacing
+    <out>/totalseg/seg_phantom_<seed>_a_1/<task>.nii.gz   with --totalseg: the same anatomy as TotalSegmentator
+                             multi-label files (total, breasts, trunk_cavities, pleural_pericard_effusion,
+                             lung_vessels), its label values, the label table in the header
 
 The same arguments always give the same bytes (nibabel writes gzip with a zero timestamp).
 """
@@ -72,14 +75,23 @@ def draw_findings(seed: int, abnormal_fraction: float | None, attempt: int = 0):
     return [Finding(types[i]) for i in sorted(chosen)]
 
 
-def _make_study_redrawing(seed: int, shape, spacing, abnormal_fraction, log):
+def write_totalseg(study, folder: Path) -> None:
+    """Write a phantom's TotalSegmentator-style label maps (``make_study(..., totalseg=True)``), one file per task."""
+    from .masks import TOTALSEG_TASK_CLASSES, save_label_map
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, labels in study.metadata["totalseg"].items():
+        save_label_map(folder / f"{task}.nii.gz", labels, study.affine, TOTALSEG_TASK_CLASSES[task])
+
+
+def _make_study_redrawing(seed: int, shape, spacing, abnormal_fraction, log, totalseg: bool = False):
     """make_study, redrawing the findings when the grid cannot show one; None (logged) after MAX_REDRAWS."""
     from .phantom import PhantomError, make_study
 
     for attempt in range(MAX_REDRAWS + 1):
         findings = draw_findings(seed, abnormal_fraction, attempt)
         try:
-            return make_study(seed, findings=findings, shape=shape, spacing=spacing)
+            return make_study(seed, findings=findings, shape=shape, spacing=spacing, totalseg=totalseg)
         except PhantomError as exc:
             if "shape must" in str(exc) or "spacing must" in str(exc):
                 raise                                   # a bad grid fails for every study: stop
@@ -89,11 +101,12 @@ def _make_study_redrawing(seed: int, shape, spacing, abnormal_fraction, log):
 
 
 def write_dataset(out: str | Path, n: int, seed: int, shape=None, spacing=None, log=print,
-                  abnormal_fraction: float | None = None) -> dict:
+                  abnormal_fraction: float | None = None, totalseg: bool = False) -> dict:
     """Write ``n`` phantom studies (seeds ``seed`` .. ``seed + n - 1``) under ``out``; returns the manifest.
 
     ``abnormal_fraction`` (0-1, default None = make_study's own mix) over-samples abnormal studies, see
     `draw_findings`. A study whose findings the grid cannot show is redrawn, or skipped with a logged line.
+    ``totalseg`` also writes TotalSegmentator-style label maps of each study under ``out/totalseg/``.
     """
     from .studyio import write_study
 
@@ -101,11 +114,13 @@ def write_dataset(out: str | Path, n: int, seed: int, shape=None, spacing=None, 
     ensure_folder(out)
     rows, studies = [], []
     for i in range(n):
-        study = _make_study_redrawing(seed + i, shape, spacing, abnormal_fraction, log)
+        study = _make_study_redrawing(seed + i, shape, spacing, abnormal_fraction, log, totalseg)
         if study is None:
             continue
         volume_path, mask_dir = study_paths(out, study.name)
         write_study(study, volume_path, mask_dir)
+        if totalseg:
+            write_totalseg(study, out / "totalseg" / f"seg_{study.name}")
         file_name = f"{study.name}.nii.gz"
         rows.append((file_name, "", study.metadata["report"]))
         for region in REGIONS:
@@ -137,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="voxel size in mm")
     parser.add_argument("--abnormal-fraction", type=float, default=None, metavar="F",
                         help="share of abnormal studies, each with 2-4 findings (default: about two thirds, 1-4)")
+    parser.add_argument("--totalseg", action="store_true",
+                        help="also write each study's anatomy as TotalSegmentator multi-label files "
+                             "(<out>/totalseg/seg_<volume>/<task>.nii.gz), for testing the region mapping")
     args = parser.parse_args(argv)
     if args.abnormal_fraction is not None and not 0.0 <= args.abnormal_fraction <= 1.0:
         parser.error("--abnormal-fraction must be between 0 and 1")
@@ -148,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         write_dataset(args.out, args.n, args.seed, shape=args.shape, spacing=args.spacing,
-                      abnormal_fraction=args.abnormal_fraction)
+                      abnormal_fraction=args.abnormal_fraction, totalseg=args.totalseg)
     except PhantomError as exc:
         print(f"reg2rg-phantom: {exc}", file=sys.stderr)
         return 2

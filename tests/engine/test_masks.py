@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,8 +12,10 @@ import pytest
 from reg2rg.engine.errors import StudyError, StudyWarning
 from reg2rg.engine.masks import (
     TOTALSEG_ABSENT_REGIONS,
+    TOTALSEG_TASK_CLASSES,
     TOTALSEG_TO_REGION,
     TOTALSEG_V2_CLASSES,
+    label_table_from_header,
     load_label_table,
     region_for_name,
 )
@@ -106,7 +109,7 @@ def test_unknown_empty_nonbinary_masks_warn_and_study_opens(tmp_path):
     assert study.masks["thyroid"].sum() == 4 * 4 * 4                           # thresholded at 0.5
     text = "\n".join(study.warnings)
     assert "unknown region name 'spleenish'" in text
-    assert "'heart' is empty" in text
+    assert "'heart' mask is empty" in text
     assert "bone.nii.gz: mask is not binary" in text and "thyroid.nii.gz: mask is not binary" in text
 
 
@@ -190,7 +193,7 @@ def test_totalsegmentator_multilabel_file(tmp_path):
     assert study.masks["lung"].sum() == 27 + 18
     assert study.masks["bone"].sum() == 16
     text = "\n".join(study.warnings)
-    assert "no class for breast, mediastinum, pleura" in text
+    assert "without its 'breasts' task: no mask for breast" in text and "'trunk_cavities' task: no mask for mediastinum, pleura" in text
 
 
 def test_totalsegmentator_folder(tmp_path):
@@ -209,6 +212,93 @@ def test_totalsegmentator_folder(tmp_path):
     assert study.masks["lung"].sum() == 27 + 18
     assert "+" in study.mask_sources["lung"]                        # union of two lobes
     text = "\n".join(study.warnings)
-    assert "no class for breast, mediastinum, pleura" in text
-    assert "'esophagus' is empty" in text
+    assert "without its 'breasts' task: no mask for breast" in text and "'trunk_cavities' task: no mask for mediastinum, pleura" in text
+    assert "'esophagus' mask is empty" in text
     assert "aorta" not in text                                       # known structure, just not a region
+
+
+# ---- all ten regions from TotalSegmentator's tasks -------------------------------------------------
+
+REALCT = Path(__file__).resolve().parents[2] / ".." / "shared" / "realct"
+
+
+def _phantom_with_totalseg(tmp_path, findings=None):
+    """A phantom CT (RadGenome masks) and the same anatomy as TotalSegmentator task files, as reg2rg-phantom writes."""
+    from reg2rg.engine.phantom import make_study
+    from reg2rg.engine.phantom_cli import write_totalseg
+
+    study = make_study(11, findings=findings, shape=(80, 80, 40), totalseg=True)
+    ct = tmp_path / "ct.nii.gz"
+    write_study(study, ct, tmp_path / "radgenome")
+    write_totalseg(study, tmp_path / "totalseg")
+    return study, ct
+
+
+def test_phantom_totalseg_tasks_give_all_ten_regions(tmp_path):
+    from reg2rg.engine.phantom import PERICARDIAL_EFFUSION, PLEURAL_EFFUSION, Finding
+
+    study, ct = _phantom_with_totalseg(tmp_path, [Finding(PLEURAL_EFFUSION, side="right", size_mm=30.0),
+                                                  Finding(PERICARDIAL_EFFUSION, size_mm=12.0)])
+    (tmp_path / "totalseg" / "lung_vessels.nii.gz").unlink()        # optional task: not run by default
+    files = sorted(p.name for p in (tmp_path / "totalseg").iterdir())
+    assert files == ["breasts.nii.gz", "pleural_pericard_effusion.nii.gz", "total.nii.gz", "trunk_cavities.nii.gz"]
+    header = label_table_from_header(nib.load(str(tmp_path / "totalseg" / "trunk_cavities.nii.gz")))
+    assert header == TOTALSEG_TASK_CLASSES["trunk_cavities"]
+    got = read_study(ct, tmp_path / "totalseg")
+    assert list(got.masks) == list(REGIONS)
+    for region in REGIONS:       # the mapping rules give back exactly the phantom's painted regions
+        assert np.array_equal(got.masks[region], study.masks[region]), region
+    effusion = np.asarray(nib.load(str(tmp_path / "totalseg" / "pleural_pericard_effusion.nii.gz")).dataobj)
+    assert (effusion == 2).sum() > 50 and got.masks["pleura"][effusion == 2].all()     # effusion inside pleura
+    assert (effusion == 3).sum() > 20 and got.masks["heart"][effusion == 3].all()      # pericardial: heart
+    assert "thoracic cavity minus lungs" in got.mask_sources["pleura"]
+    assert not any("stay absent" in w for w in got.warnings)
+
+
+def test_per_structure_totalseg_folder_derives_mediastinum_and_pleura(tmp_path):
+    """TotalSegmentator without --ml writes one file per structure; 'mediastinum.nii.gz' there is its
+    trunk_cavities structure (heart, esophagus, trachea removed), not a RadGenome region file."""
+    study, ct = _phantom_with_totalseg(tmp_path)
+    seg = tmp_path / "structures"
+    seg.mkdir()
+    for task in ("total", "trunk_cavities", "breasts"):
+        labels = study.metadata["totalseg"][task]
+        for value, name in TOTALSEG_TASK_CLASSES[task].items():
+            if (labels == value).any():
+                _save(seg / f"{name}.nii.gz", (labels == value).astype(np.uint8), study.affine)
+    got = read_study(ct, seg)
+    assert list(got.masks) == list(REGIONS)
+    assert np.array_equal(got.masks["mediastinum"], study.masks["mediastinum"])
+    assert np.array_equal(got.masks["pleura"], study.masks["pleura"])
+    assert not (got.masks["mediastinum"] & got.masks["esophagus"]).any()
+
+
+def test_older_totalseg_output_names_the_missing_tasks(tmp_path):
+    study, ct = _phantom_with_totalseg(tmp_path)
+    only_total = tmp_path / "only_total"
+    only_total.mkdir()
+    (tmp_path / "totalseg" / "total.nii.gz").rename(only_total / "total.nii.gz")
+    with pytest.warns(StudyWarning, match="trunk_cavities"):
+        got = read_study(ct, only_total)
+    assert list(got.masks) == ["abdomen", "bone", "esophagus", "heart", "lung", "thyroid", "trachea and bronchie"]
+    text = "\n".join(got.warnings)
+    assert "without its 'breasts' task: no mask for breast" in text
+    assert "without its 'trunk_cavities' task: no mask for mediastinum, pleura" in text
+    # without trunk_cavities' abdominal cavity the abdomen is the organs only (smaller than the phantom's cavity)
+    assert got.masks["abdomen"].sum() < study.masks["abdomen"].sum()
+
+
+def test_real_totalsegmentator_output_on_the_real_ct():
+    """The real `total --fast` output of TotalSegmentator's test CT (lower chest, upper abdomen)."""
+    ct, seg = REALCT / "example_ct_sm.nii.gz", REALCT / "example_seg_fast.nii.gz"
+    if not ct.is_file():
+        pytest.skip(f"{REALCT} (the real CT for tests) is not on this machine")
+    got = read_study(ct, seg)
+    assert set(got.masks) == {"abdomen", "bone", "lung"}
+    assert "labels 10, 11, 14" in got.mask_sources["lung"]   # lobes, values from the file's own table
+    assert float(got.voxels[got.masks["lung"]].mean()) < -600          # aerated lung
+    assert 0 < float(np.median(got.voxels[got.masks["abdomen"]])) < 100   # liver, spleen, bowel
+    text = "\n".join(got.warnings)
+    assert "without a label table" not in text                        # the table came from the header
+    assert "no usable mask for esophagus, heart, thyroid, trachea and bronchie" in text
+    assert "'breasts' task" in text and "'trunk_cavities' task" in text

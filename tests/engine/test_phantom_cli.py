@@ -6,11 +6,12 @@ import csv
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from reg2rg.engine.phantom import DEMO_SEED, make_study
-from reg2rg.engine.phantom_cli import main
+from reg2rg.engine.phantom_cli import main, study_paths
 from reg2rg.engine.regions import REGIONS
 from reg2rg.engine.studyio import read_study
 
@@ -131,3 +132,17 @@ def test_abnormal_fraction_cli(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "y"), "--abnormal-fraction", "1.5"])
     assert "--abnormal-fraction must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_totalseg_output_reads_back_as_the_ten_regions(tmp_path: Path):
+    """--totalseg: TotalSegmentator task files (its label values, its table in the header) beside the masks."""
+    from reg2rg.engine.masks import TOTALSEG_TASK_CLASSES, label_table_from_header
+
+    assert main(["--out", str(tmp_path), "--n", "1", "--seed", "4", "--shape", "64", "64", "32", "--totalseg"]) == 0
+    folder = tmp_path / "totalseg" / "seg_phantom_000004_a_1"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{t}.nii.gz" for t in TOTALSEG_TASK_CLASSES)
+    total = nib.load(str(folder / "total.nii.gz"))
+    assert label_table_from_header(total) == TOTALSEG_TASK_CLASSES["total"]
+    assert {10, 11, 12, 13, 14, 51}.issubset(set(np.unique(np.asarray(total.dataobj)).tolist()))
+    volume, masks = study_paths(tmp_path, "phantom_000004_a_1")
+    assert read_study(volume, folder).regions_present == list(REGIONS)
