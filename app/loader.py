@@ -19,7 +19,7 @@ from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from reg2rg.engine.phantom import demo_study
 from reg2rg.engine.study import Study
-from reg2rg.engine.studyio import read_masks, read_study
+from reg2rg.engine.studyio import read_study, with_masks
 
 from .display import DisplayVolume, build_display_volume
 from .view3d import region_surfaces
@@ -59,11 +59,7 @@ def load_study(request: LoadRequest, progress=lambda text, pct: None) -> LoadedS
     """Do the whole load synchronously (the worker's body; also used by the CLI and benchmarks)."""
     progress(f"Reading {request.describe()}…", 5)
     if request.masks_only:
-        study = request.study
-        masks, sources, messages = read_masks(request.masks, study)
-        study = Study(voxels=study.voxels, affine=study.affine, masks=masks, name=study.name,
-                      source=study.source, mask_sources=sources,
-                      warnings=list(study.warnings) + list(messages), metadata=dict(study.metadata))
+        study = with_masks(request.study, request.masks)
     elif request.study is not None:
         study = request.study
     elif request.demo:

@@ -588,6 +588,7 @@ def read_region_masks(source, ct_shape, ct_affine, label_table=None, messages: l
             continue
         if not masks[region].any():
             warn(messages, sources[region], f"the '{region}' mask is empty: the {region} section will not be drafted")
+            problems.append(f"{region.capitalize()}: the mask is empty — the {region} section will not be drafted.")
             continue
         kept[region] = masks[region]
     absent = [r for r in REGIONS if r not in kept and r not in masks]

@@ -24,6 +24,7 @@ class Study:
     mask_sources: dict[str, str] = field(default_factory=dict)   # region name -> where it came from
     warnings: list[str] = field(default_factory=list)            # non-fatal problems found on reading
     metadata: dict[str, Any] = field(default_factory=dict)       # extra facts (phantom findings, reports…)
+    mask_problems: list[str] = field(default_factory=list)       # masks that may not belong to this CT (maskcheck)
 
     def __post_init__(self) -> None:
         self.affine = np.asarray(self.affine, dtype=np.float64)

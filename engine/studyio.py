@@ -18,7 +18,7 @@ from .masks import read_region_masks
 from .niftiread import read_raw_voxels
 from .study import Study
 
-__all__ = ["read_study", "read_volume", "read_masks", "write_study", "list_dicom_series", "SeriesInfo"]
+__all__ = ["read_study", "read_volume", "read_masks", "with_masks", "write_study", "list_dicom_series", "SeriesInfo"]
 
 # Air is -1000 HU; CT scanners pad outside the field of view with about -1024..-3024. A volume
 # without any clearly negative value was very likely not rescaled to HU, or is not a CT at all.
@@ -143,20 +143,31 @@ def read_masks(source: str | os.PathLike, study: Study, label_table=None):
     return read_region_masks(source, study.shape, study.affine, label_table=label_table)
 
 
+def with_masks(study: Study, source: str | os.PathLike, label_table=None) -> Study:
+    """``study`` with the region masks from ``source`` (replacing any it had), their warnings, and the
+    plausibility problems (`maskcheck`: masks that may belong to another scan) in ``mask_problems``."""
+    from .maskcheck import check_region_masks
+
+    problems: list[str] = []
+    masks, sources, messages = read_region_masks(source, study.shape, study.affine, label_table=label_table,
+                                                 problems=problems)
+    problems += check_region_masks(study.voxels, study.affine, masks)
+    return Study(voxels=study.voxels, affine=study.affine, masks=masks, name=study.name, source=study.source,
+                 mask_sources=sources, warnings=list(study.warnings) + list(messages) + list(problems),
+                 metadata=dict(study.metadata), mask_problems=problems)
+
+
 def read_study(volume: str | os.PathLike, masks: str | os.PathLike | None = None, *,
                series: str | int | None = None, label_table=None) -> Study:
     """Open a study: a CT volume (NIfTI file or DICOM folder) and optionally its region masks.
 
     Raises `StudyError` (naming the file and the problem) when the volume cannot be used; problems
     that leave it usable (odd intensities, missing slices, unknown/empty/non-binary masks) go to
-    ``Study.warnings``.
+    ``Study.warnings``; masks that may belong to another scan are also listed in ``Study.mask_problems``.
     """
     study = read_volume(volume, series=series)
     if masks is not None:
-        region_masks, sources, messages = read_masks(masks, study, label_table=label_table)
-        study.masks = region_masks
-        study.mask_sources = sources
-        study.warnings.extend(messages)
+        study = with_masks(study, masks, label_table=label_table)
     return study
 
 

@@ -77,7 +77,8 @@ def test_write_study_round_trip_radgenome_layout(tmp_path):
     assert list(study.masks) == list(REGIONS)
     for r in REGIONS:
         assert np.array_equal(study.masks[r], masks[r])
-    assert not study.warnings
+    # random speckle masks are not anatomy: only the plausibility checks (maskcheck) speak
+    assert not [w for w in study.warnings if w not in study.mask_problems]
 
 
 def test_singleton_fourth_dimension_is_accepted(tmp_path):
