@@ -187,14 +187,18 @@ def totalseg_label_header(label_table: dict[int, str]):
 
 
 def save_label_map(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarray, label_table: dict[int, str]) -> None:
-    """Write a multi-label NIfTI as TotalSegmentator's ``--ml`` does: uint8 labels, the table in the header."""
+    """Write a multi-label NIfTI as TotalSegmentator's ``--ml`` does: uint8 labels, the table in the header
+    (atomically: a reader never sees half a file)."""
     import nibabel as nib
+
+    from .fileio import atomic_path
 
     img = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.extensions.append(totalseg_label_header(label_table))
-    nib.save(img, str(path))
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def write_totalseg(study, folder: Path) -> None:
     """Write a phantom's TotalSegmentator-style label maps (``make_study(..., totalseg=True)``), one file per task."""
     from .masks import TOTALSEG_TASK_CLASSES, save_label_map
 
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder)
     for task, labels in study.metadata["totalseg"].items():
         save_label_map(folder / f"{task}.nii.gz", labels, study.affine, TOTALSEG_TASK_CLASSES[task])
 
