@@ -656,8 +656,8 @@ class DraftPanel(QWidget):
         if self.draft is not None:
             try:
                 self.store.save(self.draft, clean=False)
-            except OSError as exc:
-                self.errorOccurred.emit(f"{self.store.path_for(self.draft.study_key)}: could not autosave ({exc})")
+            except OSError as exc:          # fileio.OutputError: names the file and the problem
+                self.errorOccurred.emit(f"could not autosave the draft: {exc}")
 
     def close_study_cleanly(self) -> None:
         """Normal close: save the draft marked clean so reopening restores it without a prompt."""
@@ -699,13 +699,14 @@ class DraftPanel(QWidget):
         if saved is None:
             return
         if saved.clean:
-            self._restore(saved.draft, "Restored the saved draft")
+            self._restore(saved.draft, f"Restored {saved.describe()}")
             return
         box = QMessageBox(QMessageBox.Question, "Restore draft?",
-                          f"The viewer did not close normally. Restore the draft of {saved.draft.study_name or 'this study'} "
-                          f"autosaved at {saved.saved_at}?", QMessageBox.Yes | QMessageBox.No, self)
+                          f"The viewer did not close normally. Restore {saved.describe('autosaved')}?",
+                          QMessageBox.Yes | QMessageBox.No, self)
         box.setWindowModality(Qt.WindowModal)
-        box.finished.connect(lambda code, d=saved.draft: self._restore(d, "Restored the autosaved draft")
+        restored = f"Restored {saved.describe('autosaved')}"
+        box.finished.connect(lambda code, d=saved.draft: self._restore(d, restored)
                              if code == QMessageBox.Yes else self.store.discard(d.study_key))
         self.restore_box = box
         box.open()

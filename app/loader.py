@@ -66,6 +66,7 @@ def load_study(request: LoadRequest, progress=lambda text, pct: None) -> LoadedS
         study = demo_study()
     else:
         study = read_study(request.volume, request.masks, series=request.series)
+    study.content_digest()      # the draft key (app.draft.study_key), hashed here rather than on the GUI thread
     progress("Preparing the views…", 45)
     volume = build_display_volume(study)
     progress("Building region surfaces…", 65)

@@ -8,6 +8,7 @@ position on it). The affine maps voxel indices to RAS+ millimetres (DICOM is LPS
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,4 +215,9 @@ def read_dicom_series(folder: str | os.PathLike, series: str | int | None = None
     }
     if "KVP" in first:
         metadata["kvp"] = float(first.KVP)
+    # The study's identity for drafts (Study.content_digest): the series and its instances, hashed (the
+    # UIDs themselves are kept nowhere). Without UIDs on every slice the voxels identify the study instead.
+    sops = [str(ds.get("SOPInstanceUID", "") or "") for ds, _ in slices]
+    if chosen.uid != "unknown" and all(sops):
+        metadata["instances_digest"] = hashlib.sha256("\0".join([chosen.uid, *sorted(sops)]).encode()).hexdigest()
     return hu, affine, messages, metadata

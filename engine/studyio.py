@@ -7,6 +7,7 @@ what the reference fed the model; the affine keeps the orientation.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def _scaled_voxels(img, path: Path) -> np.ndarray:
     return data
 
 
-def _read_nifti_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_nifti_volume(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     import nibabel as nib
 
     try:
@@ -82,7 +83,8 @@ def _read_nifti_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as exc:  # truncated gzip: EOFError, zlib.error, OSError, ValueError...
         raise StudyError(path, f"cannot read the voxel data; the file is truncated or corrupt "
                          f"({type(exc).__name__}: {exc})") from exc
-    return data.reshape(shape), img.affine
+    header = hashlib.sha256(bytes(img.header.binaryblock)).hexdigest()   # part of Study.content_digest
+    return data.reshape(shape), img.affine, header
 
 
 def _check_intensities(voxels: np.ndarray, path, messages: list[str]) -> np.ndarray:
@@ -122,8 +124,8 @@ def read_volume(path: str | os.PathLike, series: str | int | None = None) -> Stu
     elif path.is_file():
         if not path.name.lower().endswith((".nii", ".nii.gz")):
             raise StudyError(path, "unsupported file type (expected .nii, .nii.gz or a DICOM folder)")
-        voxels, affine = _read_nifti_volume(path)
-        metadata = {"format": "nifti"}
+        voxels, affine, header = _read_nifti_volume(path)
+        metadata = {"format": "nifti", "header_digest": header}
     else:
         raise StudyError(path, "not found")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from reg2rg.app.draft import ACCEPTED, EDITED, GENERATED, DraftFileError, DraftStore, ReportDraft, study_key
 from reg2rg.engine.confidence import TokenConfidence
 from reg2rg.engine.generation import ground_sections
+from reg2rg.engine.study import Study
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 
@@ -38,8 +40,10 @@ def make_result(text=TEXT, slots=SLOTS):
                            cancelled=False)
 
 
-def study(source="/data/ct_001.nii.gz"):
-    return SimpleNamespace(name="ct_001", source=source)
+def study(seed=1, source="/data/ct_001.nii.gz"):
+    """A small real `Study` (its draft key comes from its voxels, not from ``source``)."""
+    voxels = np.random.default_rng(seed).integers(-1000, 400, size=(6, 5, 4)).astype(np.int16)
+    return Study(voxels=voxels, affine=np.eye(4), name="ct_001", source=source)
 
 
 def test_draft_sections_follow_the_report_and_its_grounding():
@@ -85,8 +89,9 @@ def test_autosave_round_trip_keys_and_crash_flag(tmp_path):
     assert saved.draft == draft and saved.clean is False
     store.mark_clean(draft.study_key)
     assert store.load(draft.study_key).clean is True
-    assert study_key(study("/data/other.nii.gz")) != draft.study_key
-    assert store.load(study_key(study("/data/other.nii.gz"))) is None
+    assert study_key(study(seed=2)) != draft.study_key                       # other voxels, other key
+    assert study_key(study(source="/elsewhere/copy.nii.gz")) == draft.study_key   # same study moved
+    assert store.load(study_key(study(seed=2))) is None
     path.write_text("{ not json", encoding="utf-8")
     with pytest.raises(DraftFileError, match=str(path.name)):
         store.load(draft.study_key)
