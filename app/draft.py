@@ -1,7 +1,7 @@
-"""The report draft as the radiologist works on it: region sections, their state, edits, autosave.
-
-Plain Python (no Qt): `ReportDraft` is built from the engine's `DraftResult`, edited section by
-section, serialised to JSON (export and autosave) and restored after a crash by `DraftStore`.
+"""The report draft in the viewer: autosave and restore (`DraftStore`, keyed by study content), the strict
+reader of saved drafts, and the export helpers. The draft itself — sections, review states, flags,
+identification, provenance — is the engine's report document (`reg2rg.engine.report.ReportDraft`),
+re-exported here under the viewer's names.
 """
 
 from __future__ import annotations
@@ -10,15 +10,29 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from reg2rg.engine.fileio import OutputError, atomic_write, ensure_folder
-from reg2rg.engine.regions import REGIONS
+from reg2rg.engine.report import (  # noqa: F401 - re-exported: the viewer's names for the document model
+    ACCEPTED,
+    DRAFTED,
+    EDITED,
+    GENERATED,
+    NOT_DRAFTED,
+    REJECTED,
+    STATES,
+    STOPPED,
+    DraftEdit,
+    DraftSection,
+    DraftToken,
+    ReportDraft,
+    section_from_result,
+    write_report,
+)
 
-GENERATED, ACCEPTED, EDITED = "generated", "accepted", "edited"
-DRAFT_FORMAT = 1
+DRAFT_FORMAT = 2          # 1: before review states, identification and provenance
 
 
 class DraftFileError(ValueError):
@@ -27,184 +41,6 @@ class DraftFileError(ValueError):
 
 def _now() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")
-
-
-@dataclass
-class DraftToken:
-    """A generated token inside a section's generated text (offsets relative to that text)."""
-
-    index: int                     # position among the generated tokens of the whole report
-    text: str
-    start: int
-    end: int
-    prob: float
-    entropy: float
-    top: list[tuple[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class DraftSection:
-    """One region section: what the model wrote, what the radiologist made of it."""
-
-    slot: int | None               # prompt slot; None: text before the first "The region i is" marker
-    region: str | None             # the region whose mask was in that slot
-    area: str | None               # the area the model named
-    generated_text: str            # the section body as generated
-    text: str                      # the body as it stands now
-    state: str = GENERATED         # generated | accepted | edited
-    grounding_ok: bool = True      # the named area is the slot's region
-    tokens: list[DraftToken] = field(default_factory=list)
-
-    @property
-    def title(self) -> str:
-        name = self.region or self.area or "General"
-        return name[:1].upper() + name[1:]
-
-    @property
-    def is_edited(self) -> bool:
-        return self.text != self.generated_text
-
-    def low_confidence(self, threshold: float) -> list[DraftToken]:
-        """Words the model was less sure of than ``threshold``, least sure first (visible tokens only)."""
-        picked = [t for t in self.tokens if t.prob < threshold and t.text.strip()]
-        return sorted(picked, key=lambda t: t.prob)
-
-
-@dataclass
-class DraftEdit:
-    slot: int | None
-    action: str                    # edit | accept | reset | regenerate
-    before: str
-    after: str
-    time: str = field(default_factory=_now)
-
-
-@dataclass
-class ReportDraft:
-    """A whole report draft for one study."""
-
-    study_key: str
-    study_name: str
-    sections: list[DraftSection] = field(default_factory=list)
-    edits: list[DraftEdit] = field(default_factory=list)
-    model: str = ""
-    settings: dict[str, Any] = field(default_factory=dict)
-    stop_reason: str = ""
-    created: str = field(default_factory=_now)
-    modified: str = field(default_factory=_now)
-
-    # -- construction ------------------------------------------------------------------------
-    @classmethod
-    def from_result(cls, result, study, model: str = "") -> "ReportDraft":
-        """Build a draft from the engine's `DraftResult` (sections with grounding, token confidences)."""
-        draft = cls(study_key=study_key(study), study_name=getattr(study, "name", ""), model=model,
-                    settings=_settings_dict(getattr(result, "settings", None)),
-                    stop_reason=getattr(result, "stop_reason", ""))
-        draft.sections = [section_from_result(result, s) for s in result.sections]
-        return draft
-
-    def section(self, slot: int | None) -> DraftSection:
-        for s in self.sections:
-            if s.slot == slot:
-                return s
-        raise KeyError(f"no section for slot {slot}")
-
-    def section_of_region(self, region: str) -> DraftSection | None:
-        return next((s for s in self.sections if s.region == region), None)
-
-    # -- editing -----------------------------------------------------------------------------
-    def set_text(self, slot: int | None, text: str) -> bool:
-        """The radiologist typed in a section; returns False when nothing changed."""
-        s = self.section(slot)
-        if text == s.text:
-            return False
-        self.edits.append(DraftEdit(slot, "edit", s.text, text))
-        s.text = text
-        s.state = EDITED if s.is_edited else GENERATED
-        self._touch()
-        return True
-
-    def accept(self, slot: int | None) -> None:
-        s = self.section(slot)
-        self.edits.append(DraftEdit(slot, "accept", s.state, ACCEPTED))
-        s.state = ACCEPTED
-        self._touch()
-
-    def reset(self, slot: int | None) -> None:
-        """Back to the generated text."""
-        s = self.section(slot)
-        self.edits.append(DraftEdit(slot, "reset", s.text, s.generated_text))
-        s.text, s.state = s.generated_text, GENERATED
-        self._touch()
-
-    def replace_section(self, new: DraftSection) -> None:
-        """A regenerated section replaces the one for the same region (or is added in region order)."""
-        old = self.section_of_region(new.region) if new.region else None
-        if old is not None:
-            new.slot = old.slot   # keep the report's numbering; the one-region prompt used slot 0
-            self.edits.append(DraftEdit(old.slot, "regenerate", old.text, new.text))
-            self.sections[self.sections.index(old)] = new
-        else:
-            self.edits.append(DraftEdit(new.slot, "regenerate", "", new.text))
-            self.sections.append(new)
-        self._touch()
-
-    def _touch(self) -> None:
-        self.modified = _now()
-
-    # -- output ------------------------------------------------------------------------------
-    def report_text(self) -> str:
-        """The final report: one paragraph per section, headed by its region."""
-        parts = []
-        for s in self.sections:
-            body = s.text.strip()
-            if body:
-                parts.append(f"{s.title}: {body}" if s.slot is not None else body)
-        return "\n\n".join(parts) + ("\n" if parts else "")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["format"] = DRAFT_FORMAT
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ReportDraft":
-        d = dict(d)
-        d.pop("format", None)
-        sections = []
-        for s in d.pop("sections", []):
-            s = dict(s)
-            s["tokens"] = [DraftToken(**{**t, "top": [tuple(x) for x in t.get("top", [])]}) for t in s.get("tokens", [])]
-            sections.append(DraftSection(**s))
-        edits = [DraftEdit(**e) for e in d.pop("edits", [])]
-        return cls(sections=sections, edits=edits, **d)
-
-
-def _settings_dict(settings) -> dict:
-    if settings is None:
-        return {}
-    try:
-        return asdict(settings)
-    except TypeError:
-        return dict(getattr(settings, "__dict__", {}))
-
-
-def section_from_result(result, section) -> DraftSection:
-    """One `GroundedSection` of a `DraftResult` as a draft section (tokens re-based on its body)."""
-    body_start, end = section.body_start, section.end
-    raw_body = result.text[body_start:end]
-    lead = len(raw_body) - len(raw_body.lstrip())
-    body = raw_body.strip()
-    base = body_start + lead
-    tokens = []
-    for t in result.tokens:
-        if t.end <= base or t.start >= base + len(body) or t.start == t.end:
-            continue
-        tokens.append(DraftToken(index=t.index, text=t.text, start=max(t.start - base, 0),
-                                 end=min(t.end - base, len(body)), prob=float(t.prob),
-                                 entropy=float(t.entropy), top=[(a, float(p)) for a, p in t.top]))
-    return DraftSection(slot=section.slot, region=section.region, area=section.area, generated_text=body,
-                        text=body, grounding_ok=bool(section.grounding_ok), tokens=tokens)
 
 
 def study_key(study) -> str:
@@ -228,12 +64,15 @@ _TEXT, _OPT_TEXT, _INT, _OPT_INT, _NUMBER, _BOOL, _LIST, _DICT = (
     (str,), (str, type(None)), (int,), (int, type(None)), (int, float), (bool,), (list,), (dict,))
 _FIELDS = {
     "draft": {"study_key": _TEXT, "study_name": _TEXT, "sections": _LIST, "edits": _LIST, "model": _TEXT,
-              "settings": _DICT, "stop_reason": _TEXT, "created": _TEXT, "modified": _TEXT},
+              "settings": _DICT, "stop_reason": _TEXT, "created": _TEXT, "modified": _TEXT,
+              "identification": _DICT, "technique": _TEXT, "impression": _TEXT, "provenance": _DICT,
+              "reviewer": _TEXT, "reviewed_at": _TEXT},
     "section": {"slot": _OPT_INT, "region": _OPT_TEXT, "area": _OPT_TEXT, "generated_text": _TEXT, "text": _TEXT,
-                "state": _TEXT, "grounding_ok": _BOOL, "tokens": _LIST},
+                "state": _TEXT, "grounding_ok": _BOOL, "tokens": _LIST, "truncated": _BOOL, "checks": _LIST,
+                "note": _TEXT},
     "token": {"index": _INT, "text": _TEXT, "start": _INT, "end": _INT, "prob": _NUMBER, "entropy": _NUMBER,
               "top": _LIST},
-    "edit": {"slot": _OPT_INT, "action": _TEXT, "before": _TEXT, "after": _TEXT, "time": _TEXT},
+    "edit": {"slot": _OPT_INT, "action": _TEXT, "before": _TEXT, "after": _TEXT, "time": _TEXT, "reviewer": _TEXT},
 }
 _REQUIRED = {"draft": ("study_key", "sections"), "section": ("generated_text", "text"),
              "token": ("index", "text", "start", "end", "prob"), "edit": ("action",)}
@@ -260,8 +99,8 @@ def _check_record(kind: str, data: Any, where: str) -> None:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise ValueError(f"{where}.{name} is {type(value).__name__} {json.dumps(value)[:40]}, "
                              f"expected {_TYPE_WORDS[types]}")
-    if kind == "section" and data.get("state", GENERATED) not in (GENERATED, ACCEPTED, EDITED):
-        raise ValueError(f"{where}.state is {data['state']!r}, expected generated, accepted or edited")
+    if kind == "section" and data.get("state", DRAFTED) not in (*STATES, "generated"):
+        raise ValueError(f"{where}.state is {data['state']!r}, expected one of {', '.join(STATES)}")
     if kind == "token":
         for j, alt in enumerate(data.get("top", [])):
             if not (isinstance(alt, list) and len(alt) == 2 and isinstance(alt[0], str)
@@ -377,16 +216,11 @@ class DraftStore:
 
 
 def export_json(draft: ReportDraft, path: str | os.PathLike) -> None:
-    """Sections, tokens with confidences and alternatives, and every edit (written atomically)."""
-    with atomic_write(path) as f:
-        f.write(json.dumps(draft.to_dict(), indent=1))
+    """The report document as JSON (sections with tokens, confidences and alternatives, states, flags,
+    edits, identification, provenance), written atomically."""
+    write_report(draft, path, "json")
 
 
 def export_text(draft: ReportDraft, path: str | os.PathLike) -> None:
-    """The report text (written atomically)."""
-    with atomic_write(path) as f:
-        f.write(draft.report_text())
-
-
-def region_order(region: str | None) -> int:
-    return REGIONS.index(region) if region in REGIONS else len(REGIONS)
+    """The report document as text (written atomically)."""
+    write_report(draft, path, "txt")

@@ -562,7 +562,8 @@ class DraftPanel(QWidget):
                     self.draft.replace_section(section_from_result(result, s))
                     self.results[self.draft.section_of_region(s.region).slot] = result
         else:
-            self.draft = ReportDraft.from_result(result, study, model=str(self.model_dir or "demo"))
+            self.draft = ReportDraft.from_result(result, study, model=str(self.model_dir or "demo"),
+                                                 study_key=study_key(study))
             self.results = {sec.slot: result for sec in self.draft.sections}
         self.resultReady.emit(result)
         how = "stopped" if result.cancelled else f"{len(result.tokens)} tokens"

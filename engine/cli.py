@@ -14,6 +14,12 @@ Per study: ``report.txt`` (the draft), ``report.json`` (sections with grounding,
 with probability, entropy and alternatives, confidence per region) and, with ``--attention``, one NIfTI
 per region section plus one for the whole report, aligned with the CT (same affine).
 
+``--export pdf,txt,json,sr,fhir`` renders the report document (`reg2rg.engine.report`: identification,
+technique, findings in reading order with their state and flags, impression, provenance, the AI-draft
+statement) as ``report.pdf``, ``report.txt``, ``report.json`` (the engine's own JSON kept under
+``engine_result``), ``report.sr.dcm`` (DICOM Comprehensive SR) and ``report.fhir.json`` (FHIR
+DiagnosticReport). Nobody has reviewed a draft written here: every export says so.
+
 ``predictions.csv`` columns: ``AccNum, GT_combined_report, Pred_combined_report, Region_slots``
 (the JSON ``{"slot": "true region"}`` that ``reg2rg-eval --by-region`` grades the named areas against).
 """
@@ -73,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--num-beams", type=int, default=4)
     p.add_argument("--attention", action="store_true", help="also write attention heatmaps (NIfTI, CT affine)")
+    p.add_argument("--export", metavar="FORMATS", default="",
+                   help="render the report document as these formats, comma-separated: pdf, txt, json, sr "
+                        "(DICOM SR), fhir (FHIR DiagnosticReport); files report.pdf, report.txt, report.json, "
+                        "report.sr.dcm, report.fhir.json")
+    p.add_argument("--seed-impression", action="store_true",
+                   help="with --export: start the impression from the sentences that report a finding")
     p.add_argument("--out", default="reg2rg_output", help="output folder (default ./reg2rg_output)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or report echo")
     return p
@@ -105,8 +117,11 @@ def _slug(region: str) -> str:
     return region.replace(" ", "_")
 
 
-def write_outputs(engine, result, out_dir: Path, attention: bool) -> dict:
+def write_outputs(engine, result, out_dir: Path, attention: bool, study=None, formats=(),
+                  seed_impression: bool = False) -> dict:
     """Write report.txt, report.json and (optionally) attention NIfTIs for one result; returns the JSON.
+    With ``formats`` (and the ``study``) the report document is rendered in those formats too
+    (`reg2rg.engine.report.FORMATS`; its TXT and JSON replace the plain ones, the engine's JSON kept inside).
 
     The files are written under temporary names and renamed into place together once all are complete
     (`fileio.staged_files`): a full or read-only disk leaves the previous outputs or none, never a new
@@ -115,12 +130,13 @@ def write_outputs(engine, result, out_dir: Path, attention: bool) -> dict:
     from .fileio import staged_files
 
     with staged_files(out_dir) as stage:
-        return _stage_outputs(engine, result, stage, attention)
+        return _stage_outputs(engine, result, stage, attention, study, formats, seed_impression)
 
 
-def _stage_outputs(engine, result, stage, attention: bool) -> dict:
-    with stage.open("report.txt") as f:
-        f.write(result.text.strip() + "\n")
+def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(), seed_impression=False) -> dict:
+    if "txt" not in formats:
+        with stage.open("report.txt") as f:
+            f.write(result.text.strip() + "\n")
     data = result.to_dict()
     if attention and result.tokens:
         maps = {}
@@ -137,14 +153,34 @@ def _stage_outputs(engine, result, stage, attention: bool) -> dict:
             am.save_nifti(stage.path(file))
             maps[file] = {"token_indices": [idx[0], idx[-1]], "shares": am.shares, "other_share": am.other_share}
         data["attention"] = maps
-    with stage.open("report.json") as f:
-        json.dump(data, f, indent=1)
+    if "json" not in formats:
+        with stage.open("report.json") as f:
+            json.dump(data, f, indent=1)
+    if formats:
+        from .report import FORMATS, render_report
+
+        draft = report_document(engine, result, study, seed_impression)
+        for fmt in formats:
+            payload = render_report(draft, fmt, engine_result=data)
+            with stage.open(FORMATS[fmt], "wb") as f:
+                f.write(payload)
     return data
+
+
+def report_document(engine, result, study, seed_impression: bool = False):
+    """The report document of one result (`reg2rg.engine.report.ReportDraft`), unreviewed: no reader here."""
+    from .report import ReportDraft
+    from .report.provenance import provenance_for
+
+    draft = ReportDraft.from_result(result, study, study_key="", provenance=provenance_for(engine, result.settings))
+    if seed_impression:
+        draft.impression = draft.seed_impression()
+    return draft
 
 
 def _run_one(engine, study, args, settings, out_dir: Path) -> None:
     result = engine.draft(study, args.regions, settings)
-    write_outputs(engine, result, out_dir, args.attention)
+    write_outputs(engine, result, out_dir, args.attention, study, args.formats, args.seed_impression)
     if not args.quiet:
         print(result.text.strip())
         acc = "n/a" if result.region_accuracy is None else f"{result.region_accuracy:.2f}"
@@ -213,7 +249,7 @@ def run_dataset(engine, args, settings, out: Path) -> int:
                 logger.warning("%s: skipped (%s)", name, err)
                 print(f"{name}: skipped ({err})", file=sys.stderr)
                 continue
-            write_outputs(engine, result, out / name, args.attention)
+            write_outputs(engine, result, out / name, args.attention, study, args.formats, args.seed_impression)
             gt = combined_reference(reports[name], result.slot_regions).strip()
             slots = json.dumps({str(k): v for k, v in sorted(result.slot_regions.items())})
             writer.writerow([name, gt, result.text.strip(), slots])
@@ -242,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     from .model.config import ConfigError
 
     out = Path(args.out)
+    from .report import ExportError, parse_formats
+
+    try:
+        args.formats = parse_formats(args.export) if args.export else []
+    except ExportError as err:
+        print(f"reg2rg-generate: --export: {err}", file=sys.stderr)
+        return 2
     if out.exists() and not out.is_dir():
         print(f"reg2rg-generate: --out {out} is an existing file; --out names a folder for the report files "
               "(it is created if missing)", file=sys.stderr)
@@ -263,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         _run_one(engine, study, args, settings, out)
         return 0
     except (CliError, StudyError, GenerationError, ModelFolderError, EngineOutOfMemory, CheckpointError,
-            ConfigError, DatasetError, OutputError) as err:
+            ConfigError, DatasetError, OutputError, ExportError) as err:
         print(f"reg2rg-generate: {err}", file=sys.stderr)
         return 2
     except OSError as err:          # writing predictions.csv (report files arrive as OutputError above)

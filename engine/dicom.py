@@ -120,7 +120,8 @@ def read_dicom_series(folder: str | os.PathLike, series: str | int | None = None
 
     Returns ``(voxels, affine, warnings, metadata)``: voxels (X, Y, Z) in HU (int16 when the rescale
     keeps integers in range, else float32), a 4x4 RAS+ affine, a list of warning messages and a dict of
-    non-identifying series facts.
+    series facts; its ``identification`` entry holds the patient/study/series identification (for the
+    report only: never logged).
     """
     import pydicom
 
@@ -215,9 +216,33 @@ def read_dicom_series(folder: str | os.PathLike, series: str | int | None = None
     }
     if "KVP" in first:
         metadata["kvp"] = float(first.KVP)
-    # The study's identity for drafts (Study.content_digest): the series and its instances, hashed (the
-    # UIDs themselves are kept nowhere). Without UIDs on every slice the voxels identify the study instead.
+    # The study's identity for drafts (Study.content_digest): the series and its instances, hashed (drafts
+    # are keyed by this digest, not by the UIDs that `identification` keeps for the report's references).
+    # Without UIDs on every slice the voxels identify the study instead.
     sops = [str(ds.get("SOPInstanceUID", "") or "") for ds, _ in slices]
     if chosen.uid != "unknown" and all(sops):
         metadata["instances_digest"] = hashlib.sha256("\0".join([chosen.uid, *sorted(sops)]).encode()).hexdigest()
+    metadata["identification"] = _identification(first, [ds for ds, _ in slices])
     return hu, affine, messages, metadata
+
+
+def _identification(first, datasets) -> dict:
+    """Patient, study and series identification for the report and its DICOM SR / FHIR references.
+
+    Patient data: it goes into the report the radiologist exports, never into logs or file names."""
+    def text(tag: str) -> str:
+        value = first.get(tag, "")
+        return "" if value is None else str(value)
+
+    number = first.get("SeriesNumber", None)
+    return {
+        "patient_name": text("PatientName"), "patient_id": text("PatientID"),
+        "patient_birth_date": text("PatientBirthDate"), "patient_sex": text("PatientSex"),
+        "accession_number": text("AccessionNumber"), "study_date": text("StudyDate"), "study_time": text("StudyTime"),
+        "study_description": text("StudyDescription"), "study_instance_uid": text("StudyInstanceUID"),
+        "study_id": text("StudyID"), "referring_physician": text("ReferringPhysicianName"),
+        "series_instance_uid": text("SeriesInstanceUID"), "series_description": text("SeriesDescription"),
+        "series_number": int(number) if number not in (None, "") else None, "modality": text("Modality") or "CT",
+        "instances": [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in datasets
+                      if "SOPClassUID" in ds and "SOPInstanceUID" in ds],
+    }

@@ -37,7 +37,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   $PIP install -q --upgrade pip setuptools wheel
   # The CPU build of torch on these machines; an unpinned torch pulls several GB of CUDA wheels.
   $PIP install -q "torch==2.13.0"
-  $PIP install -q -e ".[app,train,test]"
+  $PIP install -q -e ".[app,train,test,report]"
   touch "$stamp"
 fi
 echo "setup: environment ready in $VENV"

@@ -59,7 +59,8 @@ def test_draft_sections_follow_the_report_and_its_grounding():
     assert "enlarged." in [t.text.strip() for t in heart.tokens]
     low = bone.low_confidence(0.6)
     assert low and low == sorted(low, key=lambda t: t.prob) and all(t.prob < 0.6 for t in low)
-    assert draft.report_text().startswith("Heart: The heart is enlarged.\n\nLung: No nodule.")
+    # the findings in reading order (lungs before the heart), headed by the region
+    assert draft.report_text().startswith("Lungs: No nodule.\n\nHeart: The heart is enlarged.")
 
 
 def test_editing_accepting_resetting_and_regenerating_are_recorded():
@@ -81,7 +82,7 @@ def test_editing_accepting_resetting_and_regenerating_are_recorded():
 
 def test_autosave_round_trip_keys_and_crash_flag(tmp_path):
     store = DraftStore(tmp_path / "drafts")
-    draft = ReportDraft.from_result(make_result(), study())
+    draft = ReportDraft.from_result(make_result(), study(), study_key=study_key(study()))
     draft.set_text(0, "Edited.")
     path = store.save(draft)
     assert path.name == f"{study_key(study())}.json" and "ct_001" not in path.name   # no identifiers in names
@@ -169,7 +170,7 @@ def test_restore_prompt_after_a_crash(qtbot, panel):
     from reg2rg.app.draft_panel import DraftPanel
 
     st = panel.document.study
-    draft = ReportDraft.from_result(make_result(), st)
+    draft = ReportDraft.from_result(make_result(), st, study_key=study_key(st))
     draft.set_text(0, "Unsaved work.")
     panel.store.save(draft, clean=False)               # what autosave left when the app died
     other = DraftPanel(panel.document, store=panel.store)
@@ -185,9 +186,9 @@ def test_restore_prompt_after_a_crash(qtbot, panel):
 def test_export_text_json_pdf(panel, tmp_path):
     panel._restore(ReportDraft.from_result(make_result(), panel.document.study), "")
     txt = panel.export(tmp_path / "r.txt")
-    assert txt.read_text().startswith("Heart: The heart is enlarged.")
+    assert txt.read_text().startswith("*** AI-generated draft") and "Heart [drafted]" in txt.read_text()
     data = json.loads(panel.export(tmp_path / "r.json").read_text())
-    assert data["sections"][0]["tokens"][0]["prob"] == pytest.approx(1 - 5 / 40)  # 6th word: "The" and "edits" in data
+    assert data["draft"]["sections"][0]["tokens"][0]["prob"] == pytest.approx(1 - 5 / 40)  # 6th word: "The" and "edits" in data
     pdf = panel.export(tmp_path / "r.pdf")
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
 

@@ -11,10 +11,11 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 def write_series(folder, hu: np.ndarray, affine_ras: np.ndarray, *, modality: str = "CT", series_number: int = 1,
                  slope: float = 1.0, intercept: float = -1024.0, signed: bool = False, shuffle_seed: int | None = 0,
-                 description: str = "test series", skip_slices=()) -> list[Path]:
+                 description: str = "test series", skip_slices=(), header: dict | None = None) -> list[Path]:
     """Write ``hu`` (X, Y, Z) as one DICOM file per slice k, placed by the RAS affine of the volume.
 
     Stored value = (HU - intercept) / slope. Files are named randomly so that the reader must sort.
+    ``header``: more attributes for every slice (patient name, accession number…).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,8 @@ def write_series(folder, hu: np.ndarray, affine_ras: np.ndarray, *, modality: st
         ds.RescaleSlope = slope
         ds.RescaleIntercept = intercept
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        for key, value in (header or {}).items():
+            setattr(ds, key, value)
         path = folder / f"IM{generate_uid()[-12:]}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -101,3 +101,31 @@ def test_clear_errors(model_dir, dataset, tmp_path, capsys):
     # strictness can only be relaxed for the published checkpoint, and only explicitly
     assert main(["--demo", "--model", str(model_dir), "--non-strict", "--out", str(tmp_path)]) == 2
     assert "--non-strict applies to --published only" in capsys.readouterr().err
+
+
+def test_export_writes_every_report_format_marked_as_an_unreviewed_ai_draft(model_dir, tmp_path):
+    import pydicom
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    study = box_study()
+    write_study(study, tmp_path / "ct.nii.gz", tmp_path / "masks")
+    out = tmp_path / "out"
+    assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--masks", str(tmp_path / "masks"), "--model", str(model_dir),
+                 "--out", str(out), "--export", "pdf,txt,json,sr,fhir", *ARGS]) == 0
+    names = {"report.pdf", "report.txt", "report.json", "report.sr.dcm", "report.fhir.json"}
+    assert names <= {p.name for p in out.iterdir()}
+    data = json.loads((out / "report.json").read_text())
+    assert data["statement"] == "AI-generated draft \u2014 not for clinical use." and data["reviewed"] is False
+    assert data["provenance"]["model_path"] == "tiny" and data["provenance"]["model_digest"].startswith("sha256:")
+    assert data["identification"]["source_name"] == "ct.nii.gz"
+    assert len(data["engine_result"]["tokens"]) == 6                 # the engine's own JSON is kept
+    assert {f["region"] for f in data["findings"]} >= set(data["engine_result"]["slot_regions"].values())
+    assert (out / "report.txt").read_text().startswith("*** AI-generated draft")
+    assert pydicom.dcmread(out / "report.sr.dcm").VerificationFlag == "UNVERIFIED"
+    assert DiagnosticReport.model_validate_json((out / "report.fhir.json").read_text()).status == "preliminary"
+
+
+def test_export_rejects_an_unknown_format_in_one_line(model_dir, tmp_path, capsys):
+    assert main(["--demo", "--model", str(model_dir), "--out", str(tmp_path), "--export", "pdf,docx", *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "reg2rg-generate: --export: unknown export format 'docx'; choose from pdf, txt, json, sr, fhir"
