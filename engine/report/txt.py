@@ -20,7 +20,6 @@ def state_label(section) -> str:
 
 def render_text(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESHOLD) -> str:
     """The whole document as text (what ``report.txt`` holds)."""
-    p = draft.provenance
     out = [f"*** {draft.statement()} ***", "", "CT CHEST REPORT", ""]
     out += [f"{k + ':':<12} {v}" for k, v in draft.identification.rows()]
     out += ["", "TECHNIQUE", _wrap(draft.technique or "CT of the chest."), "", "FINDINGS"]

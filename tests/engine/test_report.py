@@ -211,7 +211,7 @@ def test_pdf_export_field_by_field(study, tmp_path):
     assert f"{AI_DRAFT_STATEMENT} CT chest report" in flat           # the banner above the title
     for label, value in draft.identification.rows():
         assert value in flat
-    heads = [f"Thyroid [drafted]", "Lungs [drafted]", "Pleura [not drafted]", "Heart [accepted (edited)]",
+    heads = ["Thyroid [drafted]", "Lungs [drafted]", "Pleura [not drafted]", "Heart [accepted (edited)]",
              "Bones [rejected]"]
     positions = [flat.index(h) for h in heads]
     assert positions == sorted(positions)
