@@ -194,6 +194,8 @@ class DraftResult:
     inputs: Any = field(default=None, repr=False)      # preprocess.ModelInputs
     timings: dict[str, float] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)   # attention-pass results
+    # about the input: {"orientation": {model, study, reoriented, ...}, "warnings": [...]} (ReportEngine.input_facts)
+    input: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cancelled(self) -> bool:
@@ -231,6 +233,7 @@ class DraftResult:
             "sentences": [s.to_dict() for s in self.sentences],
             "tokens": [t.to_dict() for t in self.tokens],
             "timings": dict(self.timings),
+            "input": dict(self.input),
         }
 
 
@@ -675,10 +678,27 @@ class ReportEngine:
             raise GenerationError(f"{study.name}: {len(chosen)} regions but the model has {self.config.num_regions} slots")
         return chosen
 
+    def study_orientation(self, study) -> str | None:
+        """The orientation ``study`` is brought to before pre-processing: the model's training orientation
+        (config ``orientation``), or None (as stored) when the file does not say how its axes lie."""
+        if not study.metadata.get("orientation_known", True):
+            return None
+        return self.config.orientation
+
+    def input_facts(self, study, inputs) -> dict:
+        """What ``report.json`` records about the input: orientations and every warning about the study."""
+        target = self.study_orientation(study)
+        stored = study.orientation
+        warnings = list(dict.fromkeys([*study.warnings, *getattr(inputs, "warnings", [])]))   # once each
+        return {"orientation": {"model": self.config.orientation, "study": stored,
+                                "study_orientation_known": bool(study.metadata.get("orientation_known", True)),
+                                "reoriented": target is not None and target.upper() != stored},
+                "warnings": warnings}
+
     def prepare(self, study, regions: Sequence[str] | None = None) -> PreparedStudy:
         """Pre-process, encode every volume in one pass, and embed the prompt (done once per study)."""
         chosen = self.select_regions(study, regions)
-        inputs = preprocess(study, self.config.input_size, self.config.orientation, chosen)
+        inputs = preprocess(study, self.config.input_size, self.study_orientation(study), chosen)
         # preprocess skips regions it cannot crop (warned there): slots follow what it produced
         slots = [r for r in chosen if r in inputs.regions]
         slot_regions = {j: r for j, r in enumerate(slots)}
@@ -765,6 +785,7 @@ class ReportEngine:
                               prompt_ids=list(prepared.prompt_ids), inputs=prepared.inputs, timings=timings)
         result.cache["prepared"] = prepared
         result.cache["affine"] = np.asarray(study.affine, dtype=np.float64)
+        result.input = self.input_facts(study, prepared.inputs)
         yield Finished(result)
 
     def draft(self, study, regions: Sequence[str] | None = None,

@@ -84,7 +84,16 @@ def _read_nifti_volume(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
         raise StudyError(path, f"cannot read the voxel data; the file is truncated or corrupt "
                          f"({type(exc).__name__}: {exc})") from exc
     header = hashlib.sha256(bytes(img.header.binaryblock)).hexdigest()   # part of Study.content_digest
-    return data.reshape(shape), img.affine, header
+    return data.reshape(shape), img.affine, header, _orientation_known(img)
+
+
+def _orientation_known(img) -> bool:
+    """False when a NIfTI header says nothing about orientation (qform and sform codes both 0): its
+    affine is then nibabel's default from the voxel sizes, not the patient's axes."""
+    try:
+        return bool(int(img.header["qform_code"]) or int(img.header["sform_code"]))
+    except (KeyError, TypeError, ValueError):       # not a NIfTI-1/2 header (Analyze): no orientation
+        return False
 
 
 def _check_intensities(voxels: np.ndarray, path, messages: list[str]) -> np.ndarray:
@@ -124,8 +133,11 @@ def read_volume(path: str | os.PathLike, series: str | int | None = None) -> Stu
     elif path.is_file():
         if not path.name.lower().endswith((".nii", ".nii.gz")):
             raise StudyError(path, "unsupported file type (expected .nii, .nii.gz or a DICOM folder)")
-        voxels, affine, header = _read_nifti_volume(path)
-        metadata = {"format": "nifti", "header_digest": header}
+        voxels, affine, header, known = _read_nifti_volume(path)
+        metadata = {"format": "nifti", "header_digest": header, "orientation_known": known}
+        if not known:
+            warn(messages, path, "the header does not say how the voxel axes lie in the patient (qform and sform "
+                 "codes are 0); the volume is used as stored and assumed to be in the model's orientation")
     else:
         raise StudyError(path, "not found")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:

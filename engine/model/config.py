@@ -14,6 +14,19 @@ from typing import Any
 
 CONFIG_NAME = "config.json"
 
+#: Orientation of the volumes the published Reg2RG was trained on (RadGenome-ChestCT, from CT-RATE): axial
+#: CT converted from DICOM in ITK voxel order, i.e. nibabel axis code LPS. How this was established, and
+#: its limits: docs/reproduction.md ("Orientation of the published training volumes").
+PUBLISHED_ORIENTATION = "LPS"
+
+
+def is_axis_code(code) -> bool:
+    """True for a 3-letter orientation code with one letter of each pair L/R, A/P, S/I (e.g. ``"LPS"``)."""
+    if not isinstance(code, str) or len(code) != 3:
+        return False
+    pairs = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
+    return sorted(next((i for i, p in enumerate(pairs) if c in p), 9) for c in code.upper()) == [0, 1, 2]
+
 
 class ConfigError(ValueError):
     """A model configuration is inconsistent or a config file cannot be read."""
@@ -100,11 +113,18 @@ class Reg2RGConfig:
     (for the global image: of the global tokens). Training adds ``finding_loss_weight`` x its binary
     cross-entropy to the language-model loss (deep supervision of the visual tokens); the head's
     probabilities are also available at inference (`Reg2RG.finding_probabilities`).
+
+    ``orientation`` names the voxel-axis orientation of the volumes the model was trained on (nibabel's
+    axis code, e.g. ``"LPS"``: axis 0 towards the patient's left, 1 posterior, 2 superior). It is
+    required: the engine reorients every study to it before pre-processing (flips and transposes only,
+    mapped back exactly by `preprocess.Geometry`), so a RAS copy of an LPS study reaches the model as
+    the same volume instead of mirrored. The published checkpoint's value and how it was established:
+    docs/reproduction.md ("Orientation of the published training volumes").
     """
 
     name: str = "custom"
     input_size: tuple[int, int, int] = (256, 256, 64)
-    orientation: str | None = None          # None: volumes are used as stored (the published way)
+    orientation: str | None = None          # axis code of the training volumes ("LPS"); required, see below
     num_regions: int = 10
     num_latents: int = 32                   # tokens per region = num_latents + 1 (mask token)
     vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
@@ -158,6 +178,10 @@ class Reg2RGConfig:
             raise ConfigError(f"finding_labels are named twice: {list(self.finding_labels)}")
         if self.finding_loss_weight < 0 or (self.finding_loss_weight and not self.finding_labels):
             raise ConfigError("finding_loss_weight must be >= 0 and needs finding_labels")
+        if not is_axis_code(self.orientation):
+            raise ConfigError(f"'orientation' is {self.orientation!r}: the config must name the orientation of the "
+                              "volumes the model was trained on, as an axis code such as \"LPS\" (axis 0 towards the "
+                              "patient's Left, 1 Posterior, 2 Superior; one letter of L/R, A/P and S/I each)")
         if require_llm and self.llm_path is None and self.llm_config is None:
             raise ConfigError(f"preset {self.name!r}: set llm_path (a local LLaMA folder) or llm_config")
 
@@ -167,7 +191,7 @@ class Reg2RGConfig:
         """``"reg2rg-7b"`` (published dims; set ``llm_path`` before building), ``"tiny"`` (tests),
         ``"demo"`` (the small model trained on CPU)."""
         if name == "reg2rg-7b":
-            return cls(name=name)
+            return cls(name=name, orientation=PUBLISHED_ORIENTATION)
         if name == "tiny":
             return cls(
                 name=name, input_size=(32, 32, 16), num_latents=4,
@@ -179,6 +203,7 @@ class Reg2RGConfig:
                 llm_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048),
                 train_llm="lora", gradient_checkpointing=False, max_length=512,
+                orientation="RAS",            # the tests' synthetic studies are stored RAS
             )
         if name == "demo":
             return cls(
@@ -192,6 +217,7 @@ class Reg2RGConfig:
                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048),
                 train_llm="full", gradient_checkpointing=False, max_length=1024,
                 freeze_vision_encoder=False,
+                orientation="LPS",            # the phantoms' stored orientation (engine/phantom.py)
             )
         raise ConfigError(f"unknown preset {name!r}; choose 'reg2rg-7b', 'tiny' or 'demo'")
 
