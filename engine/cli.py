@@ -2,7 +2,9 @@
 
 Three ways to name the studies:
 
-* ``--volume CT [--masks MASKS]``: one study; files go straight into ``--out``;
+* ``--volume CT --masks MASKS``: one study; files go straight into ``--out``. Without masks it stops
+  (Reg2RG needs its region masks) unless ``--segment`` makes them with TotalSegmentator (`segment`) or
+  ``--allow-no-masks`` drafts anyway, marked in report.txt/report.json as outside the training distribution;
 * ``--demo``: the embedded demo study (with the demo model unless ``--model`` is given);
 * ``--dataset ROOT --masks MASK_ROOT --reports CSV``: every volume of a RadGenome-style dataset
   (``ROOT/<patient>/<accession>/<volume>.nii.gz``, masks in ``MASK_ROOT/seg_<volume>/<region>.nii.gz``,
@@ -11,7 +13,8 @@ Three ways to name the studies:
   run resumes where it stopped (studies already in the CSV are skipped).
 
 Per study: ``report.txt`` (the draft), ``report.json`` (sections with grounding, sentences, every token
-with probability, entropy and alternatives, confidence per region) and, with ``--attention``, one NIfTI
+with probability, entropy and alternatives, confidence per region; regions asked for but not written, under
+``not_drafted``, also listed in report.txt) and, with ``--attention``, one NIfTI
 per region section plus one for the whole report, aligned with the CT (same affine).
 
 ``--export pdf,txt,json,sr,fhir`` renders the report document (`reg2rg.engine.report`: identification,
@@ -56,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", metavar="ROOT", help="RadGenome-style data root (needs --masks and --reports)")
     p.add_argument("--masks", help="region masks: a folder of per-region NIfTIs or a label map "
                                    "(with --dataset: the root holding seg_<volume>/ folders)")
+    p.add_argument("--segment", action="store_true",
+                   help="with --volume and no --masks: make the region masks with TotalSegmentator first "
+                        "(as reg2rg-segment; needs the [segment] extra and its weights; cached per study)")
+    p.add_argument("--segment-fast", action="store_true", help="with --segment: TotalSegmentator's fast 'total' model")
+    p.add_argument("--allow-no-masks", action="store_true",
+                   help="draft a study without region masks anyway (the draft is marked as outside the model's "
+                        "training distribution)")
     p.add_argument("--reports", metavar="CSV", help="with --dataset: reference reports (Volumename, Anatomy, Sentence)")
     p.add_argument("--limit", type=int, default=None, help="with --dataset: at most this many new studies")
     model = p.add_argument_group("model")
@@ -117,8 +127,12 @@ def _slug(region: str) -> str:
     return region.replace(" ", "_")
 
 
+NO_MASKS_NOTE = ("Drafted without region masks: outside the model's training distribution (Reg2RG reads the CT "
+                 "region by region); treat this draft as unreliable.")
+
+
 def write_outputs(engine, result, out_dir: Path, attention: bool, study=None, formats=(),
-                  seed_impression: bool = False) -> dict:
+                  seed_impression: bool = False, notes: list[str] | tuple = ()) -> dict:
     """Write report.txt, report.json and (optionally) attention NIfTIs for one result; returns the JSON.
     With ``formats`` (and the ``study``) the report document is rendered in those formats too
     (`reg2rg.engine.report.FORMATS`; its TXT and JSON replace the plain ones, the engine's JSON kept inside).
@@ -126,18 +140,31 @@ def write_outputs(engine, result, out_dir: Path, attention: bool, study=None, fo
     The files are written under temporary names and renamed into place together once all are complete
     (`fileio.staged_files`): a full or read-only disk leaves the previous outputs or none, never a new
     ``report.txt`` beside a truncated ``report.json``; the error (`fileio.OutputError`) names the file.
+    Regions asked for but not written are listed as "not drafted"; ``notes`` (e.g. `NO_MASKS_NOTE`) are
+    added to both files.
     """
     from .fileio import staged_files
 
     with staged_files(out_dir) as stage:
-        return _stage_outputs(engine, result, stage, attention, study, formats, seed_impression)
+        return _stage_outputs(engine, result, stage, attention, study, formats, seed_impression, list(notes))
 
 
-def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(), seed_impression=False) -> dict:
+def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(), seed_impression=False,
+                   notes: list[str] | None = None) -> dict:
+    notes = notes or []
+    not_drafted = getattr(result, "not_drafted", {}) or {}
     if "txt" not in formats:
         with stage.open("report.txt") as f:
             f.write(result.text.strip() + "\n")
+            if not_drafted or notes:
+                f.write("\n")
+            for region, why in not_drafted.items():
+                f.write(f"{region}: not drafted ({why})\n")
+            for note in notes:
+                f.write(f"NOTE: {note}\n")
     data = result.to_dict()
+    data["notes"] = notes
+    data["outside_training_distribution"] = NO_MASKS_NOTE in notes
     if attention and result.tokens:
         maps = {}
         selections = [("report", list(range(len(result.tokens))))]
@@ -159,7 +186,7 @@ def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(
     if formats:
         from .report import FORMATS, render_report
 
-        draft = report_document(engine, result, study, seed_impression)
+        draft = report_document(engine, result, study, seed_impression, notes)
         for fmt in formats:
             payload = render_report(draft, fmt, engine_result=data)
             with stage.open(FORMATS[fmt], "wb") as f:
@@ -167,22 +194,32 @@ def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(
     return data
 
 
-def report_document(engine, result, study, seed_impression: bool = False):
-    """The report document of one result (`reg2rg.engine.report.ReportDraft`), unreviewed: no reader here."""
+def report_document(engine, result, study, seed_impression: bool = False, notes=()):
+    """The report document of one result (`reg2rg.engine.report.ReportDraft`), unreviewed: no reader here.
+    Regions asked for but not written are "not drafted" sections; ``notes`` (drafted without masks) go
+    into the technique line, which every format prints."""
     from .report import ReportDraft
     from .report.provenance import provenance_for
 
-    draft = ReportDraft.from_result(result, study, study_key="", provenance=provenance_for(engine, result.settings))
+    draft = ReportDraft.from_result(result, study, study_key="", provenance=provenance_for(engine, result.settings),
+                                    not_drafted=getattr(result, "not_drafted", None))
+    if notes:
+        draft.technique = " ".join([draft.technique.strip(), *notes]).strip()
     if seed_impression:
         draft.impression = draft.seed_impression()
     return draft
 
 
 def _run_one(engine, study, args, settings, out_dir: Path) -> None:
+    notes = [] if study.regions_present else [NO_MASKS_NOTE]
     result = engine.draft(study, args.regions, settings)
-    write_outputs(engine, result, out_dir, args.attention, study, args.formats, args.seed_impression)
+    write_outputs(engine, result, out_dir, args.attention, study, args.formats, args.seed_impression, notes)
     if not args.quiet:
         print(result.text.strip())
+        for region, why in result.not_drafted.items():
+            print(f"{region}: not drafted ({why})")
+        for note in notes:
+            print(f"NOTE: {note}")
         acc = "n/a" if result.region_accuracy is None else f"{result.region_accuracy:.2f}"
         print(f"\n[{len(result.tokens)} tokens, stop: {result.stop_reason}, region accuracy {acc}, "
               f"mean token prob {result.confidence.mean_prob:.3f}] -> {out_dir}", file=sys.stderr)
@@ -261,6 +298,39 @@ def run_dataset(engine, args, settings, out: Path) -> int:
     return 1 if todo and failures == len(todo) else 0
 
 
+# ---- one volume ------------------------------------------------------------------------------------
+NO_MASKS_MESSAGE = ("no region masks: Reg2RG drafts region by region and needs them. Give them with --masks "
+                    "MASKS (a folder of <region>.nii.gz or a label map), or make them with --segment "
+                    "(TotalSegmentator); --allow-no-masks drafts anyway, marked as outside the training distribution")
+
+
+def _volume_study(args):
+    """The --volume study with its masks: from --masks, made by --segment, or none (--allow-no-masks)."""
+    from .studyio import read_study, read_volume
+
+    if not args.segment:
+        study = read_study(args.volume, args.masks, series=args.series)
+    else:
+        from .segment import segment_and_read
+
+        study = read_volume(args.volume, series=args.series)
+        last = [""]
+
+        def progress(fraction: float, text: str) -> None:
+            if not args.quiet and text != last[0]:
+                last[0] = text
+                print(f"[segment {100 * fraction:3.0f}%] {text}", file=sys.stderr)
+
+        device = "gpu" if str(args.device).startswith("cuda") else "cpu"
+        study = segment_and_read(study, fast=args.segment_fast, device=device, progress=progress)
+    if not args.quiet:
+        for problem in study.mask_problems:
+            print(f"warning: {problem}", file=sys.stderr)
+    if not study.regions_present and not args.allow_no_masks:
+        raise CliError(f"{args.volume}: {NO_MASKS_MESSAGE}")
+    return study
+
+
 # ---- entry point -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Console entry point of ``reg2rg-generate``."""
@@ -276,7 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     from .fileio import OutputError, ensure_folder, output_error
     from .generation import EngineOutOfMemory, GenerationError, ModelFolderError
     from .model.config import ConfigError
+    from .segment import SegmentationError
 
+    if args.segment and (args.masks or not args.volume):
+        print("reg2rg-generate: --segment makes the masks of a --volume that has none; leave out --masks",
+              file=sys.stderr)
+        return 2
+    if args.volume and Path(args.volume).exists() and not args.masks and not args.segment and not args.allow_no_masks:
+        print(f"reg2rg-generate: {args.volume}: {NO_MASKS_MESSAGE}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     from .report import ExportError, parse_formats
 
@@ -300,13 +378,11 @@ def main(argv: list[str] | None = None) -> int:
 
             study = demo_study()
         else:
-            from .studyio import read_study
-
-            study = read_study(args.volume, args.masks, series=args.series)
+            study = _volume_study(args)
         _run_one(engine, study, args, settings, out)
         return 0
     except (CliError, StudyError, GenerationError, ModelFolderError, EngineOutOfMemory, CheckpointError,
-            ConfigError, DatasetError, OutputError, ExportError) as err:
+            ConfigError, DatasetError, OutputError, ExportError, SegmentationError) as err:
         print(f"reg2rg-generate: {err}", file=sys.stderr)
         return 2
     except OSError as err:          # writing predictions.csv (report files arrive as OutputError above)

@@ -196,6 +196,7 @@ class DraftResult:
     cache: dict[str, Any] = field(default_factory=dict, repr=False)   # attention-pass results
     # about the input: {"orientation": {model, study, reoriented, ...}, "warnings": [...]} (ReportEngine.input_facts)
     input: dict[str, Any] = field(default_factory=dict)
+    not_drafted: dict[str, str] = field(default_factory=dict)         # region asked for -> why it has no section
 
     @property
     def cancelled(self) -> bool:
@@ -234,6 +235,7 @@ class DraftResult:
             "tokens": [t.to_dict() for t in self.tokens],
             "timings": dict(self.timings),
             "input": dict(self.input),
+            "not_drafted": dict(self.not_drafted),
         }
 
 
@@ -508,6 +510,22 @@ def region_confidences(sections: Sequence[GroundedSection], tokens: Sequence[Tok
         if s.region is not None:
             by_region.setdefault(s.region, []).extend(tokens_in_span(tokens, s.body_start, s.end))
     return {r: ConfidenceSummary.of(t) for r, t in by_region.items()}
+
+
+def regions_not_drafted(requested: Sequence[str], slot_regions: dict[int, str],
+                        sections: Sequence[GroundedSection], stop_reason: str = "eos") -> dict[str, str]:
+    """Regions the draft was asked for that have no section in it, with the reason in the reader's words
+    (a region is never dropped from a draft silently)."""
+    placed = set(slot_regions.values())
+    written = {s.region for s in sections if s.region is not None and s.text.strip()} if sections else set()
+    out = {}
+    for region in requested:
+        if region not in placed:
+            out[region] = "its mask could not be prepared for the model (too small or on air only)"
+        elif region not in written:
+            out[region] = ("the draft stopped before this section" if stop_reason in ("max_new_tokens", "cancelled")
+                           else "the model did not write this section")
+    return out
 
 
 def build_result(text: str, steps: Sequence[StepDistribution], pieces: Sequence[tuple[str, int, int]],
@@ -786,6 +804,7 @@ class ReportEngine:
         result.cache["prepared"] = prepared
         result.cache["affine"] = np.asarray(study.affine, dtype=np.float64)
         result.input = self.input_facts(study, prepared.inputs)
+        result.not_drafted = regions_not_drafted(chosen, prepared.slot_regions, result.sections, result.stop_reason)
         yield Finished(result)
 
     def draft(self, study, regions: Sequence[str] | None = None,

@@ -55,7 +55,7 @@ def test_one_study_writes_report_json_and_attention(model_dir, tmp_path):
     data = json.loads((out / "report.json").read_text())
     # the same engine on the same weights gives the same draft
     expected = ReportEngine.load(model_dir).draft(study, ["heart", "lung"], GenerationSettings(max_new_tokens=6))
-    assert data["text"] == expected.text and (out / "report.txt").read_text().strip() == expected.text.strip()
+    assert data["text"] == expected.text and (out / "report.txt").read_text().startswith(expected.text.strip() + "\n")
     assert data["slot_regions"] == {"0": "heart", "1": "lung"}
     assert len(data["tokens"]) == 6 and len(data["tokens"][0]["top"]) == 5
     img = nib.load(out / "attention_report.nii.gz")
@@ -129,3 +129,75 @@ def test_export_rejects_an_unknown_format_in_one_line(model_dir, tmp_path, capsy
     assert main(["--demo", "--model", str(model_dir), "--out", str(tmp_path), "--export", "pdf,docx", *ARGS]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "reg2rg-generate: --export: unknown export format 'docx'; choose from pdf, txt, json, sr, fhir"
+
+
+# ---- masks: none, made on demand, regions not drafted ------------------------------------------------
+
+def test_volume_without_masks_stops_with_the_two_ways_out(model_dir, tmp_path, capsys):
+    write_study(box_study(), tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--model", str(model_dir), "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ct.nii.gz: no region masks" in err[0]
+    assert "--masks" in err[0] and "--segment" in err[0] and "--allow-no-masks" in err[0]
+    assert not out.exists()                                   # nothing drafted, nothing written
+    # an empty mask folder is no better than none
+    (tmp_path / "empty").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(tmp_path / "empty" / "heart.nii.gz"))
+    assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--masks", str(tmp_path / "empty"), "--model", str(model_dir),
+                 "--out", str(out), *ARGS]) == 2
+    assert "no region masks" in capsys.readouterr().err
+
+
+def test_allow_no_masks_marks_the_draft(model_dir, tmp_path):
+    write_study(box_study(), tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--allow-no-masks", "--model", str(model_dir),
+                 "--out", str(out), *ARGS]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["outside_training_distribution"] is True and data["slot_regions"] == {}
+    assert "outside the model's training distribution" in (out / "report.txt").read_text().splitlines()[-1]
+
+
+def test_regions_asked_for_but_not_written_are_listed(model_dir, tmp_path):
+    study = box_study()
+    write_study(study, tmp_path / "ct.nii.gz", tmp_path / "masks")
+    out = tmp_path / "out"
+    assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--masks", str(tmp_path / "masks"), "--model", str(model_dir),
+                 "--out", str(out), "--regions", "heart", "lung", *ARGS]) == 0
+    data = json.loads((out / "report.json").read_text())
+    written = {s["region"] for s in data["sections"] if s["region"] and s["text"].strip()}
+    assert set(data["not_drafted"]) == {"heart", "lung"} - written
+    assert data["not_drafted"]                                # 6 random tokens cannot hold both sections
+    text = (out / "report.txt").read_text()
+    for region, why in data["not_drafted"].items():
+        assert f"{region}: not drafted ({why})" in text
+    assert not data["outside_training_distribution"]
+
+
+def test_segment_makes_the_masks_first(model_dir, tmp_path, monkeypatch):
+    """--segment runs the same code as reg2rg-segment (TotalSegmentator replaced by the stated stand-in
+    package of tests/engine/stand_ins, which writes a phantom's label maps)."""
+    from pathlib import Path
+
+    from reg2rg.engine.phantom import make_study
+    from reg2rg.engine.phantom_cli import write_totalseg
+    from reg2rg.engine.segment import TASK_WEIGHTS
+
+    study = make_study(9, shape=(64, 64, 32), totalseg=True)
+    write_study(study, tmp_path / "ct.nii.gz")
+    write_totalseg(study, tmp_path / "labels")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "stand_ins"))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "tshome"))
+    monkeypatch.setenv("REG2RG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FAKE_TOTALSEG_LOG", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("FAKE_TOTALSEG_LABELS", str(tmp_path / "labels"))
+    for ids in TASK_WEIGHTS.values():
+        for i in ids:
+            (tmp_path / "tshome" / "nnunet" / "results" / f"Dataset{i}_w").mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "out"
+    assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--segment", "--model", str(model_dir), "--out", str(out),
+                 "--regions", "pleura", "breast", *ARGS]) == 0
+    assert json.loads((out / "report.json").read_text())["slot_regions"] == {"0": "breast", "1": "pleura"}
+    assert len((tmp_path / "calls.jsonl").read_text().splitlines()) == 4
+    assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--segment", "--masks", str(tmp_path)]) == 2
