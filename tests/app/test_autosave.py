@@ -33,7 +33,7 @@ def patient(seed: int):
 
 
 def edited_draft(st, text="Patient A: edited findings."):
-    draft = ReportDraft.from_result(make_result(), st)
+    draft = ReportDraft.from_result(make_result(), st, study_key=study_key(st))
     draft.set_text(0, text)
     return draft
 
