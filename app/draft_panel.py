@@ -385,6 +385,8 @@ class DraftPanel(QWidget):
         self.engine = None
         self.model_label.setText(f"Model: {choice.describe()}")
         self.model_label.setToolTip(choice.describe(full=True))
+        if getattr(self, "decoding_preset", None) is not None and self.decoding_preset.currentText() == "published":
+            self._apply_decoding_preset()       # the published preset follows the new model's LLaMA folder
 
     def set_model_dir(self, path: str | None) -> None:
         """A model folder (None: the embedded demo model)."""
@@ -410,13 +412,20 @@ class DraftPanel(QWidget):
             self.set_model(ModelChoice("published", checkpoint=ckpt, llm_path=llm))
 
     def _build_settings(self) -> QWidget:
-        """Decoding settings (GenerationSettings): strategy, temperature, top-k, top-p, seed, beams, length."""
+        """Decoding settings (GenerationSettings): a preset, then strategy, temperature, top-k, top-p, seed,
+        beams and length; editing any of them makes the settings "custom"."""
         box = QFrame()
         box.setObjectName("decoding_settings")
         box.setFrameShape(QFrame.StyledPanel)
+        self.decoding_preset = QComboBox()
+        self.decoding_preset.addItems(["greedy", "published", "custom"])
+        self.decoding_preset.setToolTip(
+            "greedy: the most probable word each step, the same draft every time (default)\n"
+            "published: as the published run — the LLaMA folder's generation_config.json, top-k 30, seed 20\n"
+            "custom: the settings below as you set them")
         self.strategy = QComboBox()
         self.strategy.addItems(["greedy", "sample", "beam"])
-        self.strategy.setToolTip("greedy: the published decoding; sample: top-k/top-p sampling; beam: beam search")
+        self.strategy.setToolTip("greedy: the most probable word; sample: top-k/top-p sampling; beam: beam search")
         self.temperature = QDoubleSpinBox()
         self.temperature.setRange(0.05, 5.0)
         self.temperature.setSingleStep(0.1)
@@ -443,21 +452,65 @@ class DraftPanel(QWidget):
         grid.setContentsMargins(6, 4, 6, 4)
         grid.setHorizontalSpacing(6)
         grid.setVerticalSpacing(3)
-        cells = (("Decoding", self.strategy), ("Max new tokens", self.max_tokens), ("Temperature", self.temperature),
-                 ("Top-k", self.top_k), ("Top-p", self.top_p), ("Seed", self.seed), ("Beams", self.num_beams))
+        cells = (("Preset", self.decoding_preset), ("Decoding", self.strategy), ("Max new tokens", self.max_tokens),
+                 ("Temperature", self.temperature), ("Top-k", self.top_k), ("Top-p", self.top_p), ("Seed", self.seed),
+                 ("Beams", self.num_beams))
         for n, (label, w) in enumerate(cells):
             r, c = divmod(n, 2)
             grid.addWidget(QLabel(label), r, 2 * c, Qt.AlignRight)
             grid.addWidget(w, r, 2 * c + 1)
         self.strategy.currentTextChanged.connect(self._strategy_changed)
         self._strategy_changed(self.strategy.currentText())
+        self._filling_preset = False
+        self.decoding_preset.currentTextChanged.connect(lambda _name: self._apply_decoding_preset())
+        for w in (self.temperature, self.top_p):
+            w.valueChanged.connect(self._settings_edited)
+        for w in (self.top_k, self.seed, self.num_beams, self.max_tokens):
+            w.valueChanged.connect(self._settings_edited)
+        self.strategy.currentTextChanged.connect(self._settings_edited)
+        self._apply_decoding_preset()
         return box
+
+    def _apply_decoding_preset(self) -> None:
+        """Fill the settings from the chosen preset (engine/presets.py); "custom" leaves them as they are."""
+        name = self.decoding_preset.currentText()
+        if name == "custom":
+            return
+        from reg2rg.engine.presets import decoding_preset
+
+        try:
+            s = decoding_preset(name, self.model_choice.llm_folder())
+        except ValueError as err:                   # a generation_config.json the engine cannot follow
+            self.decoding_preset.setCurrentText("custom")
+            self.errorOccurred.emit(f"Decoding preset {name!r}: {err}")
+            return
+        self._filling_preset = True
+        try:
+            self.strategy.setCurrentText(s.strategy)
+            self.max_tokens.setValue(s.max_new_tokens)
+            self.temperature.setValue(s.temperature)
+            self.top_k.setValue(s.top_k)
+            self.top_p.setValue(s.top_p)
+            self.seed.setValue(-1 if s.seed is None else s.seed)
+            self.num_beams.setValue(s.num_beams)
+        finally:
+            self._filling_preset = False
+        self._strategy_changed(self.strategy.currentText())
+
+    def _settings_edited(self, *_args) -> None:
+        if not self._filling_preset and self.decoding_preset.currentText() != "custom":
+            self.decoding_preset.blockSignals(True)
+            self.decoding_preset.setCurrentText("custom")
+            self.decoding_preset.blockSignals(False)
+            self._strategy_changed(self.strategy.currentText())
 
     def _strategy_changed(self, strategy: str) -> None:
         for w in (self.temperature, self.top_k, self.top_p, self.seed):
             w.setEnabled(strategy == "sample")
         self.num_beams.setEnabled(strategy == "beam")
-        self.settings_button.setText(f"Decoding: {strategy} {'▾' if self.settings_button.isChecked() else '▸'}")
+        preset = self.decoding_preset.currentText() if hasattr(self, "decoding_preset") else "custom"
+        label = strategy if preset == "custom" else f"{preset} ({strategy})"
+        self.settings_button.setText(f"Decoding: {label} {'▾' if self.settings_button.isChecked() else '▸'}")
 
     def _toggle_settings(self, on: bool) -> None:
         self.settings_box.setVisible(on)
@@ -477,7 +530,9 @@ class DraftPanel(QWidget):
         return GenerationSettings(strategy=self.strategy.currentText(), max_new_tokens=self.max_tokens.value(),
                                   temperature=self.temperature.value(), top_k=self.top_k.value(),
                                   top_p=self.top_p.value(), seed=None if self.seed.value() < 0 else self.seed.value(),
-                                  num_beams=self.num_beams.value())
+                                  num_beams=self.num_beams.value(),
+                                  preset=None if self.decoding_preset.currentText() == "custom"
+                                  else self.decoding_preset.currentText())
 
     def generate(self, regions: list[str] | None = None, regenerate: str | None = None) -> None:
         """Draft the report (or one region's section); loads the engine first when needed."""

@@ -74,6 +74,14 @@ class ModelChoice:
             return f"{self.checkpoint} with LLaMA folder {self.llm_path}"
         return "the embedded demo model"
 
+    def llm_folder(self):
+        """The LLaMA folder this model decodes with (its generation_config.json drives the published preset)."""
+        from reg2rg.engine.presets import llm_folder_of
+
+        if self.kind == "published":
+            return llm_folder_of(llm_path=self.llm_path)
+        return llm_folder_of(self.path if self.kind == "folder" else None)
+
     def load(self, device: str = "auto"):
         from reg2rg.engine.generation import ReportEngine
 

@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--regions", type=int, default=10)
     p.add_argument("--layers", type=int, default=32, help="LLM layers (32 = LLaMA-2-7B)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "reference"),
+                   help="bf16 everywhere, or the published run's split: LLM fp16, vision path fp32")
     return p.parse_args(argv)
 
 
@@ -52,10 +54,11 @@ def copy_bandwidth(device, gib: float = 2.0, repeats: int = 10) -> float:
     return 2 * a.numel() * a.element_size() * repeats / (time.perf_counter() - t)
 
 
-def build(layers: int, device):
+def build(layers: int, device, precision: str = "bf16"):
     from reg2rg.engine.generation import ReportEngine
     from reg2rg.engine.model.config import Reg2RGConfig
     from reg2rg.engine.model.reg2rg import Reg2RG
+    from reg2rg.engine.presets import resolve_precision
     from reg2rg.engine.tokens import PROMPT_INSTRUCTION, train_tokenizer
 
     config = Reg2RGConfig.preset("reg2rg-7b")
@@ -67,7 +70,8 @@ def build(layers: int, device):
     tok = train_tokenizer([PROMPT_INSTRUCTION] * 4 + [f"w{i} x{i * 13} y{i * 31}" for i in range(40000)], 32000)
     torch.manual_seed(0)
     with torch.device(device):
-        model = Reg2RG.from_config(config, tok, dtype=torch.bfloat16)
+        p = resolve_precision(precision, device)
+        model = Reg2RG.from_config(config, tok, dtype=p.llm_dtype).set_precision(p.llm_dtype, p.vision_dtype)
     return ReportEngine(model.to(device).eval(), tok)
 
 
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
-    engine = build(args.layers, device)
+    engine = build(args.layers, device, args.precision)
     engine.eos_token_id = -1
     study = make_study(0, [])
     keep = study.regions_present[: args.regions]
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
         return prepared, first, time.perf_counter() - first, n
 
     def reference(prepared):
-        tensors = stack_inputs(prepared.inputs, prepared.slot_regions, device, torch.bfloat16)
+        tensors = stack_inputs(prepared.inputs, prepared.slot_regions, device, engine.dtype)
         t = time.perf_counter()
         with torch.no_grad():
             embeds = reference_embeds(engine.model, prepared.prompt_ids, *tensors)

@@ -2,8 +2,10 @@
 
 Each volume goes through the ViT + perceiver one after another, the prompt is embedded by a one-hot
 matrix times a (V + 4 + L + R(L+1)) x hidden table, and the text comes from HF
-``generate(inputs_embeds=…, max_new_tokens=…, top_k=30)`` with default settings (greedy).
-Same weights as our engine, so the two procedures can be timed against each other in one run.
+``generate(inputs_embeds=…, max_new_tokens=…, top_k=30)``. That call lets the LLaMA's generation config
+decide whether to sample; the benchmarks' random models have the default config, so it decodes greedily
+here, as our engine does by default. Same weights as our engine, so the two procedures can be timed
+against each other in one run.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def reference_embeds(model, prompt_ids: list[int], images, region_images, region
 @torch.no_grad()
 def reference_generate(model, prompt_ids, images, region_images, region_masks, max_new_tokens: int,
                        eos_token_id: int = 2) -> list[int]:
-    """Generated ids of the published procedure (greedy: the published call sets no ``do_sample``)."""
+    """Generated ids of the published procedure (greedy with the default generation config of a model built
+    from a config; the published run sampled, because Llama-2-7b-chat's generation_config.json says so)."""
     embeds = reference_embeds(model, prompt_ids, images, region_images, region_masks)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     out = model.lang_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,

@@ -160,11 +160,13 @@ def _require(path: str, what: str) -> None:
 
 
 def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, llm_path: str | os.PathLike | None = None):
+                    dtype: torch.dtype = torch.float32, llm_path: str | os.PathLike | None = None,
+                    vision_dtype: torch.dtype | None = None):
     """Load a folder written by `save_pretrained` -> ``(model, tokenizer)``, in eval mode.
 
     ``llm_path`` overrides the external LLaMA folder recorded in the config (for a LoRA checkpoint
-    whose base LLaMA lives elsewhere on this machine).
+    whose base LLaMA lives elsewhere on this machine). ``vision_dtype`` (default: ``dtype``) is the
+    dtype of the vision path when it differs from the LLM's (`Reg2RG.set_precision`).
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -201,7 +203,7 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
         result = set_peft_model_state_dict(model.lang_model, load_file(adapter_file))
         if result.unexpected_keys:
             raise CheckpointError(adapter_file, f"unexpected adapter keys {result.unexpected_keys}")
-    model.to(device=device, dtype=dtype).eval()
+    model.set_precision(dtype, vision_dtype or dtype, device).eval()
     return model, tokenizer
 
 

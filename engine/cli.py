@@ -75,19 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--non-strict", action="store_true",
                        help="with --published: load a checkpoint whose keys do not match the model (missing weights "
                             "stay random; for inspecting a damaged or foreign file, not for drafting)")
-    model.add_argument("--device", default="auto", help="auto (CUDA bf16 if available, else CPU fp32), cpu, cuda, cuda:1")
-    model.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default follows the device)")
+    model.add_argument("--device", default="auto", help="auto (CUDA if available, else the CPU), cpu, cuda, cuda:1")
+    model.add_argument("--precision", "--dtype", dest="dtype", default=None, metavar="PRECISION",
+                       choices=("auto", "fp32", "bf16", "reference", "fp16", "float32", "bfloat16", "float16"),
+                       help="auto (default): fp32 on the CPU; on CUDA reference for --published, else bf16. "
+                            "reference (= fp16): the LLM in fp16, the vision path in fp32, as the published run")
     gen = p.add_argument_group("generation")
     gen.add_argument("--regions", nargs="+", metavar="REGION",
                      help="report on these regions only (default: every region with a mask); quote multi-word names")
-    gen.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy",
-                     help="decoding (default greedy, the published behaviour)")
-    gen.add_argument("--max-new-tokens", type=int, default=500)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=30)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--num-beams", type=int, default=4)
+    gen.add_argument("--decoding", choices=("greedy", "published"), default="greedy",
+                     help="decoding preset: greedy (default; the same draft every time) or published (the LLaMA "
+                          "folder's generation_config.json + top-k 30 + seed 20, as the published run); the "
+                          "options below override single settings of the preset")
+    gen.add_argument("--strategy", choices=("greedy", "sample", "beam"), default=None)
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default 500")
+    gen.add_argument("--temperature", type=float, default=None, help="sampling (default 1.0)")
+    gen.add_argument("--top-k", type=int, default=None, help="sampling (default 30; 0 = off)")
+    gen.add_argument("--top-p", type=float, default=None, help="sampling (default 1.0)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling (default: drawn, and recorded in report.json)")
+    gen.add_argument("--num-beams", type=int, default=None, help="beam search (default 4)")
     p.add_argument("--attention", action="store_true", help="also write attention heatmaps (NIfTI, CT affine)")
     p.add_argument("--export", metavar="FORMATS", default="",
                    help="render the report document as these formats, comma-separated: pdf, txt, json, sr "
@@ -101,10 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args):
-    from .generation import GenerationSettings
+    """The decoding preset with the single settings given on the command line applied over it."""
+    from dataclasses import replace
 
-    s = GenerationSettings(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, num_beams=args.num_beams)
+    from .presets import decoding_preset, llm_folder_of
+
+    folder = llm_folder_of(None if args.published else args.model, args.llm)
+    preset = decoding_preset(args.decoding, folder)
+    given = {name: getattr(args, name) for name in ("strategy", "max_new_tokens", "temperature", "top_k", "top_p",
+                                                    "seed", "num_beams") if getattr(args, name) is not None}
+    changed = {k: v for k, v in given.items() if getattr(preset, k) != v}
+    s = replace(preset, **changed, preset=f"{preset.preset}, modified" if changed else preset.preset)
     s.validate()
     return s
 
@@ -165,6 +178,8 @@ def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(
     data = result.to_dict()
     data["notes"] = notes
     data["outside_training_distribution"] = NO_MASKS_NOTE in notes
+    if getattr(engine, "precision", None) is not None:     # with settings.preset: how the draft was made
+        data["precision"] = engine.precision.describe()
     if attention and result.tokens:
         maps = {}
         selections = [("report", list(range(len(result.tokens))))]

@@ -10,9 +10,11 @@
    entropy and top-5 alternatives come from the very logits that chose it (no second model run),
 4. parse the text into region sections and check each named area against the mask in that slot.
 
-Greedy decoding is the default: it is what the published `generate(inputs_embeds=…, top_k=30)` call
-does (no ``do_sample``), and it is reproducible. Sampling (temperature, top-k, top-p, seed) and a
-simple beam search are options.
+Greedy decoding is the default because it is reproducible: the same study gives the same draft. It is
+*not* what the published run did with Llama-2-7b-chat: the reference's `generate(inputs_embeds=…, top_k=30)`
+passes no ``do_sample``, so the LLaMA folder's ``generation_config.json`` (which samples) decided. The
+``published`` preset of `presets.decoding_preset` reproduces that (docs/reproduction.md §5). Sampling
+(temperature, top-k, top-p, seed) and a simple beam search are options.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .confidence import (
 from .model.config import Reg2RGConfig
 from .model.reg2rg import Reg2RG
 from .preprocess import preprocess
+from .presets import precision_of, resolve_precision
 from .regions import REGIONS, canonical_region
 from .sections import RegionSection, parse_sections, region_prediction_accuracy
 from .tokens import SpecialIds, build_prompt_ids, load_tokenizer
@@ -75,7 +78,8 @@ class GenerationError(ValueError):
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How to decode. The defaults reproduce the published behaviour (greedy, 500 new tokens).
+    """How to decode. The defaults are greedy decoding with the published limit of 500 new tokens;
+    `presets.decoding_preset("published", llm_folder)` gives the published run's settings.
 
     ``strategy``: ``"greedy"`` | ``"sample"`` | ``"beam"``. ``top_k``/``top_p``/``temperature``/``seed``
     apply to sampling only (``top_k=30`` is the published call's value; 0 disables it; ``seed=None``
@@ -91,6 +95,7 @@ class GenerationSettings:
     seed: int | None = None
     num_beams: int = 4
     length_penalty: float = 1.0
+    preset: str | None = None      # the named preset these settings came from (engine/presets.py), if any
 
     def validate(self) -> None:
         """Raise `GenerationError` for settings that cannot work."""
@@ -620,24 +625,29 @@ class ReportEngine:
         self.model_dir = None if model_dir is None else Path(model_dir)
         first = next(model.parameters())
         self.device = first.device
-        self.dtype = next(model.embedding_layer.parameters()).dtype
+        self.dtype = next(model.embedding_layer.parameters()).dtype      # the vision path's (inputs are cast to it)
+        self.precision = precision_of(model)
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | os.PathLike | None = None, device: str | torch.device = "auto",
              dtype: str | torch.dtype | None = None, llm_path: str | os.PathLike | None = None) -> "ReportEngine":
-        """Load a model folder (None = the embedded demo model) onto ``device`` (``"auto"``: CUDA bf16
-        if available, else CPU float32). ``llm_path`` overrides the base LLaMA folder of a LoRA
-        checkpoint. Raises `ModelFolderError` when the folder or one of its files is missing and
+        """Load a model folder (None = the embedded demo model) onto ``device`` (``"auto"``: CUDA if
+        available, else the CPU) in precision ``dtype`` (`presets.resolve_precision`: ``auto``/None =
+        bf16 on CUDA, fp32 on the CPU; ``fp32``, ``bf16``, ``reference``/``fp16`` = LLM fp16 with the
+        vision path in fp32). ``llm_path`` overrides the base LLaMA folder of a LoRA checkpoint.
+        Raises `ModelFolderError` when the folder or one of its files is missing and
         `EngineOutOfMemory` when the weights do not fit."""
         folder = Path(model_dir) if model_dir is not None else default_model_dir()
         if not folder.is_dir():
             hint = " (the embedded demo model is not built yet)" if model_dir is None else ""
             raise ModelFolderError(f"{folder}: model folder not found{hint}")
-        dev, dt = resolve_device(device, dtype)
+        dev, _ = resolve_device(device)
+        precision = resolve_precision(dtype, dev)
         try:
-            model, tokenizer = load_pretrained(folder, dev, dt, llm_path=llm_path)
+            model, tokenizer = load_pretrained(folder, dev, precision.llm_dtype, llm_path=llm_path,
+                                               vision_dtype=precision.vision_dtype)
         except CheckpointError as err:
             if "missing" in err.problem or "not found" in err.problem or "not on this machine" in err.problem:
                 raise ModelFolderError(str(err)) from err
@@ -654,18 +664,23 @@ class ReportEngine:
                        strict: bool = True) -> "ReportEngine":
         """The published Reg2RG checkpoint (a full state dict, safetensors or ``weights_only`` pickle)
         on the published dimensions, with the LLaMA-2-7B-chat folder ``llm_path`` (tokenizer and base
-        weights, read offline). ``strict`` (default): a file whose keys do not match the model raises
-        `CheckpointError` listing them; ``strict=False`` loads what matches and logs the rest."""
+        weights, read offline). ``dtype`` is the precision (`presets.resolve_precision`); ``auto``/None on
+        CUDA is ``reference`` — the LLM in fp16, the vision path in fp32, as the published run.
+        ``strict`` (default): a file whose keys do not match the model raises `CheckpointError` listing
+        them; ``strict=False`` loads what matches and logs the rest."""
         for path, what in ((checkpoint, "published checkpoint file"), (llm_path, "LLaMA folder")):
             if not Path(path).exists():
                 raise ModelFolderError(f"{path}: {what} not found")
-        dev, dt = resolve_device(device, dtype)
+        dev, _ = resolve_device(device)
+        precision = resolve_precision(dtype, dev, published=True)
         config = Reg2RGConfig.preset("reg2rg-7b")
         config.llm_path = os.fspath(llm_path)
         config.gradient_checkpointing = False
         try:
             tokenizer = load_tokenizer(llm_path)
-            model = Reg2RG.from_config(config, tokenizer, dtype=dt)
+            # the LLM is read from its folder straight in its dtype; the vision path is built in its own
+            model = Reg2RG.from_config(config, tokenizer, dtype=precision.llm_dtype)
+            model.set_precision(precision.llm_dtype, precision.vision_dtype)
             report = import_published(model, checkpoint, strict=strict)
             model.to(dev).eval()
         except Exception as err:  # noqa: BLE001

@@ -665,7 +665,7 @@ class Trainer:
 
     @torch.no_grad()
     def _generation_metrics(self) -> dict[str, float]:
-        """Draft the validation reports (greedy, as published) on rank 0 and score them with
+        """Draft the validation reports (greedy decoding, reproducible) on rank 0 and score them with
         reg2rg-eval's metrics and the region prediction accuracy. Skipped under ZeRO-3, where no rank
         holds the whole model."""
         stage = self.engine.zero_optimization_stage() if self.engine is not None else 0

@@ -77,7 +77,22 @@ class Reg2RG(nn.Module):
         if visual is None:
             visual = self.encode_visual(images, region_images, region_masks)
         table = self.embedding_layer.special_table(visual, region_sample, region_slot)
-        return self.embedding_layer.embed(input_ids, table)
+        # the LLM takes its inputs in its own dtype (it differs from the vision path's in mixed precision)
+        return self.embedding_layer.embed(input_ids, table).to(self.lang_model.get_input_embeddings().weight.dtype)
+
+    def set_precision(self, llm_dtype: torch.dtype, vision_dtype: torch.dtype,
+                      device: torch.device | str | None = None) -> "Reg2RG":
+        """Run the LLM (with the tied text embedding) in ``llm_dtype`` and the vision path (ViT, perceiver,
+        fc, mask encoder, mask_fc, marker weights, finding head) in ``vision_dtype``; optionally move to
+        ``device``. ``embedding_layer.to()`` would also cast the tied table, hence part by part."""
+        self.lang_model.to(device=device, dtype=llm_dtype)
+        layer = self.embedding_layer
+        for child in layer.children():
+            child.to(device=device, dtype=vision_dtype)
+        for name, param in layer.named_parameters(recurse=False):
+            if name != "weight":
+                param.data = param.data.to(device=device, dtype=vision_dtype)
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, images: torch.Tensor | None = None,

@@ -236,7 +236,7 @@ def test_confidence_threshold_counts_tooltips_and_grounding_marks(qtbot, panel, 
 def test_decoding_settings_reach_the_engine_settings(panel):
     from reg2rg.engine.generation import GenerationSettings
 
-    assert panel.settings() == GenerationSettings(max_new_tokens=500)     # the published defaults
+    assert panel.settings() == GenerationSettings(max_new_tokens=500, preset="greedy")     # the default preset
     panel.settings_button.setChecked(True)
     assert panel.settings_box.isVisible() and not panel.temperature.isEnabled()
     panel.strategy.setCurrentText("sample")
@@ -254,6 +254,35 @@ def test_decoding_settings_reach_the_engine_settings(panel):
     panel.strategy.setCurrentText("beam")
     panel.num_beams.setValue(3)
     assert panel.settings().num_beams == 3 and panel.settings().strategy == "beam"
+
+
+def test_published_decoding_preset_follows_the_models_llama_folder(qtbot, panel, tmp_path, screenshot_dir):
+    import json
+
+    from reg2rg.app.generation import ModelChoice
+
+    model = tmp_path / "model"
+    (model / "llm").mkdir(parents=True)
+    config = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "bos_token_id": 1, "eos_token_id": 2}
+    (model / "llm" / "generation_config.json").write_text(json.dumps(config))
+    panel.set_model(ModelChoice("folder", str(model)))
+    panel.settings_button.setChecked(True)
+    panel.decoding_preset.setCurrentText("published")
+    s = panel.settings()
+    assert (s.preset, s.strategy, s.temperature, s.top_k, s.top_p, s.seed, s.max_new_tokens) == \
+        ("published", "sample", 0.6, 30, 0.9, 20, 500)
+    assert panel.temperature.isEnabled() and "published (sample)" in panel.settings_button.text()
+    panel.settings_box.grab().save(str(screenshot_dir / "decoding_published_preset.png"))
+    panel.top_p.setValue(0.8)                             # any edit: the settings are no longer the preset
+    assert panel.decoding_preset.currentText() == "custom" and panel.settings().preset is None
+    panel.decoding_preset.setCurrentText("greedy")
+    assert panel.settings().strategy == "greedy" and panel.settings().preset == "greedy"
+    # a config the decoder cannot follow: a message, and the settings stay the user's
+    (model / "llm" / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.3}))
+    with qtbot.waitSignal(panel.errorOccurred, timeout=5000) as blocker:
+        panel.decoding_preset.setCurrentText("published")
+    assert "repetition_penalty=1.3" in blocker.args[0]
+    assert panel.decoding_preset.currentText() == "custom" and panel.settings().strategy == "greedy"
 
 
 def test_sampling_with_a_seed_is_reproducible_through_the_panel(qtbot, panel, engine):

@@ -201,3 +201,41 @@ def test_segment_makes_the_masks_first(model_dir, tmp_path, monkeypatch):
     assert json.loads((out / "report.json").read_text())["slot_regions"] == {"0": "breast", "1": "pleura"}
     assert len((tmp_path / "calls.jsonl").read_text().splitlines()) == 4
     assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--segment", "--masks", str(tmp_path)]) == 2
+
+
+def test_decoding_presets_and_precision_are_selectable_and_recorded(model_dir, tmp_path, capsys):
+    """--decoding published follows the model's LLaMA folder (generation_config.json + top-k 30 + seed 20),
+    single options override it, and report.json records the preset and the precision."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    config = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "bos_token_id": 1, "eos_token_id": 2}
+    (model / "llm" / "generation_config.json").write_text(json.dumps(config))
+    study = box_study()
+    write_study(study, tmp_path / "ct.nii.gz", tmp_path / "masks")
+    base = ["--volume", str(tmp_path / "ct.nii.gz"), "--masks", str(tmp_path / "masks"), "--model", str(model), "--quiet"]
+
+    def run(name, *extra):
+        assert main([*base, "--out", str(tmp_path / name), *extra]) == 0
+        return json.loads((tmp_path / name / "report.json").read_text())
+
+    published = run("published", "--decoding", "published")
+    s = published["settings"]
+    assert (s["preset"], s["strategy"], s["temperature"], s["top_p"], s["top_k"], s["seed"]) == \
+        ("published", "sample", 0.7, 0.9, 30, 20)
+    assert published["precision"] == "fp32 (all fp32)"
+    assert s["max_new_tokens"] == 500 and len(published["tokens"]) <= 500
+    again = run("again", "--decoding", "published", "--max-new-tokens", "6")
+    assert again["text"] == published["text"][:len(again["text"])]       # the same draws, cut at 6 tokens
+    modified = run("modified", "--decoding", "published", "--seed", "5", "--max-new-tokens", "6")["settings"]
+    assert modified["preset"] == "published, modified" and modified["seed"] == 5 and modified["temperature"] == 0.7
+    greedy = run("greedy", "--max-new-tokens", "6")["settings"]
+    assert greedy["preset"] == "greedy, modified" and greedy["strategy"] == "greedy" and greedy["seed"] is None
+    # the reference split runs on the CPU too (slowly): LLM fp16, vision fp32
+    assert run("reference", "--precision", "reference", "--max-new-tokens", "6")["precision"] == "reference (LLM fp16, vision fp32)"
+    # a generation config the decoder cannot follow is one clear line, rc 2
+    (model / "llm" / "generation_config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 3}))
+    assert main([*base, "--out", str(tmp_path / "bad"), "--decoding", "published"]) == 2
+    err = capsys.readouterr().err
+    assert "generation_config.json: sets no_repeat_ngram_size=3" in err and "Traceback" not in err

@@ -83,7 +83,7 @@ def test_greedy_is_token_identical_to_hf_generate_on_inputs_embeds(engine, study
             torch.stack([inputs.regions[r] for r in slots]), torch.stack([inputs.masks[r] for r in slots]),
             torch.zeros(len(slots), dtype=torch.long), torch.arange(len(slots)))
     torch.testing.assert_close(prepared.prompt_embeds, ref_embeds, rtol=1e-5, atol=1e-5)
-    # the published call: generate(inputs_embeds=..., max_new_tokens, top_k=30), no do_sample
+    # HF generate on the same inputs_embeds, greedy (the published preset's sampling: tests/engine/test_presets.py)
     with torch.no_grad():
         ref = engine.model.lang_model.generate(
             inputs_embeds=prepared.prompt_embeds, attention_mask=torch.ones(prepared.prompt_embeds.shape[:2], dtype=torch.long),
