@@ -162,7 +162,7 @@ def label_table_from_header(img) -> dict[int, str] | None:
     for ext in getattr(img.header, "extensions", []) or []:
         try:
             content = ext.get_content()
-        except Exception:  # an extension nibabel cannot decode is just not ours
+        except Exception:  # noqa: BLE001 - an extension nibabel cannot decode is just not ours
             continue
         if isinstance(content, bytes):
             content = content.decode("utf-8", errors="replace")
@@ -492,7 +492,7 @@ def _has_label_header(path: Path) -> bool:
 
     try:
         return label_table_from_header(nib.load(str(path))) is not None
-    except Exception:  # unreadable files are reported when they are read as masks
+    except Exception:  # noqa: BLE001 - unreadable files are reported when they are read as masks
         return False
 
 
