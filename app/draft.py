@@ -66,7 +66,7 @@ _FIELDS = {
     "draft": {"study_key": _TEXT, "study_name": _TEXT, "sections": _LIST, "edits": _LIST, "model": _TEXT,
               "settings": _DICT, "stop_reason": _TEXT, "created": _TEXT, "modified": _TEXT,
               "identification": _DICT, "technique": _TEXT, "impression": _TEXT, "provenance": _DICT,
-              "reviewer": _TEXT, "reviewed_at": _TEXT},
+              "reviewer": _TEXT, "reviewed_at": _TEXT, "input_warnings": _LIST, "orientation": _DICT},
     "section": {"slot": _OPT_INT, "region": _OPT_TEXT, "area": _OPT_TEXT, "generated_text": _TEXT, "text": _TEXT,
                 "state": _TEXT, "grounding_ok": _BOOL, "tokens": _LIST, "truncated": _BOOL, "checks": _LIST,
                 "note": _TEXT},

@@ -42,7 +42,9 @@ def describe_engine_error(exc: BaseException) -> str:
         if "try" not in text.lower():
             text += " — try fewer regions, fewer new tokens, or the CPU."
         return f"Out of memory: {text}"
-    return text if type(exc).__name__ in ("ModelFolderError", "GenerationError", "CheckpointError") \
+    # our own errors already name the file and the problem in the reader's words
+    return text if type(exc).__name__ in ("ModelFolderError", "GenerationError", "CheckpointError", "TokenizerError",
+                                          "ConfigError", "StudyError", "OutputError") \
         else f"{type(exc).__name__}: {text}"
 
 

@@ -24,7 +24,7 @@ import torch
 from .model.config import CONFIG_NAME, Reg2RGConfig
 from .model.llm import base_llama
 from .model.reg2rg import Reg2RG
-from .tokens import load_tokenizer
+from .tokens import TokenizerError, load_tokenizer
 
 VISION_FILE = "vision.safetensors"
 ADAPTER_DIR = "adapter"
@@ -169,7 +169,6 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
     dtype of the vision path when it differs from the LLM's (`Reg2RG.set_precision`).
     """
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
@@ -189,22 +188,83 @@ def load_pretrained(model_dir: str | os.PathLike, device: str | torch.device = "
                                                    "machine; pass llm_path=")
     if config.train_llm == "lora":
         _require(os.path.join(model_dir, ADAPTER_DIR, "adapter_model.safetensors"), "LoRA adapter")
-    tokenizer = load_tokenizer(os.path.join(model_dir, TOKENIZER_DIR))
-    model = Reg2RG.from_config(config, tokenizer, llm_path=None if llm_path is None else os.fspath(llm_path))
+    # Every weight file is checked before anything is built: a truncated or corrupt file is one message
+    # naming it, not a traceback from deep inside transformers (safetensors checks the header covers
+    # the whole file, reading only the header).
+    vision_file = os.path.join(model_dir, VISION_FILE)
+    check_safetensors(vision_file, "the vision weights")
+    if llm_path is not None:
+        for name in sorted(os.listdir(llm_path)):
+            if name.endswith(".safetensors"):
+                check_safetensors(os.path.join(llm_path, name), "the language model's weights")
+    try:
+        tokenizer = load_tokenizer(os.path.join(model_dir, TOKENIZER_DIR))
+    except TokenizerError as err:
+        raise CheckpointError(None, str(err)) from err
+    try:
+        model = Reg2RG.from_config(config, tokenizer, llm_path=None if llm_path is None else os.fspath(llm_path))
+    except (RuntimeError, ValueError, OSError) as err:
+        if "out of memory" in str(err).lower():
+            raise
+        raise CheckpointError(os.path.join(model_dir, CONFIG_NAME),
+                              f"the model cannot be built from this config ({_first_line(err)})") from err
 
-    vision = load_file(os.path.join(model_dir, VISION_FILE))
-    result = model.embedding_layer.load_state_dict(vision, strict=False)
+    vision = read_safetensors(vision_file, "the vision weights")
+    try:
+        result = model.embedding_layer.load_state_dict(vision, strict=False)
+    except RuntimeError as err:       # shapes: the config's dimensions are not the ones the weights were saved with
+        raise CheckpointError(vision_file, "does not fit config.json (a dimension differs): "
+                                           f"{_size_mismatches(err)}") from err
     missing = [k for k in result.missing_keys if k != TIED_TEXT_EMBEDDING]
     if missing or result.unexpected_keys:
-        raise CheckpointError(os.path.join(model_dir, VISION_FILE),
+        raise CheckpointError(vision_file,
                               f"does not fit the config: missing {missing}, unexpected {result.unexpected_keys}")
     if config.train_llm == "lora":
         adapter_file = os.path.join(model_dir, ADAPTER_DIR, "adapter_model.safetensors")
-        result = set_peft_model_state_dict(model.lang_model, load_file(adapter_file))
+        try:
+            result = set_peft_model_state_dict(model.lang_model, read_safetensors(adapter_file, "the LoRA adapter"))
+        except RuntimeError as err:
+            raise CheckpointError(adapter_file, f"does not fit config.json: {_size_mismatches(err)}") from err
         if result.unexpected_keys:
             raise CheckpointError(adapter_file, f"unexpected adapter keys {result.unexpected_keys}")
     model.set_precision(dtype, vision_dtype or dtype, device).eval()
     return model, tokenizer
+
+
+def check_safetensors(path: str | os.PathLike, what: str) -> None:
+    """Raise `CheckpointError` unless ``path`` is a complete safetensors file (header only, no tensor read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), "pt") as f:
+            f.keys()
+    except Exception as err:  # noqa: BLE001 - safetensors has its own error types; all mean "unusable"
+        raise CheckpointError(path, f"{what}: the file is truncated or corrupt (not a complete safetensors file: "
+                                    f"{_first_line(err)})") from err
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a truncated or corrupt file as `CheckpointError` naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.fspath(path))
+    except Exception as err:  # noqa: BLE001 - as in check_safetensors
+        raise CheckpointError(path, f"{what}: the file is truncated or corrupt ({_first_line(err)})") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _size_mismatches(err: BaseException, limit: int = 3) -> str:
+    """The 'size mismatch for X: … shape A … shape B' lines of a load_state_dict error, shortened."""
+    lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+    if not lines:
+        return _first_line(err)
+    more = f" (+{len(lines) - limit} more)" if len(lines) > limit else ""
+    return "; ".join(lines[:limit]) + more
 
 
 # ---- the published checkpoint and RadFM files -----------------------------------------------------

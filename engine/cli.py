@@ -125,6 +125,11 @@ def _settings(args):
 def _load_engine(args):
     from .generation import ReportEngine
 
+    if args.quiet:                  # no weight-loading bar either (transformers draws one per model load)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
     if args.published:
         if not args.llm:
             raise CliError("--published needs --llm (the local LLaMA-2-7B-chat folder)")
@@ -167,7 +172,12 @@ def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(
     notes = notes or []
     not_drafted = getattr(result, "not_drafted", {}) or {}
     if "txt" not in formats:
+        from .report.txt import input_warnings_line
+
+        warnings = (getattr(result, "input", None) or {}).get("warnings", [])
         with stage.open("report.txt") as f:
+            if warnings:                  # the input's problems head the file (also in report.json "input")
+                f.write(input_warnings_line(warnings) + "\n\n")
             f.write(result.text.strip() + "\n")
             if not_drafted or notes:
                 f.write("\n")
@@ -351,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point of ``reg2rg-generate``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import print_warnings_as_lines
+
+    print_warnings_as_lines("reg2rg-generate")       # each input warning once, one line
     chosen = [bool(args.volume), bool(args.demo), bool(args.dataset)]
     if sum(chosen) != 1:
         print("reg2rg-generate: choose exactly one of --volume, --demo or --dataset", file=sys.stderr)
@@ -362,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     from .generation import EngineOutOfMemory, GenerationError, ModelFolderError
     from .model.config import ConfigError
     from .segment import SegmentationError
+    from .tokens import TokenizerError
 
     if args.segment and (args.masks or not args.volume):
         print("reg2rg-generate: --segment makes the masks of a --volume that has none; leave out --masks",
@@ -397,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         _run_one(engine, study, args, settings, out)
         return 0
     except (CliError, StudyError, GenerationError, ModelFolderError, EngineOutOfMemory, CheckpointError,
-            ConfigError, DatasetError, OutputError, ExportError, SegmentationError) as err:
+            ConfigError, DatasetError, OutputError, ExportError, SegmentationError, TokenizerError) as err:
         print(f"reg2rg-generate: {err}", file=sys.stderr)
         return 2
     except OSError as err:          # writing predictions.csv (report files arrive as OutputError above)

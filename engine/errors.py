@@ -30,12 +30,36 @@ class StudyWarning(UserWarning):
 
 
 def warn(messages: list[str], path: str | os.PathLike | None, problem: str) -> str:
-    """Record a non-fatal problem: append it to ``messages`` (a ``Study.warnings`` list), warn and log it.
+    """Record a non-fatal problem: append it to ``messages`` (a ``Study.warnings`` list) and warn.
 
-    Only file names and the problem go into the message, never voxel values or patient fields.
+    Only file names and the problem go into the message, never voxel values or patient fields. The
+    message reaches the reader once: as a `StudyWarning` (the command-line tools print each as one line,
+    the viewer lists ``Study.warnings``); the log gets it at debug level only, so a handler on both
+    does not print it twice.
     """
     text = f"{os.fspath(path)}: {problem}" if path is not None else problem
     messages.append(text)
     warnings.warn(text, StudyWarning, stacklevel=3)
-    logger.warning(text)
+    logger.debug(text)
     return text
+
+
+def print_warnings_as_lines(prog: str) -> None:
+    """Show every `StudyWarning` as one line ``<prog>: warning: <message>`` on stderr (not Python's two-line
+    ``file:line: StudyWarning: … / source line`` form), each distinct message once per run."""
+    import sys
+
+    previous = warnings.showwarning
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, StudyWarning):
+            previous(message, category, filename, lineno, file, line)
+            return
+        text = str(message)
+        if text not in seen:
+            seen.add(text)
+            print(f"{prog}: warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("always", category=StudyWarning)     # dedup is ours, by message

@@ -268,4 +268,11 @@ def load_tokenizer(path: str | os.PathLike):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise TokenizerError(f"{path}: tokenizer folder not found")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer.model")):
+        raise TokenizerError(f"{path}: the tokenizer folder has no tokenizer.json (nor a SentencePiece "
+                             "tokenizer.model); copy the complete tokenizer folder")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a damaged folder
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise TokenizerError(f"{path}: the tokenizer cannot be read ({type(err).__name__}: {first})") from err

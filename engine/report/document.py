@@ -325,6 +325,10 @@ class ReportDraft:
     provenance: Provenance = field(default_factory=Provenance)
     reviewer: str = ""
     reviewed_at: str = ""          # set when the last section is accepted or rejected; cleared by any change
+    # problems found in the input (the CT, its masks, its geometry), each once: a reader must see them
+    input_warnings: list[str] = field(default_factory=list)
+    # the model's training orientation, the study's stored one, and whether the study was reoriented
+    orientation: dict[str, Any] = field(default_factory=dict)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -349,6 +353,9 @@ class ReportDraft:
                     settings=settings, stop_reason=getattr(result, "stop_reason", ""),
                     identification=StudyIdentification.from_study(study), technique=technique_line(study),
                     provenance=prov)
+        facts = getattr(result, "input", None) or {}
+        draft.input_warnings = [str(w) for w in dict.fromkeys(facts.get("warnings", []))]
+        draft.orientation = dict(facts.get("orientation", {}))
         draft.sections = [section_from_result(result, s) for s in result.sections]
         if draft.stop_reason in ("cancelled", "max_new_tokens") and draft.sections:
             last = draft.sections[-1]

@@ -25,6 +25,8 @@ def report_dict(draft: ReportDraft, engine_result: dict | None = None,
         "reviewed_at": draft.reviewed_at if draft.is_reviewed else "",
         "identification": draft.to_dict()["identification"],
         "technique": draft.technique,
+        "input_warnings": list(draft.input_warnings),
+        "orientation": dict(draft.orientation),
         "findings": [
             {"region": s.region, "slot": s.slot, "title": s.title, "state": s.state, "state_label": state_label(s),
              "in_report": s.in_report, "text": s.text, "generated_text": s.generated_text, "edited": s.is_edited,

@@ -20,7 +20,10 @@ def state_label(section) -> str:
 
 def render_text(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESHOLD) -> str:
     """The whole document as text (what ``report.txt`` holds)."""
-    out = [f"*** {draft.statement()} ***", "", "CT CHEST REPORT", ""]
+    out = [f"*** {draft.statement()} ***"]
+    if draft.input_warnings:           # one header line: the reader sees the input's problems first
+        out.append(input_warnings_line(draft.input_warnings))
+    out += ["", "CT CHEST REPORT", ""]
     out += [f"{k + ':':<12} {v}" for k, v in draft.identification.rows()]
     out += ["", "TECHNIQUE", _wrap(draft.technique or "CT of the chest."), "", "FINDINGS"]
     for s in draft.ordered_sections():
@@ -40,6 +43,12 @@ def render_text(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESHOLD)
             "", "PROVENANCE"]
     out += [_wrap(line) for line in provenance_lines(draft)]
     return "\n".join(out).rstrip() + "\n"
+
+
+def input_warnings_line(warnings) -> str:
+    """``INPUT WARNINGS (2): a; b`` — the problems found in the input, on one line (``report.txt`` header)."""
+    items = [" ".join(str(w).split()) for w in dict.fromkeys(warnings)]
+    return f"INPUT WARNINGS ({len(items)}): " + "; ".join(items)
 
 
 def provenance_lines(draft: ReportDraft) -> list[str]:

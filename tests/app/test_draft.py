@@ -299,11 +299,18 @@ def test_sampling_with_a_seed_is_reproducible_through_the_panel(qtbot, panel, en
     assert texts[0] == texts[1] and texts[0]
 
 
-@pytest.mark.parametrize("what", ["missing", "broken", "published"])
-def test_model_load_errors_name_the_folder_and_the_app_stays_usable(qtbot, panel, tmp_path, what):
+@pytest.mark.parametrize("what", ["missing", "broken", "published", "truncated"])
+def test_model_load_errors_name_the_folder_and_the_app_stays_usable(qtbot, panel, tmp_path, what, engine):
     from reg2rg.app.generation import ModelChoice
 
-    if what == "missing":
+    if what == "truncated":               # issue 17: a truncated weights file was a traceback dialog
+        import bad_inputs
+
+        from reg2rg.engine.checkpoint import save_pretrained
+
+        good = save_pretrained(engine.model, engine.tokenizer, tmp_path / "good")
+        choice = ModelChoice("folder", str(bad_inputs.truncated_vision_weights(Path(good), tmp_path)))
+    elif what == "missing":
         choice = ModelChoice("folder", str(tmp_path / "no_such_model"))
     elif what == "broken":
         (tmp_path / "broken_model").mkdir()
@@ -317,7 +324,9 @@ def test_model_load_errors_name_the_folder_and_the_app_stays_usable(qtbot, panel
     panel.errorOccurred.connect(errors.append)
     panel.generate()
     qtbot.waitUntil(lambda: bool(errors), timeout=30000)
-    name = {"missing": "no_such_model", "broken": "broken_model", "published": "reg2rg.pth"}[what]
+    name = {"missing": "no_such_model", "broken": "broken_model", "published": "reg2rg.pth",
+            "truncated": "vision.safetensors"}[what]
     assert name in errors[0] and "Could not load the model" in errors[0] and "Traceback" not in errors[0]
+    assert "SafetensorError" not in errors[0].split(":")[0]
     assert panel.engine is None and panel.can_generate() and panel.generate_button.isEnabled()
     assert panel.document.study is not None

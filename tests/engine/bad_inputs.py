@@ -83,6 +83,45 @@ def dicom_two_series(folder: Path) -> Path:
     return path
 
 
+# ---- damaged model folders (issue 17, defect 3): each takes a good folder and returns a damaged copy ----
+def _copy_model(good: Path, folder: Path, name: str) -> Path:
+    import shutil
+
+    out = folder / name
+    shutil.copytree(good, out)
+    return out
+
+
+def truncated_vision_weights(good: Path, folder: Path) -> Path:
+    out = _copy_model(good, folder, "truncated_vision")
+    raw = (out / "vision.safetensors").read_bytes()
+    (out / "vision.safetensors").write_bytes(raw[: len(raw) // 2])
+    return out
+
+
+def corrupt_llm_weights(good: Path, folder: Path) -> Path:
+    out = _copy_model(good, folder, "corrupt_llm")
+    raw = (out / "llm" / "model.safetensors").read_bytes()
+    (out / "llm" / "model.safetensors").write_bytes(raw[: len(raw) - 4096])        # cut short, as by a full disk
+    return out
+
+
+def missing_tokenizer_json(good: Path, folder: Path) -> Path:
+    out = _copy_model(good, folder, "no_tokenizer_json")
+    (out / "tokenizer" / "tokenizer.json").unlink()
+    return out
+
+
+def config_with_wrong_dims(good: Path, folder: Path) -> Path:
+    import json
+
+    out = _copy_model(good, folder, "wrong_dims")
+    config = json.loads((out / "config.json").read_text())
+    config["vision"]["mlp_dim"] = config["vision"]["mlp_dim"] * 2       # not what the weights were saved with
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 def make_all(folder) -> dict[str, object]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
