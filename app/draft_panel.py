@@ -42,6 +42,7 @@ from .document import ViewerDocument
 from .draft import (
     ACCEPTED,
     EDITED,
+    NOT_DRAFTED,
     DraftFileError,
     DraftSection,
     DraftStore,
@@ -58,6 +59,8 @@ logger = logging.getLogger("reg2rg.app.draft")
 AUTOSAVE_DELAY_MS = 800
 LOW_CONFIDENCE = "low\u2011confidence"     # a non-breaking hyphen: the header never wraps inside the word
 EDITOR_MIN_H, EDITOR_MAX_H = 34, 220     # a section editor's height range (pixels), fitted to its text
+NO_MASKS_REASON = ("No region masks: Reg2RG drafts region by region. Open them (File ▸ Open masks…) "
+                   "or make them (File ▸ Segment regions…).")
 
 
 def confidence_color(prob: float, threshold: float) -> QColor:
@@ -189,9 +192,11 @@ class SectionEditor(QFrame):
         """Region, slot, state, the count of words below the threshold, and any grounding mismatch."""
         s = self.section
         state = {ACCEPTED: "<span style='color:#6fcf7f'>✔ accepted</span>",
-                 EDITED: "<span style='color:#8fb8ff'>✎ edited</span>"}.get(s.state, "<span style='color:#999'>draft</span>")
+                 EDITED: "<span style='color:#8fb8ff'>✎ edited</span>",
+                 NOT_DRAFTED: f"<span style='color:#e0a050'>not drafted: {escape(s.note or 'no text')}</span>",
+                 }.get(s.state, "<span style='color:#999'>draft</span>")
         slot = f"region {s.slot}" if s.slot is not None else "report"
-        grounding = "" if s.grounding_ok or s.slot is None else (
+        grounding = "" if s.grounding_ok or s.slot is None or s.state == NOT_DRAFTED else (
             f" &nbsp;<span style='color:#ff7a5c'>⚠ the model named “{s.area or 'no area'}”, "
             f"the mask is {s.region or 'missing'}</span>")
         n_low = len(s.low_confidence(self.threshold if hasattr(self, "threshold") else 0.5))
@@ -275,6 +280,8 @@ class DraftPanel(QWidget):
         self.model_choice = ModelChoice()
         self.draft: ReportDraft | None = None
         self.restore_box: QMessageBox | None = None
+        self.mask_check_box: QMessageBox | None = None
+        self._masks_acknowledged = None     # the study whose mask problems the reader chose to draft past
         self._jobs = WorkerJobs(self)  # (thread, worker) pairs kept alive while they run
         self._worker: GenerationWorker | None = None
         self._regenerating: str | None = None
@@ -328,6 +335,7 @@ class DraftPanel(QWidget):
         self.generate_button.clicked.connect(lambda: self.generate())
         self.stop_button.clicked.connect(self.stop)
         self.status = QLabel("Open a study to draft a report")
+        self.status.setWordWrap(True)
         self.busy = QProgressBar()
         self.busy.setMaximumHeight(8)
         self.busy.setTextVisible(False)
@@ -517,7 +525,21 @@ class DraftPanel(QWidget):
         self._strategy_changed(self.strategy.currentText())
 
     def can_generate(self) -> bool:
-        return self.document.study is not None and self._worker is None
+        return self.generate_blocked_reason() is None and self._worker is None
+
+    def generate_blocked_reason(self) -> str | None:
+        """Why Generate is off (None when it is on): no study, or a study without region masks."""
+        study = self.document.study
+        if study is None:
+            return "Open a study to draft a report"
+        if not study.regions_present:
+            return NO_MASKS_REASON
+        return None
+
+    def _update_generate_button(self) -> None:
+        reason = self.generate_blocked_reason()
+        self.generate_button.setEnabled(reason is None and self._worker is None)
+        self.generate_button.setToolTip(reason or "Draft the report of the checked regions")
 
     def selected_regions(self) -> list[str]:
         return [self.region_list.item(i).text() for i in range(self.region_list.count())
@@ -535,8 +557,27 @@ class DraftPanel(QWidget):
                                   else self.decoding_preset.currentText())
 
     def generate(self, regions: list[str] | None = None, regenerate: str | None = None) -> None:
-        """Draft the report (or one region's section); loads the engine first when needed."""
+        """Draft the report (or one region's section); loads the engine first when needed. When the masks
+        may not belong to this CT (`Study.mask_problems`) the reader is asked first; they may proceed."""
         if not self.can_generate():
+            return
+        study = self.document.study
+        if study.mask_problems and self._masks_acknowledged is not study:
+            box = QMessageBox(QMessageBox.Warning, "Check the region masks",
+                              "The region masks may not belong to this CT:\n\n"
+                              + "\n".join(f"• {p}" for p in study.mask_problems[:8])
+                              + "\n\nThe draft describes what lies under each mask. Draft anyway?",
+                              QMessageBox.Cancel, self)
+            box.addButton("Draft anyway", QMessageBox.AcceptRole)
+            box.setWindowModality(Qt.WindowModal)
+
+            def answered(_code, box=box, study=study):
+                if box.buttonRole(box.clickedButton()) == QMessageBox.AcceptRole:
+                    self._masks_acknowledged = study
+                    self.generate(regions, regenerate)
+            box.finished.connect(answered)
+            self.mask_check_box = box
+            box.open()
             return
         if self.engine is None:
             self._set_busy(True, "Loading the model…")
@@ -618,7 +659,8 @@ class DraftPanel(QWidget):
                     self.results[self.draft.section_of_region(s.region).slot] = result
         else:
             self.draft = ReportDraft.from_result(result, study, model=str(self.model_dir or "demo"),
-                                                 study_key=study_key(study))
+                                                 study_key=study_key(study),
+                                                 not_drafted=getattr(result, "not_drafted", None))
             self.results = {sec.slot: result for sec in self.draft.sections}
         self.resultReady.emit(result)
         how = "stopped" if result.cancelled else f"{len(result.tokens)} tokens"
@@ -633,7 +675,7 @@ class DraftPanel(QWidget):
     def _on_done(self) -> None:
         self._worker = None
         self._regenerating = None
-        self.generate_button.setEnabled(self.document.study is not None)
+        self._update_generate_button()
         self.stop_button.setEnabled(False)
         self.busy.hide()
         self.generationFinished.emit()
@@ -737,7 +779,7 @@ class DraftPanel(QWidget):
         study = self.document.study
         self.region_list.clear()
         if study is None:
-            self.generate_button.setEnabled(False)
+            self._update_generate_button()
             return
         for region in REGIONS:
             if region in study.regions_present:
@@ -745,8 +787,8 @@ class DraftPanel(QWidget):
                 item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
                 item.setCheckState(Qt.Checked)
                 self.region_list.addItem(item)
-        self.generate_button.setEnabled(self._worker is None)
-        self.status.setText(f"{len(study.regions_present)} region(s) to report on")
+        self._update_generate_button()
+        self.status.setText(self.generate_blocked_reason() or f"{len(study.regions_present)} region(s) to report on")
         try:
             saved = self.store.load(study_key(study))
         except DraftFileError as exc:

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QMessageBox,
     QProgressBar,
+    QProgressDialog,
     QToolBar,
     QWidget,
 )
@@ -77,6 +78,8 @@ class MainWindow(QMainWindow):
         self.last_message_box: QMessageBox | None = None
         self._threads: list[QThread] = []
         self._maximised: QWidget | None = None
+        self.segmentation = None              # (thread, worker) while Segment regions… runs
+        self.segment_dialog: QProgressDialog | None = None
 
         grid_host = QWidget(self)
         grid_host.setObjectName("view_grid")
@@ -161,6 +164,8 @@ class MainWindow(QMainWindow):
         self.act_open = self._action(file_menu, "Open CT…", self.open_ct_dialog, QKeySequence.Open)
         self.act_open_dicom = self._action(file_menu, "Open DICOM folder…", self.open_dicom_dialog)
         self.act_open_masks = self._action(file_menu, "Open masks…", self.open_masks_dialog, "Ctrl+M")
+        self.act_segment = self._action(file_menu, "Segment regions…", lambda: self.segment_regions(), "Ctrl+Shift+M")
+        self.act_segment.setToolTip("Make the ten region masks of this CT with TotalSegmentator")
         self.act_demo = self._action(file_menu, "Open demo study", lambda: self.open_request(LoadRequest(demo=True)), "Ctrl+D")
         file_menu.addSeparator()
         self.act_export = self._action(file_menu, "Export…", self.export_dialog, "Ctrl+E")
@@ -264,6 +269,57 @@ class MainWindow(QMainWindow):
         if path:
             self.open_request(LoadRequest(masks=path, study=self.document.study, masks_only=True))
 
+    # -- segmentation on demand ----------------------------------------------------------------
+    def segment_regions(self, fast: bool = False, device: str = "cpu") -> None:
+        """Segment regions…: TotalSegmentator on the open CT in the background (progress, cancel); the
+        masks appear as each task finishes and stay cached for this scan."""
+        from .segmentation import NOT_INSTALLED, start_segmentation, totalsegmentator_available
+
+        if self.document.study is None:
+            self.show_error("Segment regions", "Open a CT study first; its regions are segmented on its own grid.")
+            return
+        if self.segmentation is not None:
+            return
+        if not totalsegmentator_available():
+            self.show_message("Segment regions", NOT_INSTALLED, QMessageBox.Information)
+            return
+        thread, worker = start_segmentation(self.document.study, self, fast=fast, device=device)
+        dialog = QProgressDialog("Starting TotalSegmentator…", "Cancel", 0, 100, self)
+        dialog.setWindowTitle("Segment regions")
+        dialog.setMinimumDuration(0)
+        dialog.setAutoClose(False)
+        dialog.setAutoReset(False)
+        dialog.canceled.connect(worker.cancel)
+        worker.progress.connect(self._on_segment_progress)
+        worker.taskDone.connect(lambda _task, folder: self._load_segmented(folder, final=False))
+        worker.finished.connect(lambda folder: self._load_segmented(folder, final=True))
+        worker.failed.connect(lambda msg: self.show_error("Segment regions", msg))
+        worker.cancelled.connect(lambda: self.statusBar().showMessage("Segmentation cancelled (finished tasks are "
+                                                                      "kept for this scan)", 8000))
+        worker.done.connect(self._on_segment_done)
+        self.segmentation = (thread, worker)
+        self.segment_dialog = dialog
+        dialog.show()
+        thread.start()
+
+    def _on_segment_progress(self, pct: int, text: str) -> None:
+        if self.segment_dialog is not None:
+            self.segment_dialog.setValue(pct)
+            self.segment_dialog.setLabelText(text)
+        self.statusBar().showMessage(f"Segmenting: {text}")
+
+    def _load_segmented(self, folder: str, final: bool) -> None:
+        if self.document.study is not None:
+            self._quiet_mask_load = not final          # warnings once, when all tasks are in
+            self.open_request(LoadRequest(masks=folder, study=self.document.study, masks_only=True))
+
+    def _on_segment_done(self) -> None:
+        if self.segment_dialog is not None:
+            self.segment_dialog.hide()
+            self.segment_dialog.deleteLater()
+        self.segment_dialog = None
+        self.segmentation = None
+
     def open_study(self, study: Study) -> None:
         """Open an in-memory study (tests, the phantom, the engine)."""
         self.open_request(LoadRequest(study=study))
@@ -299,7 +355,9 @@ class MainWindow(QMainWindow):
               f"{' × '.join(f'{s:.2f}' for s in study.spacing)} mm, {study.orientation}"
         if study.warnings:
             msg += f" — {len(study.warnings)} warning(s)"
-            self.show_message("Study opened with warnings", "\n".join(study.warnings[:12]), QMessageBox.Warning)
+            if not getattr(self, "_quiet_mask_load", False):
+                self.show_message("Study opened with warnings", self.describe_warnings(study), QMessageBox.Warning)
+        self._quiet_mask_load = False
         self.statusBar().showMessage(msg, 10000)
         self.studyLoaded.emit()
 
@@ -308,6 +366,22 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("Could not open the study", 5000)
         self.show_error("Could not open the study", message)
         self.loadFailed.emit(message)
+
+    @staticmethod
+    def describe_warnings(study: Study) -> str:
+        """The study's warnings for a reader: mask problems first (they change what the draft means),
+        folders shortened to file names (the full paths are in the log)."""
+        import os
+
+        problems = list(study.mask_problems)
+        rest = [w for w in study.warnings if w not in problems]
+        lines = []
+        if problems:
+            lines += ["The region masks may not belong to this CT:", *[f"• {p}" for p in problems[:8]], ""]
+        for w in rest[:10]:
+            head, sep, tail = w.partition(": ")
+            lines.append(f"• {os.path.basename(head.rstrip('/'))}: {tail}" if sep and os.sep in head else f"• {w}")
+        return "\n".join(lines).strip()
 
     # -- messages ----------------------------------------------------------------------------
     def show_message(self, title: str, text: str, icon=QMessageBox.Information) -> QMessageBox:
@@ -409,6 +483,9 @@ class MainWindow(QMainWindow):
     def closeEvent(self, ev) -> None:  # noqa: N802
         if self.draft_panel is not None:
             self.draft_panel.close_study_cleanly()
+        if self.segmentation is not None:
+            self.segmentation[1].cancel()             # kills TotalSegmentator's process at once
+            self.segmentation[0].wait(10000)
         for thread, _worker in list(self._threads):
             thread.quit()
             thread.wait(5000)

@@ -519,8 +519,8 @@ def _read_label_map(path: Path, label_table, ct_shape, ct_affine, messages: list
             table = dict(TOTALSEG_TASK_CLASSES[task])   # a TotalSegmentator --ml file named after its task
         else:
             table = dict(TOTALSEG_V2_CLASSES)
-            warn(messages, path, "label map without a label table: read as TotalSegmentator v2 'total' "
-                 "multi-label output (pass label_table= otherwise)")
+            warn(messages, path, "label map without a label table: read as TotalSegmentator's 'total' output "
+                 f"(if it is not, put its table beside it as {_mask_name(path)}.json or .csv)")
     totalseg = _is_totalseg_table(table.values()) or table == TOTALSEG_V2_CLASSES
     asm.totalseg |= totalseg
     data = _onto_ct_grid(data, affine, path, ct_shape, ct_affine, messages, problems, what="label-map")
@@ -606,7 +606,8 @@ def read_region_masks(source, ct_shape, ct_affine, label_table=None, messages: l
                      "by TotalSegmentator)")
             else:
                 warn(messages, source, f"TotalSegmentator output without its '{task}' task: no mask for "
-                     f"{', '.join(regions)}; these regions stay absent (reg2rg-segment runs that task)")
+                     f"{', '.join(regions)}; these regions stay absent (Segment regions… in the viewer or "
+                     "reg2rg-segment runs it)")
     elif absent:
         warn(messages, source, f"no usable mask for {', '.join(absent)}")
     return kept, {r: sources[r] for r in kept}, messages

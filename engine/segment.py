@@ -245,13 +245,14 @@ def _run_child(cmd: list[str], task: str, est: float, progress: Progress, share:
 
 def segment_study(study, tasks: Sequence[str] = DEFAULT_TASKS, fast: bool = False, device: str = "cpu",
                   progress: Progress | None = None, cancel: threading.Event | None = None,
-                  on_task_done: Callable[[str, Path], None] | None = None, use_cache: bool = True) -> SegmentationResult:
+                  on_task_done: Callable[[str, Path, bool], None] | None = None,
+                  use_cache: bool = True) -> SegmentationResult:
     """Run TotalSegmentator's ``tasks`` on ``study`` (a `Study`; NIfTI or DICOM as read by `studyio`).
 
     Returns the cache folder holding one multi-label file per task; read it with
     `reg2rg.engine.studyio.with_masks` (or `write_region_masks`) to get the ten regions. ``progress(f, text)``
     is called with the fraction done (about 4 times a second; times are estimates), ``on_task_done(task,
-    folder)`` after each task (the masks can be shown as they come), ``cancel`` stops at once.
+    folder, from_cache)`` after each task (the masks can be shown as they come), ``cancel`` stops at once.
     Raises `SegmentationError` with one line: package missing (with the install command), weights
     missing (with how to get them), or the task that failed and its last message.
     """
@@ -277,7 +278,7 @@ def segment_study(study, tasks: Sequence[str] = DEFAULT_TASKS, fast: bool = Fals
     for t in cached:
         progress(0.0, f"'{t}' from the cache")
         if on_task_done is not None:
-            on_task_done(t, folder)
+            on_task_done(t, folder, True)
     if todo:
         ests = [estimate_seconds(t, int(np.prod(study.shape)), fast, device) for t in todo]
         total_est = sum(ests)
@@ -299,7 +300,7 @@ def segment_study(study, tasks: Sequence[str] = DEFAULT_TASKS, fast: bool = Fals
                 done_s += est
                 progress(share[1], f"'{task}' done")
                 if on_task_done is not None:
-                    on_task_done(task, folder)
+                    on_task_done(task, folder, False)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     provenance = {"tool": "TotalSegmentator", "version": _totalseg_version(), "tasks": tasks, "fast": fast,

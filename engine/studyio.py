@@ -166,9 +166,12 @@ def with_masks(study: Study, source: str | os.PathLike, label_table=None) -> Stu
     masks, sources, messages = read_region_masks(source, study.shape, study.affine, label_table=label_table,
                                                  problems=problems)
     problems += check_region_masks(study.voxels, study.affine, masks)
+    # the warnings about the masks being replaced go with them; the volume's own stay
+    previous = set(study.metadata.get("mask_warnings", ())) | set(study.mask_problems)
+    mask_warnings = list(messages) + list(problems)
     return Study(voxels=study.voxels, affine=study.affine, masks=masks, name=study.name, source=study.source,
-                 mask_sources=sources, warnings=list(study.warnings) + list(messages) + list(problems),
-                 metadata=dict(study.metadata), mask_problems=problems)
+                 mask_sources=sources, warnings=[w for w in study.warnings if w not in previous] + mask_warnings,
+                 metadata={**study.metadata, "mask_warnings": mask_warnings}, mask_problems=problems)
 
 
 def read_study(volume: str | os.PathLike, masks: str | os.PathLike | None = None, *,

@@ -135,3 +135,21 @@ def test_mask_on_another_scan_grid(phantom, tmp_path):
     nib.save(nib.Nifti1Image(big, fine), str(seg2 / "lung.nii.gz"))
     got = _read(root / "ct.nii.gz", seg2)
     assert got.mask_problems == [] and got.masks["lung"].sum() == study.masks["lung"].sum()
+
+
+def test_new_masks_replace_the_warnings_of_the_old_ones(phantom, tmp_path):
+    """Opening masks again (or as segmentation tasks arrive) keeps the volume's warnings, not the old masks'."""
+    from reg2rg.engine.studyio import read_volume, with_masks
+
+    study, root = phantom
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.uint8), study.affine), str(seg / "heart.nii.gz"))
+    volume = read_volume(root / "ct.nii.gz")
+    volume.warnings.append("ct.nii.gz: a warning about the volume")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = with_masks(volume, seg)
+        assert any("'heart' mask is empty" in w for w in first.warnings)
+        second = with_masks(first, root / "masks")
+    assert second.warnings == ["ct.nii.gz: a warning about the volume"] and second.mask_problems == []

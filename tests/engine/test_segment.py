@@ -140,10 +140,10 @@ def test_dicom_or_in_memory_study_is_written_as_nifti_on_its_grid(env, phantom, 
     _weights(env)
     in_memory = make_study(9, shape=(72, 72, 36))          # source "phantom seed=9": no file to pass
     seen = []
-    result = segment_study(in_memory, tasks=["total"], on_task_done=lambda task, folder: seen.append(task))
+    result = segment_study(in_memory, tasks=["total"], on_task_done=lambda task, folder, cached: seen.append((task, cached)))
     call = _calls(env)[0]
     assert call["input"].endswith("ct.nii.gz") and Path(call["input"]).parent.name == ".work"
-    assert seen == ["total"]
+    assert seen == [("total", False)]
     got = with_masks(in_memory, result.folder)
     assert np.array_equal(got.masks["lung"], study.masks["lung"])
 
