@@ -8,7 +8,9 @@ position on it). The affine maps voxel indices to RAS+ millimetres (DICOM is LPS
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,74 @@ from .errors import StudyError, warn
 
 # Relative tolerance on slice spacing before a gap or uneven spacing is reported.
 _SPACING_TOLERANCE = 0.1
+# A gap wider than this (mm, and more than _MAX_GAP_STEPS slice steps) is refused rather than filled:
+# interpolation across it would invent anatomy (a nodule in the gap would simply not exist in the volume).
+_MAX_GAP_MM = 10.0
+_MAX_GAP_STEPS = 4
+
+
+@contextlib.contextmanager
+def _pydicom_quiet():
+    """Keep pydicom's own error log (a traceback per failed decoder) off the screen: the failure reaches
+    the reader once, as our `StudyError` naming the file."""
+    log = logging.getLogger("pydicom")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _plan_regular_grid(folder, chosen, along: np.ndarray, step: float, messages: list[str]) -> np.ndarray:
+    """Slice positions (mm along the normal) of a regular grid at the series' usual spacing, covering the
+    slices present; warns what will be interpolated, refuses gaps too wide to fill honestly.
+
+    Why resample rather than refuse every gap: a dropped file or a slightly uneven reconstruction is
+    common in PACS exports, and stacking the slices present as if evenly spaced (what we did before)
+    shifts every slice after the gap. Interpolating the odd missing slice keeps every real slice where
+    it is (3D Slicer regularises such series the same way, with a warning); a wide gap is refused.
+    """
+    dist = np.diff(along)
+    widest = float(dist.max())
+    if widest > max(_MAX_GAP_MM, _MAX_GAP_STEPS * step):
+        at = float(along[int(np.argmax(dist))] - along[0])
+        raise StudyError(folder, f"{chosen}: a gap of {widest:.1f} mm between slices ({at:.1f} mm from the first "
+                         f"slice) where slices are {step:.2f} mm apart; too wide to fill by interpolation without "
+                         "inventing anatomy. Export the complete series")
+    # never past the last slice (no extrapolation): the grid ends within tolerance of it or before
+    n = int(np.floor((along[-1] - along[0]) / step + _SPACING_TOLERANCE)) + 1
+    grid = along[0] + step * np.arange(n)
+    present = np.abs(grid[:, None] - along[None, :]).min(axis=1) <= _SPACING_TOLERANCE * step
+    filled = int(np.count_nonzero(~present))
+    if np.any(dist > 1.5 * step):
+        what = (f"about {int(np.sum(np.round(dist / step) - 1))} slice(s) missing (widest gap {widest:.2f} mm "
+                f"where slices are {step:.2f} mm apart)")
+    else:
+        what = f"unevenly spaced slices ({dist.min():.2f}-{dist.max():.2f} mm)"
+    warn(messages, folder, f"{chosen}: {what}; resampled onto a regular {step:.2f} mm grid, {filled} slice(s) "
+         "interpolated from their neighbours (every slice present keeps its true position)")
+    return grid
+
+
+def _resample_slices(hu: np.ndarray, along: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Linear interpolation of (X, Y, N) slices at positions ``along`` onto positions ``grid`` (float32);
+    a grid position within tolerance of a real slice takes that slice unchanged."""
+    out = np.empty(hu.shape[:2] + (len(grid),), dtype=np.float32)
+    tol = _SPACING_TOLERANCE * float(np.median(np.diff(grid))) if len(grid) > 1 else 0.0
+    for j, z in enumerate(grid):
+        k = int(np.clip(np.searchsorted(along, z), 1, len(along) - 1))
+        lo, hi = along[k - 1], along[k]
+        if abs(z - lo) <= tol:
+            out[:, :, j] = hu[:, :, k - 1]
+        elif abs(z - hi) <= tol:
+            out[:, :, j] = hu[:, :, k]
+        else:
+            w = (z - lo) / (hi - lo)
+            out[:, :, j] = (1 - w) * hu[:, :, k - 1] + w * hu[:, :, k]
+    if np.issubdtype(hu.dtype, np.integer):
+        out = np.round(out)           # HU stay whole numbers (and int16 where they fit)
+    return out
 
 
 @dataclass
@@ -109,7 +179,8 @@ def _choose_series(folder: Path, found: list[SeriesInfo], series: str | int | No
         if len(found) > 1:
             listing = "; ".join(str(s) for s in found[1:])
             warn(messages, folder, f"holds {len(found)} series; opened the largest CT series ({chosen}); "
-                 f"others: {listing}. Choose one with series=<number or uid>")
+                 f"others: {listing}. Choose another with --series NUMBER_OR_UID (in the viewer: open the "
+                 "folder again and pick it from the list)")
     if chosen.modality != "CT":
         raise StudyError(folder, f"{chosen} has modality '{chosen.modality}', not CT; Reg2RG reads CT only")
     return chosen
@@ -136,10 +207,12 @@ def read_dicom_series(folder: str | os.PathLike, series: str | int | None = None
     slices = []
     for p in chosen.files:
         try:
-            ds = pydicom.dcmread(p)
-            pixels = ds.pixel_array
+            with _pydicom_quiet():
+                ds = pydicom.dcmread(p)
+                pixels = ds.pixel_array
         except Exception as exc:  # pydicom raises many types for broken pixel data
-            raise StudyError(p, f"slice of {chosen} has unreadable pixel data ({type(exc).__name__}: {exc})") from exc
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())      # pydicom's message spans lines
+            raise StudyError(p, f"slice of {chosen} has unreadable pixel data ({detail})") from exc
         if pixels.ndim != 2:
             raise StudyError(p, f"has {pixels.ndim}-D pixel data (multi-frame DICOM is not supported)")
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
@@ -162,19 +235,18 @@ def read_dicom_series(folder: str | os.PathLike, series: str | int | None = None
             raise StudyError(folder, f"{chosen} mixes slice orientations (tilted or localiser slices?)")
 
     # Slice geometry: distance between neighbours along the normal.
-    dist = np.diff(positions @ normal)
+    along = positions @ normal
+    dist = np.diff(along)
+    regular_grid = None                      # slice positions to resample onto, when the series is irregular
     if len(slices) > 1:
         if np.any(np.abs(dist) < 1e-6):
             raise StudyError(folder, f"{chosen} has several slices at the same position (duplicates or several phases)")
         step = float(np.median(dist))
-        if np.any(dist > step * (1.5)):
-            n_missing = int(np.sum(np.round(dist / step) - 1))
-            warn(messages, folder, f"{chosen}: about {n_missing} slice(s) missing (gap of {dist.max():.2f} mm "
-                 f"where slices are {step:.2f} mm apart); volume built from the slices present")
-        elif np.any(np.abs(dist - step) > _SPACING_TOLERANCE * step):
-            warn(messages, folder, f"{chosen}: unevenly spaced slices ({dist.min():.2f}-{dist.max():.2f} mm); "
-                 f"using the mean spacing")
-        slice_vec = (positions[-1] - positions[0]) / (len(slices) - 1)
+        if np.any(np.abs(dist - step) > _SPACING_TOLERANCE * step):
+            regular_grid = _plan_regular_grid(folder, chosen, along, step, messages)
+            slice_vec = normal * step
+        else:
+            slice_vec = (positions[-1] - positions[0]) / (len(slices) - 1)
     else:
         thickness = float(slices[0][0].get("SliceThickness", 1.0) or 1.0)
         slice_vec = normal * thickness
@@ -194,6 +266,8 @@ def read_dicom_series(folder: str | os.PathLike, series: str | int | None = None
             hu[:, :, k] = px.T.astype(np.int32) * int(slope) + int(inter)
         else:
             hu[:, :, k] = px.T.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    if regular_grid is not None:
+        hu = _resample_slices(hu, along, regular_grid)
     if integral and hu.min() >= np.iinfo(np.int16).min and hu.max() <= np.iinfo(np.int16).max:
         hu = hu.astype(np.int16)
     elif integral:

@@ -96,6 +96,24 @@ def _orientation_known(img) -> bool:
         return False
 
 
+#: Axes further than this from perpendicular (degrees) are reported: a sheared grid (gantry tilt, a bad
+#: converter) is read by the model as if it were orthogonal, so anatomy is slightly slanted.
+SHEAR_WARN_DEGREES = 0.5
+
+
+def _check_shear(affine: np.ndarray, path, messages: list[str]) -> None:
+    """Warn when the voxel axes are not perpendicular (a sheared affine), naming the angle."""
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    worst = 0.0
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        cos = float(np.clip(abs(axes[:, i] @ axes[:, j]), 0.0, 1.0))
+        worst = max(worst, 90.0 - float(np.degrees(np.arccos(cos))))
+    if worst > SHEAR_WARN_DEGREES:
+        warn(messages, path, f"the voxel grid is sheared: its axes are {worst:.1f}\u00b0 off perpendicular (gantry "
+             "tilt or a converter's error); the model reads it as an orthogonal grid, so anatomy is slightly "
+             "slanted for it; resample to an orthogonal grid for a faithful draft")
+
+
 def _check_intensities(voxels: np.ndarray, path, messages: list[str]) -> np.ndarray:
     if np.issubdtype(voxels.dtype, np.floating):
         bad = ~np.isfinite(voxels)
@@ -142,6 +160,7 @@ def read_volume(path: str | os.PathLike, series: str | int | None = None) -> Stu
         raise StudyError(path, "not found")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise StudyError(path, f"has a degenerate voxel-to-world affine {np.round(affine, 3).tolist()}")
+    _check_shear(affine, path, messages)
     voxels = _check_intensities(voxels, path, messages)
     return Study(voxels=voxels, affine=affine, name=_study_name(path), source=str(path),
                  warnings=messages, metadata=metadata)

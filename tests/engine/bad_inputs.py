@@ -134,3 +134,10 @@ def make_all(folder) -> dict[str, object]:
         "mask_other_shape": mask_other_shape(folder),
         "dicom_two_series": dicom_two_series(folder),
     }
+
+
+def sheared_affine(folder: Path) -> Path:
+    """A CT whose slice axis leans 10 degrees off the perpendicular (a gantry-tilt volume kept sheared)."""
+    a = _affine()
+    a[1, 2] = 2.5 * np.tan(np.radians(10.0))          # each slice moves along y as it moves along z
+    return _save(folder / "sheared.nii.gz", _ct(), a)

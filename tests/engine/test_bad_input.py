@@ -101,3 +101,13 @@ def test_study_error_names_the_file_once(tmp_path):
     assert message.startswith(f"{path}: ")
     assert message.count(str(path)) == 1          # nibabel's own text quoted the full path a second time
     assert "NIfTI" in message
+
+
+def test_sheared_affine_warns_with_its_angle(tmp_path):
+    """Issue 17: a shear passed silently."""
+    path = bad_inputs.sheared_affine(tmp_path)
+    with pytest.warns(StudyWarning, match="sheared"):
+        study = read_study(path)
+    assert any("10.0\u00b0 off perpendicular" in w and path.name in w for w in study.warnings)
+    plain = read_study(bad_inputs.with_nans(tmp_path))
+    assert not any("off perpendicular" in w for w in plain.warnings)

@@ -95,7 +95,7 @@ def test_two_series_largest_ct_by_default_and_choice(tmp_path):
     assert [s.n_slices for s in series] == [SHAPE[2], 3]
     with pytest.warns(StudyWarning, match="2 series"):
         study = read_volume(tmp_path)
-    assert study.shape == SHAPE and any("series=" in w for w in study.warnings)
+    assert study.shape == SHAPE and any("--series NUMBER_OR_UID" in w for w in study.warnings)   # the real option
     chosen = read_volume(tmp_path, series=5)
     assert chosen.shape == (SHAPE[0], SHAPE[1], 3) and np.array_equal(chosen.voxels, small)
     with pytest.raises(StudyError, match="no series '9'"):
@@ -126,16 +126,49 @@ def test_slice_with_broken_pixel_data_names_the_file(tmp_path):
     assert paths[2].name in str(err.value)
 
 
-def test_missing_slice_gives_a_warning_and_true_geometry(tmp_path):
+def test_missing_slice_is_interpolated_and_every_slice_keeps_its_position(tmp_path):
+    """Issue 17: before, the slices after a gap were assumed evenly spaced and shifted towards it."""
     hu = _volume(np.random.default_rng(7))
     write_series(tmp_path, hu, _affine("axial"), skip_slices=(3,))
-    with pytest.warns(StudyWarning, match="missing"):
+    with pytest.warns(StudyWarning, match="1 slice\\(s\\) missing.*1 slice\\(s\\) interpolated"):
         study = read_volume(tmp_path)
-    assert study.shape == (SHAPE[0], SHAPE[1], SHAPE[2] - 1)
-    # first and last slices are where they really are
-    assert np.allclose(study.affine @ [0, 0, 0, 1], _affine("axial") @ [0, 0, 0, 1])
-    last = study.affine @ [0, 0, SHAPE[2] - 2, 1]
-    assert np.allclose(last, _affine("axial") @ [0, 0, SHAPE[2] - 1, 1], atol=1e-4)
+    assert study.shape == SHAPE                                        # back on the regular grid
+    np.testing.assert_allclose(study.affine, _affine("axial"), atol=1e-4)
+    present = [k for k in range(SHAPE[2]) if k != 3]
+    assert np.array_equal(study.voxels[:, :, present], hu[:, :, present])   # real slices untouched, in place
+    expected = np.round((hu[:, :, 2].astype(np.float64) + hu[:, :, 4]) / 2)
+    assert np.array_equal(study.voxels[:, :, 3], expected)
+
+
+def test_a_gap_too_wide_to_fill_is_refused(tmp_path):
+    hu = np.random.default_rng(8).integers(-1024, 1500, size=(24, 20, 16)).astype(np.int16)
+    write_series(tmp_path, hu, _affine("axial"), skip_slices=(5, 6, 7, 8))       # 12.5 mm where slices are 2.5
+    with pytest.raises(StudyError, match="too wide to fill"):
+        read_volume(tmp_path)
+
+
+def test_corrupt_pixel_data_prints_no_pydicom_traceback(tmp_path):
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    paths = write_series(tmp_path, _volume(np.random.default_rng(9)), _affine("axial"))
+    ds = pydicom.dcmread(paths[1])
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([b"garbage" * 20])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(paths[1], enforce_file_format=True)
+    with pytest.raises(StudyError) as err:
+        read_volume(tmp_path)
+    assert paths[1].name in str(err.value) and "\n" not in str(err.value)
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "reg2rg.engine.cli", "--volume", str(tmp_path), "--allow-no-masks",
+                           "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and paths[1].name in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_dicom_study_with_nifti_masks_from_a_converter(tmp_path):
