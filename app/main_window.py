@@ -458,7 +458,16 @@ class MainWindow(QMainWindow):
         pix = screen.grabWindow(self.winId())
         if pix.isNull() or pix.width() < 10:
             pix = self.grab()
-        return bool(pix.save(str(path)))
+        from reg2rg.engine.fileio import OutputError, atomic_path
+
+        try:                                 # complete or absent, like every other output file
+            with atomic_path(path) as tmp:
+                if not pix.save(tmp):
+                    raise OutputError(path, "the picture could not be encoded (unknown image format?)")
+        except OutputError as err:
+            logger.warning("%s", err)
+            return False
+        return True
 
     def export_dialog(self) -> None:
         if self.draft_panel is not None and self.draft_panel.draft is not None:
