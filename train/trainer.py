@@ -8,11 +8,15 @@ Two engines run the same loop:
   (the published run), bf16 on GPU, fp32 on CPU (gloo). Our own torch AdamW is handed to DeepSpeed, as
   the published ``adamw_torch`` was.
 
-Checkpoints (`checkpoint-<step>` under ``<output>/checkpoints``) are written to a temporary folder and
-renamed when complete, so a run killed at any moment leaves only complete checkpoints; ``--resume``
-continues from the newest one with model, optimizer, scheduler, RNG and data position. The data
-order depends only on (seed, epoch), and the region order of a draw on (seed, epoch, index), so the
-resumed run sees exactly the batches the uninterrupted run would have.
+Checkpoints (`checkpoint-<step>` under ``<output>/checkpoints``) are written to a temporary folder, get
+a manifest of their files' sizes and sha256 digests (written last), and are renamed into place when
+complete; a checkpoint being re-saved is moved aside first and removed only once the new one is in
+place. So a run killed at any moment leaves complete checkpoints. ``--resume`` verifies the newest
+against its manifest and falls back to the newest intact one (saying which file is damaged), then
+continues with model, optimizer, scheduler, RNG and data position, and trims ``train_log.jsonl`` to
+the rows written up to that checkpoint. The data order depends only on (seed, epoch), and the region
+order of a draw on (seed, epoch, index), so the resumed run sees exactly the batches the uninterrupted
+run would have.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ logger = logging.getLogger("reg2rg.train")
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"     # {relative path: {bytes, sha256}} of every other file; written last
+_REPLACED_PREFIX = ".replaced-"     # a checkpoint being re-saved, until its successor is in place
 FINAL_DIR = "final"
 LOG_FILE = "train_log.jsonl"
 
@@ -60,6 +66,7 @@ class TrainState:
     batch_in_epoch: int = 0       # this rank's micro-batches of `epoch` already consumed
     samples_seen: int = 0         # samples over all ranks
     world_size: int = 1
+    log_rows: int | None = None   # rows of train_log.jsonl written up to this checkpoint (None: older runs)
 
 
 # ---- distributed helpers -----------------------------------------------------------------------------
@@ -121,6 +128,106 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 def newest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """Record the size and sha256 of every file of a checkpoint folder in ``manifest.json`` (atomically);
+    written last, after every other file of the checkpoint is complete."""
+    from reg2rg.engine.fileio import atomic_write
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    with atomic_write(folder / MANIFEST_FILE) as f:
+        json.dump({"format": 1, "files": entries}, f, indent=1)
+    return folder / MANIFEST_FILE
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> str | None:
+    """None when every file of the checkpoint matches its manifest, else the first problem in words
+    ("trainable.safetensors: its content differs from the manifest (damaged)"). A checkpoint written
+    before manifests existed passes unverified (None)."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        items = [(name, int(e["bytes"]), str(e["sha256"])) for name, e in entries.items()]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{MANIFEST_FILE}: unreadable ({type(err).__name__})"
+    if not any(name == STATE_FILE for name, _, _ in items):
+        return f"{MANIFEST_FILE}: does not list {STATE_FILE}"
+    for name, size, digest in items:
+        path = folder / name
+        if not path.is_file():
+            return f"{name}: missing"
+        if path.stat().st_size != size:
+            return f"{name}: {path.stat().st_size} bytes, the manifest says {size} (truncated or damaged)"
+        if _sha256(path) != digest:
+            return f"{name}: its content differs from the manifest (damaged)"
+    return None
+
+
+def newest_intact_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files match their manifest, and one line per newer damaged one."""
+    damaged = []
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, damaged
+        damaged.append(f"{path}: {problem}")
+    return None, damaged
+
+
+def _recover_checkpoint_folders(output_dir: str | os.PathLike) -> None:
+    """After a kill during a save: put back a checkpoint that was moved aside for a re-save whose
+    successor never arrived, and remove half-written temporary folders (never complete by design)."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(_REPLACED_PREFIX):
+            original = root / path.name[len(_REPLACED_PREFIX):]
+            if original.exists():
+                shutil.rmtree(path, ignore_errors=True)       # the new one made it into place
+            else:
+                os.replace(path, original)
+                logger.info("%s: restored the checkpoint a killed re-save had moved aside", original)
+        elif path.name.startswith(".tmp-") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def trim_log(output_dir: str | os.PathLike, state: TrainState) -> int:
+    """Cut ``train_log.jsonl`` back to the rows written up to the checkpoint of ``state`` (so a resumed
+    run does not log its repeated steps twice); returns the rows kept. Older checkpoints, which did not
+    count rows, keep the rows up to their step; a row cut off by a kill is dropped either way."""
+    from reg2rg.engine.fileio import atomic_write
+
+    path = Path(output_dir) / LOG_FILE
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines if state.log_rows is None else lines[: state.log_rows]:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if state.log_rows is not None or int(row.get("step", 0)) <= state.global_step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        with atomic_write(path) as f:
+            f.writelines(line + "\n" for line in kept)
+    return len(kept)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -302,6 +409,7 @@ class Trainer:
         self.engine = None          # the DeepSpeed engine when used
         self.writer = None
         self.last_checkpoint: Path | None = None
+        self._log_rows = 0              # rows in train_log.jsonl (recorded in every checkpoint)
 
     # -- setup --
     def _init_distributed(self) -> None:
@@ -329,6 +437,8 @@ class Trainer:
         if self.rank == 0:
             self.output.mkdir(parents=True, exist_ok=True)
             cfg.save(self.output)
+            log = self.output / LOG_FILE
+            self._log_rows = len(log.read_text(encoding="utf-8", errors="replace").splitlines()) if log.is_file() else 0
         self.model_config = resolve_model_config(cfg)
         self.tokenizer = load_training_tokenizer(cfg, self.model_config)
         self.device = _device()
@@ -422,25 +532,71 @@ class Trainer:
             json.dump(_rng_state(), f)
         _barrier()
         if self.rank == 0:
+            self.state.log_rows = self._log_rows
             with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
-                json.dump(asdict(self.state), f, indent=2)   # written last: marks the folder complete
+                json.dump(asdict(self.state), f, indent=2)
+            write_manifest(tmp)                              # last: the digests of everything above
+            # never remove before replacing: a re-saved checkpoint waits aside until its successor is in
+            aside = root / f"{_REPLACED_PREFIX}{final.name}"
             if final.exists():
-                shutil.rmtree(final)
+                if aside.exists():
+                    shutil.rmtree(aside)
+                os.replace(final, aside)
             os.replace(tmp, final)
+            if aside.exists():
+                shutil.rmtree(aside)
             for old in list_checkpoints(self.output)[: -self.config.output.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
         self.last_checkpoint = final
         return final
 
-    def _load_checkpoint(self) -> None:
-        from safetensors.torch import load_file
+    def _choose_checkpoint(self) -> Path | None:
+        """Rank 0 picks the newest intact checkpoint (saying why newer ones were passed over); every
+        rank resumes from the same one."""
+        choice: list = [None, []]
+        if self.rank == 0:
+            _recover_checkpoint_folders(self.output)
+            path, damaged = newest_intact_checkpoint(self.output)
+            choice = [None if path is None else str(path), damaged]
+        if _dist_ready() and self.world > 1:
+            torch.distributed.broadcast_object_list(choice, src=0)
+        path, damaged = choice
+        if damaged and path is None:
+            raise TrainConfigError(f"{self.output / CHECKPOINT_DIR}: no intact checkpoint to resume from "
+                                   f"({'; '.join(damaged)}); move the damaged checkpoints away to start over")
+        if damaged and self.rank == 0:
+            for line in damaged:
+                logger.warning("--resume: %s; not resuming from it", line)
+            logger.warning("--resume: falling back to %s, the newest intact checkpoint", path)
+        return None if path is None else Path(path)
 
-        path = newest_checkpoint(self.output)
+    def _load_checkpoint(self) -> None:
+        path = self._choose_checkpoint()
         if path is None:
             if self.rank == 0:
                 logger.info("--resume: no checkpoint in %s, starting from scratch", self.output / CHECKPOINT_DIR)
             return
+        while True:
+            try:
+                self._restore(path)
+                break
+            except TrainConfigError:
+                raise                                 # not damage: e.g. another number of processes
+            except Exception as err:  # noqa: BLE001 - an unreadable file: the checkpoint is damaged
+                problem = f"{path}: cannot be restored ({type(err).__name__}: {err})"
+                older = [p for p in reversed(list_checkpoints(self.output))
+                         if p.name < path.name and verify_checkpoint(p) is None]
+                if self.world > 1 or not older:
+                    raise TrainConfigError(problem + ("" if older else "; no older checkpoint to fall back to")) from err
+                path = older[0]
+                logger.warning("--resume: %s; falling back to %s", problem, path)
+        if self.rank == 0:
+            self._log_rows = trim_log(self.output, self.state)
+
+    def _restore(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
         with open(path / STATE_FILE, encoding="utf-8") as f:
             state = TrainState(**json.load(f))
         if state.world_size != self.world:
@@ -537,6 +693,7 @@ class Trainer:
             return
         with open(self.output / LOG_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self._log_rows += 1
         if self.writer is not None:
             step = record["step"]
             for key, value in record.items():
@@ -745,7 +902,15 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     run_dir = Path(run_dir)
     config = load_train_config(str(run_dir / RESOLVED_CONFIG_NAME))
-    path = Path(checkpoint) if checkpoint else newest_checkpoint(run_dir)
+    if checkpoint:
+        path = Path(checkpoint)
+        problem = verify_checkpoint(path)
+        if problem:
+            raise TrainConfigError(f"{path}: {problem}")
+    else:
+        path, damaged = newest_intact_checkpoint(run_dir)
+        for line in damaged:
+            logger.warning("%s; exporting an older checkpoint", line)
     if path is None or not (path / "trainable.safetensors").is_file():
         raise TrainConfigError(f"{run_dir}: no single-process checkpoint to export "
                                "(DeepSpeed runs export their final model themselves)")

@@ -16,7 +16,7 @@ import torch
 from phantom_dataset import add_bad_samples, read_report_texts, write_phantom_dataset
 from reg2rg.engine.tokens import train_tokenizer
 from reg2rg.train.config import load_train_config
-from reg2rg.train.trainer import LOG_FILE, Trainer, list_checkpoints
+from reg2rg.train.trainer import LOG_FILE, Trainer, list_checkpoints, verify_checkpoint
 
 BIN = Path(sys.executable).parent
 
@@ -120,11 +120,11 @@ def test_kill_and_resume_continues_at_the_right_step_with_the_same_data(phantoms
     subprocess.run(_train_cmd(root, csv_path, killed, **common), check=True, capture_output=True, timeout=300, env=env)
     log = _log(killed)
     steps = [r["step"] for r in log]
-    # steps after the newest checkpoint were repeated, then the run went on to the end
-    assert steps[done_before:] == list(range(resumed_from + 1, 7))
+    # the log was cut back to the checkpoint, the steps after it repeated once: every step logged once
+    assert steps == list(range(1, 7))
     reference = {r["step"]: r for r in _log(straight)}
     assert len({r["batch_digest"] for r in reference.values()}) == 6     # every step saw other data
-    for record in log[done_before:]:
+    for record in log[resumed_from:]:
         ref = reference[record["step"]]
         # same studies in the same region order, same weights: the uninterrupted run's loss (up to
         # the float noise of multi-threaded CPU kernels)
@@ -132,6 +132,87 @@ def test_kill_and_resume_continues_at_the_right_step_with_the_same_data(phantoms
         assert record["loss"] == pytest.approx(ref["loss"], rel=1e-3), record["step"]
         assert record["lr"] == pytest.approx(ref["lr"])
     assert len(list_checkpoints(killed)) == 2               # keep_last
+
+
+# Kill the run at the moment the epoch-end re-save of checkpoint-<step> is about to move its new folder
+# into place (the checkpoint was already saved at that step by save_steps): os.replace is wrapped so that
+# the second move of ".tmp-checkpoint-<step>" SIGKILLs the process instead.
+KILL_DURING_RESAVE = """
+import os, signal, sys
+from pathlib import Path
+
+target, moves, real_replace = ".tmp-checkpoint-" + sys.argv[1], [], os.replace
+
+def replace(src, dst, *args, **kwargs):
+    if Path(os.fspath(src)).name == target:
+        moves.append(src)
+        if len(moves) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+
+os.replace = replace
+from reg2rg.train.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_save_and_a_damaged_checkpoint_still_resume(phantoms, tmp_path):
+    """Issue 17, defect 4: (1) a kill while a checkpoint is re-saved loses neither it nor its older copy,
+    and the resumed log has each step once; (2) a corrupt file in the newest checkpoint is found by its
+    manifest: one message naming it, then the run resumes from the newest intact checkpoint and repeats
+    the same steps with the same losses; (3) with no intact checkpoint left, one clear line and rc 2."""
+    root, csv_path, _ = phantoms
+    # 3 studies, micro-batch 1: 3 steps per epoch; saves at 2, 3 (epoch end), 4, 6 and 6 again (epoch end), 8
+    common = {"train.max_steps": 8, "train.micro_batch_size": 1, "output.save_steps": 2, "output.keep_last": 3,
+              "output.save_every_epoch": True, "model.overrides.train_llm": "full"}
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = tmp_path / "run"
+    script = tmp_path / "kill_during_resave.py"
+    script.write_text(KILL_DURING_RESAVE)
+    cmd = _train_cmd(root, csv_path, out, **common)
+    killed = subprocess.run([sys.executable, str(script), "0000006", *cmd[1:]], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [r["step"] for r in _log(out)] == list(range(1, 7))          # killed after step 6 was logged
+    # the checkpoint being re-saved is still on disk, complete (moved aside or in place), never removed first
+    ckpts = out / "checkpoints"
+    assert (ckpts / "checkpoint-0000006").is_dir() or (ckpts / ".replaced-checkpoint-0000006").is_dir()
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 9))                # every step once, none repeated
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-0000004", "checkpoint-0000006",
+                                                       "checkpoint-0000008"]
+    assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")]     # no leftovers
+    for path in list_checkpoints(out):
+        assert (path / "manifest.json").is_file() and verify_checkpoint(path) is None
+
+    # damage the newest checkpoint (same size, one byte in the middle of the weights)
+    weights = ckpts / "checkpoint-0000008" / "trainable.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    before = {r["step"]: r for r in log}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "checkpoint-0000008: trainable.safetensors: its content differs from the manifest (damaged)" in again.stderr
+    assert "falling back to" in again.stderr and "checkpoint-0000006, the newest intact checkpoint" in again.stderr
+    assert "Traceback" not in again.stderr
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 9))
+    for step in (7, 8):                                 # the same data and weights as before the damage
+        assert log[step - 1]["batch_digest"] == before[step]["batch_digest"]
+        assert log[step - 1]["loss"] == pytest.approx(before[step]["loss"], rel=1e-3)
+    assert verify_checkpoint(ckpts / "checkpoint-0000008") is None      # written anew
+
+    # every checkpoint damaged: one clear line, rc 2, nothing started from scratch
+    for path in list_checkpoints(out):
+        (path / "optimizer.pt").write_bytes(b"broken")
+    broken = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert broken.returncode == 2 and "no intact checkpoint to resume from" in broken.stderr
+    assert "Traceback" not in broken.stderr
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(phantoms, tmp_path):
