@@ -1,7 +1,8 @@
 """The attention panel: where in the scan the model looked while writing a selected word, sentence or section.
 
-A selection in the draft becomes ``engine.attention_map(result, token_indices, layers, heads)``,
-computed on a worker thread (`AttentionWorker`). The resulting `AttentionMap` is shown as
+A view of the drafting session's attention selection and heat layer (`session.DraftingSession`): a
+selection in the draft becomes ``engine.attention_map(result, token_indices, layers, heads)``, computed by
+the session on a worker thread. The resulting `AttentionMap` is shown as
 
 - a heatmap over the CT in every slice view (its own layer in each view's image stack; colour map and
   opacity adjustable; low attention is transparent so the anatomy stays readable),
@@ -15,13 +16,9 @@ layer or chosen layers; mean of heads or chosen heads.
 from __future__ import annotations
 
 import logging
-import re
-import traceback
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-from PySide6.QtCore import QObject, QRectF, QSize, Qt, Signal, Slot
+from PySide6.QtCore import QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QFont, QPainter
 from PySide6.QtWidgets import (
     QComboBox,
@@ -37,113 +34,22 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .display import DisplayVolume
-from .document import ViewerDocument
-from .generation import WorkerJobs, describe_engine_error, engine_lock
+from .heat import (  # noqa: F401 - the heat layer's data helpers, re-exported for the panel's users
+    COLORMAPS,
+    HEAD_CHOICES,
+    HEAT_LEVELS,
+    LAYER_CHOICES,
+    TRANSPARENT_BELOW,
+    AttentionRequestError,
+    AttentionWorker,
+    colormap_table,
+    heatmap_to_display,
+    model_layout,
+    parse_indices,
+)
 from .style import REGION_COLORS
 
 logger = logging.getLogger("reg2rg.app.attention")
-
-# Colour maps as (position, r, g, b) control points, positions in [0, 1].
-COLORMAPS: dict[str, list[tuple[float, float, float, float]]] = {
-    "Hot": [(0.0, 0.0, 0.0, 0.0), (0.35, 0.9, 0.0, 0.0), (0.7, 1.0, 0.85, 0.0), (1.0, 1.0, 1.0, 1.0)],
-    "Jet": [(0.0, 0.0, 0.0, 0.6), (0.2, 0.0, 0.3, 1.0), (0.45, 0.0, 1.0, 1.0), (0.65, 1.0, 1.0, 0.0),
-            (0.85, 1.0, 0.3, 0.0), (1.0, 0.6, 0.0, 0.0)],
-    "Viridis": [(0.0, 0.27, 0.0, 0.33), (0.25, 0.23, 0.32, 0.55), (0.5, 0.13, 0.57, 0.55),
-                (0.75, 0.37, 0.79, 0.38), (1.0, 0.99, 0.91, 0.14)],
-}
-HEAT_LEVELS = 256
-TRANSPARENT_BELOW = 0.08          # the weakest attention is not drawn: the CT underneath stays visible
-
-LAYER_CHOICES = ("All layers", "Last layer", "Chosen layers")
-HEAD_CHOICES = ("Mean of heads", "Chosen heads")
-
-
-class AttentionRequestError(ValueError):
-    """An attention selection or aggregation that cannot be computed; the message says why."""
-
-
-def colormap_table(name: str, levels: int = HEAT_LEVELS) -> np.ndarray:
-    """RGBA (levels, 4) uint8 for heat values 0..levels-1: the colour map with an alpha ramp.
-
-    Alpha is 0 below `TRANSPARENT_BELOW` and rises to 1 at the top, so weak attention fades out.
-    """
-    points = np.asarray(COLORMAPS[name], dtype=np.float64)
-    x = np.linspace(0.0, 1.0, levels)
-    rgb = np.stack([np.interp(x, points[:, 0], points[:, c]) for c in (1, 2, 3)], axis=1)
-    alpha = np.clip((x - TRANSPARENT_BELOW) / (0.6 - TRANSPARENT_BELOW), 0.0, 1.0)
-    out = np.zeros((levels, 4), dtype=np.uint8)
-    out[:, :3] = np.round(rgb * 255)
-    out[:, 3] = np.round(alpha * 255)
-    return out
-
-
-def heatmap_to_display(heatmap: np.ndarray, volume: DisplayVolume, levels: int = HEAT_LEVELS) -> np.ndarray:
-    """A heatmap on the stored CT grid -> uint8 codes 0..levels-1 in display order (Fortran), max -> top.
-
-    The same flips/transposes as the CT (`DisplayVolume.ornt`), so heat and anatomy line up voxel for voxel.
-    """
-    heat = np.asarray(heatmap, dtype=np.float32)
-    if heat.shape != tuple(volume.stored_shape):
-        raise AttentionRequestError(f"the heatmap grid {heat.shape} is not the CT grid {tuple(volume.stored_shape)}")
-    disp = nib.orientations.apply_orientation(heat, volume.ornt)          # (I, J, K) display order
-    peak = float(disp.max()) if disp.size else 0.0
-    codes = np.zeros(disp.shape, dtype=np.uint8, order="F")
-    if peak > 0:
-        codes[...] = np.rint(np.clip(disp, 0, None) * ((levels - 1) / peak))   # a new array: the map stays intact
-    return codes
-
-
-def parse_indices(text: str, count: int, what: str) -> list[int]:
-    """``"0, 2-3"`` -> [0, 2, 3]; raises `AttentionRequestError` for anything outside 0..count-1."""
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
-        if m is None:
-            raise AttentionRequestError(f"{what}: {part!r} is not a number or a range like 2-5")
-        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-        out.extend(range(min(a, b), max(a, b) + 1))
-    if not out:
-        raise AttentionRequestError(f"{what}: give at least one index (0..{count - 1})")
-    bad = sorted({i for i in out if not 0 <= i < count})
-    if bad:
-        raise AttentionRequestError(f"{what}: {bad} outside 0..{count - 1}")
-    return sorted(set(out))
-
-
-def model_layout(engine) -> tuple[int, int]:
-    """(layers, heads) of the engine's language model (for the aggregation choices)."""
-    lm = engine.model.lang_model
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    cfg = base.config
-    return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
-
-
-class AttentionWorker(QObject):
-    """One ``engine.attention_map`` call on a worker thread; ``finished`` or ``failed``, then ``done``."""
-
-    finished = Signal(object)         # AttentionMap
-    failed = Signal(str)
-    done = Signal()
-
-    def __init__(self, engine, result, token_indices, layers, heads) -> None:
-        super().__init__()
-        self.engine, self.result, self.token_indices = engine, result, list(token_indices)
-        self.layers, self.heads = layers, heads
-
-    @Slot()
-    def run(self) -> None:
-        try:
-            with engine_lock(self.engine):
-                amap = self.engine.attention_map(self.result, self.token_indices, layers=self.layers, heads=self.heads)
-        except Exception as exc:  # noqa: BLE001 - shown to the user; the draft stays
-            logger.debug("attention map failed:\n%s", traceback.format_exc())
-            self.failed.emit(describe_engine_error(exc))
-        else:
-            self.finished.emit(amap)
-        finally:
-            self.done.emit()
-
 
 class SharesChart(QWidget):
     """Horizontal bars: the share of attention on the global image, each region slot and the rest."""
@@ -208,27 +114,17 @@ class SharesChart(QWidget):
 
 
 class AttentionPanel(QWidget):
-    """Computes and shows attention maps for selections in the draft (see the module docstring)."""
+    """Shows and adjusts the session's heat layer and attention aggregation (see the module docstring)."""
 
-    heatmapChanged = Signal()          # a new map is shown (or the map was cleared)
-    errorOccurred = Signal(str)
-
-    def __init__(self, document: ViewerDocument, views, parent=None) -> None:
+    def __init__(self, session, parent=None) -> None:
         super().__init__(parent)
         self.setObjectName("attention_panel")
-        self.document = document
-        self.views = list(views)
-        self.current = None                     # AttentionMap shown now
-        self.current_label = ""
-        self._display_codes: np.ndarray | None = None
-        self._worker: AttentionWorker | None = None
-        self._jobs = WorkerJobs(self)
-        self._pending = None                    # the latest request made while a map was computing
-        self._running_label = ""
-        self._last_request = None
-        self._layout_info: tuple[int, int] | None = None
+        self.session = session
         self._build()
-        document.studyChanged.connect(self.clear)
+        session.attentionStarted.connect(self._on_started)
+        session.attentionFailed.connect(self._on_failed)
+        session.heatLayerChanged.connect(self._show_layer)
+        self._show_layer()
 
     # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -252,16 +148,16 @@ class AttentionPanel(QWidget):
             edit.returnPressed.connect(self.recompute)
         self.colormap = QComboBox()
         self.colormap.addItems(list(COLORMAPS))
-        self.colormap.currentTextChanged.connect(lambda _t: self._show_heatmap())
+        self.colormap.currentTextChanged.connect(lambda name: self.session.set_heat_style(colormap=name))
         self.opacity = QSlider(Qt.Horizontal)
         self.opacity.setRange(0, 100)
-        self.opacity.setValue(60)
-        self.opacity.valueChanged.connect(lambda _v: self._show_heatmap())
-        self.opacity_label = QLabel("60%")
+        self.opacity.setValue(int(round(self.session.heat.opacity * 100)))
+        self.opacity.valueChanged.connect(lambda v: self.session.set_heat_style(opacity=v / 100.0))
+        self.opacity_label = QLabel(f"{self.opacity.value()}%")
         self.opacity_label.setMinimumWidth(36)
         self.show_box = QPushButton("Hide")
         self.show_box.setCheckable(True)
-        self.show_box.toggled.connect(self._set_hidden)
+        self.show_box.toggled.connect(lambda hidden: self.session.set_heat_style(visible=not hidden))
         self.save_button = QPushButton("Save NIfTI…")
         self.save_button.setToolTip("Save the heatmap as NIfTI on the CT grid (the CT's affine)")
         self.save_button.setEnabled(False)
@@ -307,15 +203,20 @@ class AttentionPanel(QWidget):
         lay.addLayout(buttons)
         lay.addStretch(1)
 
+    @staticmethod
+    def _show_ids(edit: QLineEdit, on: bool) -> None:
+        edit.setEnabled(on)
+        edit.setVisible(on)
+
     # -- requests ----------------------------------------------------------------------------
-    def aggregation(self, engine) -> tuple[str | list[int], str | list[int]]:
-        """(layers, heads) for ``engine.attention_map`` from the aggregation choices."""
-        n_layers, n_heads = model_layout(engine)
+    def aggregation(self) -> tuple[str | list[int], str | list[int]]:
+        """(layers, heads) for the session from the aggregation choices (``"last"``: the last layer)."""
+        n_layers, n_heads = self.session.attention_layout()
         choice = self.layers.currentText()
         if choice == "All layers":
             layers: str | list[int] = "all"
         elif choice == "Last layer":
-            layers = [n_layers - 1]
+            layers = "last"
         else:
             layers = parse_indices(self.layer_ids.text(), n_layers, "Layers")
         heads: str | list[int] = "mean"
@@ -323,117 +224,68 @@ class AttentionPanel(QWidget):
             heads = parse_indices(self.head_ids.text(), n_heads, "Heads")
         return layers, heads
 
-    def request(self, engine, result, token_indices, label: str) -> None:
-        """Compute (off the GUI thread) and show the attention of ``token_indices`` of ``result``."""
-        self._last_request = (engine, result, list(token_indices), label)
-        try:
-            self._layout_info = model_layout(engine)
-            layers, heads = self.aggregation(engine)
-        except AttentionRequestError as exc:
-            self.status.setText(str(exc))
-            self.errorOccurred.emit(str(exc))
-            return
-        if not token_indices:
-            self.status.setText("The selection holds no generated words")
-            return
-        if self._worker is not None:              # one map at a time; the latest selection wins
-            self._pending = (engine, result, list(token_indices), label, layers, heads)
-            return
-        self._start(engine, result, list(token_indices), label, layers, heads)
-
     def recompute(self) -> None:
-        """Aggregation changed: recompute the last selection."""
-        if self._last_request is not None:
-            self.request(*self._last_request)
-
-    @staticmethod
-    def _show_ids(edit: QLineEdit, on: bool) -> None:
-        edit.setEnabled(on)
-        edit.setVisible(on)
-
-    def _set_hidden(self, hidden: bool) -> None:
-        self.show_box.setText("Show" if hidden else "Hide")
-        self._show_heatmap()
-
-    def _start(self, engine, result, idx, label, layers, heads) -> None:
-        worker = AttentionWorker(engine, result, idx, layers, heads)
-        # Bound methods of this GUI-thread object: Qt queues the calls onto the GUI thread (a lambda
-        # would run on the worker thread and render VTK from there).
-        self._running_label = label
-        worker.finished.connect(self._on_map)
-        worker.failed.connect(self._on_failed)
-        worker.done.connect(self._on_done)
-        self._worker = worker
-        self.status.setText(f"Computing attention of {len(idx)} token(s)…")
-        self.selection_label.setText(f"<b>Selection:</b> {label}")
-        self._jobs.start(worker)
-
-    def is_busy(self) -> bool:
-        return self._worker is not None
-
-    def _on_done(self) -> None:
-        self._worker = None
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._start(*pending)
-
-    def _on_failed(self, message: str) -> None:
-        self.status.setText("Attention map failed")
-        self.errorOccurred.emit(message)
-
-    def _on_map(self, amap) -> None:
-        label = self._running_label
-        vol = self.document.volume
-        if vol is None:
-            return
+        """Aggregation changed: the session computes the current selection again."""
         try:
-            codes = heatmap_to_display(amap.heatmap, vol)
+            layers, heads = self.aggregation()
         except AttentionRequestError as exc:
             self._on_failed(str(exc))
             return
-        self.current, self.current_label = amap, label
-        self._display_codes = codes
+        self.session.set_attention_aggregation(layers, heads)
+
+    # -- display -----------------------------------------------------------------------------
+    def _on_started(self, label: str) -> None:
+        sel = self.session.selection
+        n = len(sel.token_indices) if sel is not None else 0
+        self.status.setText(f"Computing attention of {n} token(s)…")
+        self.selection_label.setText(f"<b>Selection:</b> {label}")
+
+    def _on_failed(self, message: str) -> None:
+        self.status.setText(message if len(message) < 90 else "Attention map failed")
+        self.status.setToolTip(message)
+
+    def _show_layer(self) -> None:
+        heat = self.session.heat
+        self.opacity_label.setText(f"{int(round(heat.opacity * 100))}%")
+        amap = heat.amap
+        self.save_button.setEnabled(amap is not None)
+        self.peak_button.setEnabled(amap is not None)
+        if amap is None:
+            self.chart.set_shares(None)
+            if self.session.selection is None:
+                self.selection_label.setText("No selection — select a word, a sentence (Ctrl+click) or use a "
+                                             "section's “Attention” button in the draft")
+                self.status.setText("")
+            return
+        self.selection_label.setText(f"<b>Selection:</b> {heat.label}")
         self.chart.set_shares(amap.shares, amap.other_share)
-        layers = "all layers" if len(amap.layers) == (self._layout_info or (0,))[0] else \
+        try:
+            n_layers = self.session.attention_layout()[0]
+        except AttentionRequestError:
+            n_layers = 0
+        layers = "all layers" if len(amap.layers) == n_layers else \
             "layer" + ("s " if len(amap.layers) > 1 else " ") + ", ".join(map(str, amap.layers))
         heads = "mean of heads" if amap.heads == "mean" else "heads " + ", ".join(map(str, amap.heads))
         self.status.setText(f"{len(amap.token_indices)} token(s) · {layers} · {heads}")
-        self.save_button.setEnabled(True)
-        self.peak_button.setEnabled(True)
-        self._show_heatmap()
 
-    # -- display -----------------------------------------------------------------------------
-    def _show_heatmap(self) -> None:
-        self.opacity_label.setText(f"{self.opacity.value()}%")
-        hidden = self.show_box.isChecked() or self._display_codes is None
-        table = colormap_table(self.colormap.currentText())
-        for view in self.views:
-            view.set_heatmap(None if hidden else self._display_codes, table, self.opacity.value() / 100.0)
-        self.heatmapChanged.emit()
+    @property
+    def current(self):
+        """The attention map shown now (None when nothing is shown)."""
+        return self.session.heat.amap
 
-    def clear(self) -> None:
-        """Hide the heatmap and forget the map (a new study, a new draft)."""
-        self.current, self._display_codes, self._last_request = None, None, None
-        self.chart.set_shares(None)
-        self.selection_label.setText("No selection — select a word, a sentence (Ctrl+click) or use a "
-                                     "section's “Attention” button in the draft")
-        self.status.setText("")
-        self.save_button.setEnabled(False)
-        self.peak_button.setEnabled(False)
-        self._show_heatmap()
+    def is_busy(self) -> bool:
+        return self.session.attention_busy()
 
     def go_to_peak(self) -> None:
         """Move the crosshair to the voxel with the most attention."""
-        vol = self.document.volume
-        if self.current is not None and vol is not None:
-            self.document.set_cursor(vol.from_stored(self.current.peak_voxel))
+        peak = self.session.peak_voxel()
+        if peak is not None:
+            self.session.document.set_cursor(peak)
 
     # -- saving ------------------------------------------------------------------------------
     def save_nifti(self, path: str | Path) -> Path:
         """Write the current heatmap as NIfTI on the CT grid (float32, the CT's affine)."""
-        if self.current is None:
-            raise AttentionRequestError("there is no attention map to save; select words in the draft first")
-        return Path(self.current.save_nifti(path))
+        return self.session.save_heatmap(path)
 
     def save_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save heatmap as NIfTI", "attention.nii.gz",
@@ -443,4 +295,4 @@ class AttentionPanel(QWidget):
                 self.save_nifti(path)
                 self.status.setText(f"Saved {Path(path).name}")
             except (OSError, AttentionRequestError) as exc:
-                self.errorOccurred.emit(f"{path}: could not save the heatmap ({exc})")
+                self.session.errorOccurred.emit(f"{path}: could not save the heatmap ({exc})")

@@ -22,6 +22,20 @@ AXIS_SAGITTAL, AXIS_CORONAL, AXIS_AXIAL = 0, 1, 2
 VIEW_NAMES = {AXIS_AXIAL: "Axial", AXIS_CORONAL: "Coronal", AXIS_SAGITTAL: "Sagittal"}
 
 
+@dataclass(frozen=True)
+class SurfaceMesh:
+    """A triangle surface in display-world mm (a region's outline in 3D): plain arrays, no VTK objects,
+    so the document holds data and each view builds its own graphics from it."""
+
+    points: np.ndarray                      # (N, 3) float32 mm
+    triangles: np.ndarray                   # (M, 3) int64 indices into points
+    normals: np.ndarray | None = None       # (N, 3) float32 unit normals
+
+    @property
+    def n_triangles(self) -> int:
+        return int(len(self.triangles))
+
+
 @dataclass
 class DisplayVolume:
     """The study in display (RAS+) axis order, ready for VTK (Fortran order: axis 0 varies fastest)."""

@@ -43,7 +43,7 @@ class ViewerDocument(QObject):
         super().__init__(parent)
         self.study: Study | None = None
         self.volume: DisplayVolume | None = None
-        self.surfaces: dict = {}            # region -> vtkPolyData, built off the GUI thread
+        self.surfaces: dict = {}            # region -> SurfaceMesh (arrays, no VTK), built off the GUI thread
         self.cursor: tuple[int, int, int] = (0, 0, 0)
         self.window = DEFAULT_PRESET.window
         self.level = DEFAULT_PRESET.level

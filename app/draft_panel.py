@@ -1,14 +1,19 @@
-"""The draft panel: generate, stream, edit, accept, regenerate and export a region-by-region report."""
+"""The draft panel: a view of the drafting session (`session.DraftingSession`).
+
+It shows the model (with its validation status), the decoding settings, the regions, the streaming
+text, one editor per region section (state, flags, confidence colours) and the impression, and the
+AI-draft banner while a draft is open. Every action is a request to the session; the panel redraws
+from the session's signals and holds no drafting state of its own.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
 from html import escape
-from pathlib import Path
 
-from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
-from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor, QTextDocument
+from PySide6.QtCore import QEvent, QObject, Qt, Signal
+from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -17,7 +22,9 @@ from PySide6.QtWidgets import (
     QFrame,
     QGridLayout,
     QHBoxLayout,
+    QInputDialog,
     QLabel,
+    QLineEdit,
     QListWidget,
     QListWidgetItem,
     QMenu,
@@ -37,50 +44,22 @@ from PySide6.QtWidgets import (
 )
 
 from reg2rg.engine.regions import REGIONS
+from reg2rg.engine.report.txt import state_label
 
-from .document import ViewerDocument
-from .draft import (
-    ACCEPTED,
-    EDITED,
-    NOT_DRAFTED,
-    DraftFileError,
-    DraftSection,
-    DraftStore,
-    ReportDraft,
-    export_json,
-    export_text,
-    section_from_result,
-    study_key,
-)
-from .generation import EngineLoader, GenerationWorker, ModelChoice, WorkerJobs
+from .draft import ACCEPTED, EDITED, NOT_DRAFTED, REJECTED, STOPPED, DraftSection
+from .generation import ModelChoice
+from .session import DraftingSession
 
 logger = logging.getLogger("reg2rg.app.draft")
 
-AUTOSAVE_DELAY_MS = 800
 LOW_CONFIDENCE = "low\u2011confidence"     # a non-breaking hyphen: the header never wraps inside the word
 EDITOR_MIN_H, EDITOR_MAX_H = 34, 220     # a section editor's height range (pixels), fitted to its text
-NO_MASKS_REASON = ("No region masks: Reg2RG drafts region by region. Open them (File ▸ Open masks…) "
-                   "or make them (File ▸ Segment regions…).")
 
 
 def confidence_color(prob: float, threshold: float) -> QColor:
     """Background for a token below the threshold: red when very unsure, amber near the threshold."""
     t = max(0.0, min(1.0, prob / max(threshold, 1e-6)))
     return QColor(int(200 + 30 * t), int(50 + 130 * t), 50, 150)
-
-
-def describe_model_dir(path) -> str:
-    """A short model name for the panel: "embedded demo" for the demo model, else the folder's name."""
-    if not path:
-        return "in memory"
-    from reg2rg.engine.generation import default_model_dir
-
-    try:
-        if Path(path).resolve() == default_model_dir().resolve():
-            return "embedded demo"
-    except OSError:
-        pass
-    return Path(path).name
 
 
 def sentence_span(text: str, pos: int) -> tuple[int, int]:
@@ -112,17 +91,19 @@ def token_tooltip(tok) -> str:
 class SectionEditor(QFrame):
     """One region section: header (region, grounding, state, low-confidence words), text, actions."""
 
-    textEdited = Signal(object, str)      # slot, text
-    acceptRequested = Signal(object)
+    textEdited = Signal(object, str)      # section key, text
+    acceptRequested = Signal(object)      # section key
+    rejectRequested = Signal(object)
     resetRequested = Signal(object)
     regenerateRequested = Signal(str)     # region
-    spanSelected = Signal(object, int, int)   # slot, start, end (characters of the section text)
+    spanSelected = Signal(object, int, int)   # section key, start, end (characters of the section text)
+    attentionRequested = Signal(object)   # section key: the whole section
 
     def __init__(self, section: DraftSection, parent=None) -> None:
         super().__init__(parent)
         self.section = section
         self.setFrameShape(QFrame.StyledPanel)
-        self.setObjectName(f"section_{section.slot}")
+        self.setObjectName(f"section_{section.key}")
         # As tall as its content, never stretched: spare room in the draft list stays below the sections.
         self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Maximum)
         self.header = QLabel()
@@ -138,18 +119,20 @@ class SectionEditor(QFrame):
         # several sections fit on screen, and the draft list scrolls instead of squashing them.
         self.editor.document().documentLayout().documentSizeChanged.connect(lambda _s: self._fit_height())
         self.editor.viewport().installEventFilter(self)
-        self.editor.textChanged.connect(lambda: self.textEdited.emit(self.section.slot, self.editor.toPlainText()))
+        self.editor.textChanged.connect(lambda: self.textEdited.emit(self.section.key, self.editor.toPlainText()))
         self.accept_button = QPushButton("Accept")
+        self.reject_button = QPushButton("Reject")
+        self.reject_button.setToolTip("Leave this section out of the report")
         self.reset_button = QPushButton("Reset")
         self.regenerate_button = QPushButton("Regenerate")
-        self.accept_button.clicked.connect(lambda: self.acceptRequested.emit(self.section.slot))
-        self.reset_button.clicked.connect(lambda: self.resetRequested.emit(self.section.slot))
+        self.accept_button.clicked.connect(lambda: self.acceptRequested.emit(self.section.key))
+        self.reject_button.clicked.connect(lambda: self.rejectRequested.emit(self.section.key))
+        self.reset_button.clicked.connect(lambda: self.resetRequested.emit(self.section.key))
         self.regenerate_button.clicked.connect(lambda: self.regenerateRequested.emit(self.section.region or ""))
         self.regenerate_button.setEnabled(bool(section.region))
         self.attention_button = QPushButton("Attention")
         self.attention_button.setToolTip("Where the model looked while writing this section")
-        self.attention_button.clicked.connect(
-            lambda: self.spanSelected.emit(self.section.slot, 0, len(self.section.text)))
+        self.attention_button.clicked.connect(lambda: self.attentionRequested.emit(self.section.key))
         self.editor.selectionChanged.connect(self._on_selection)
         self.editor.setToolTip("")
         # The actions sit on the header line (small buttons): more sections fit on screen at once.
@@ -157,7 +140,8 @@ class SectionEditor(QFrame):
         top = QHBoxLayout()
         top.setSpacing(3)
         top.addWidget(self.header, 1)
-        for b in (self.attention_button, self.accept_button, self.regenerate_button, self.reset_button):
+        for b in (self.attention_button, self.accept_button, self.reject_button, self.regenerate_button,
+                  self.reset_button):
             b.setObjectName("section_action")
             b.setStyleSheet("QPushButton { padding: 1px 7px; }")
             top.addWidget(b)
@@ -188,22 +172,29 @@ class SectionEditor(QFrame):
             self.editor.blockSignals(False)
         self.apply_confidence(self.colour_on, self.threshold)
 
+    STATE_STYLE = {ACCEPTED: ("#6fcf7f", "✔ "), EDITED: ("#8fb8ff", "✎ "), REJECTED: ("#e07070", "✘ "),
+                   STOPPED: ("#e0a050", "■ "), NOT_DRAFTED: ("#999999", "")}
+
     def _update_header(self) -> None:
-        """Region, slot, state, the count of words below the threshold, and any grounding mismatch."""
+        """Region, review state, the count of words below the threshold, and the section's flags."""
         s = self.section
-        state = {ACCEPTED: "<span style='color:#6fcf7f'>✔ accepted</span>",
-                 EDITED: "<span style='color:#8fb8ff'>✎ edited</span>",
-                 NOT_DRAFTED: f"<span style='color:#e0a050'>not drafted: {escape(s.note or 'no text')}</span>",
-                 }.get(s.state, "<span style='color:#999'>draft</span>")
+        colour, mark = self.STATE_STYLE.get(s.state, ("#999999", ""))
+        label = state_label(s) + (f": {s.note}" if s.state == NOT_DRAFTED and s.note else "")
+        state = f"<span style='color:{colour}'>{mark}{escape(label)}</span>"
         slot = f"region {s.slot}" if s.slot is not None else "report"
         grounding = "" if s.grounding_ok or s.slot is None or s.state == NOT_DRAFTED else (
             f" &nbsp;<span style='color:#ff7a5c'>⚠ the model named “{s.area or 'no area'}”, "
             f"the mask is {s.region or 'missing'}</span>")
         n_low = len(s.low_confidence(self.threshold if hasattr(self, "threshold") else 0.5))
         low = (f" &nbsp;<span style='color:#e0a050'>{n_low}&nbsp;{LOW_CONFIDENCE}</span>" if n_low else "")
+        cut = " &nbsp;<span style='color:#e0a050'>⚠ cut off</span>" if s.truncated else ""
+        checks = "".join(f" &nbsp;<span style='color:#e0a050'>⚑ {escape(c.message)}</span>" for c in s.checks)
         # The slot number is for checking against the prompt, not for reading: it lives in the tooltip.
-        self.header.setToolTip(f"{slot} of the prompt" + (f" · mask: {s.region}" if s.region else ""))
-        self.header.setText(f"<b>{s.title}</b> &nbsp;{state}{low}{grounding}")
+        self.header.setToolTip(f"{slot} of the prompt" + (f" · mask: {s.region}" if s.region else "")
+                               + (f" · {s.note}" if s.note else ""))
+        self.header.setText(f"<b>{escape(s.title)}</b> &nbsp;{state}{low}{grounding}{cut}{checks}")
+        self.accept_button.setEnabled(s.state != ACCEPTED)
+        self.reject_button.setEnabled(s.state != REJECTED)
 
     def apply_confidence(self, on: bool, threshold: float) -> None:
         """Colour words below ``threshold``; list the section's lowest-confidence words."""
@@ -240,7 +231,7 @@ class SectionEditor(QFrame):
     def _on_selection(self) -> None:
         cur = self.editor.textCursor()
         if cur.hasSelection():
-            self.spanSelected.emit(self.section.slot, cur.selectionStart(), cur.selectionEnd())
+            self.spanSelected.emit(self.section.key, cur.selectionStart(), cur.selectionEnd())
 
     def eventFilter(self, obj: QObject, ev: QEvent) -> bool:  # noqa: N802
         if ev.type() == QEvent.ToolTip:
@@ -255,65 +246,63 @@ class SectionEditor(QFrame):
             pos = self.editor.cursorForPosition(ev.position().toPoint()).position()
             a, b = sentence_span(self.editor.toPlainText(), pos)
             if b > a:
-                self.spanSelected.emit(self.section.slot, a, b)
+                self.spanSelected.emit(self.section.key, a, b)
             return False
         return False
 
 
 class DraftPanel(QWidget):
-    """Drafting with the engine; observes the document's study, owns the ReportDraft and its autosave."""
+    """A view of the drafting session: it observes the session's signals and sends it requests."""
 
-    errorOccurred = Signal(str)
-    tokenStreamed = Signal(object)        # engine TokenEvent, re-emitted on the GUI thread
-    resultReady = Signal(object)          # engine DraftResult
-    generationFinished = Signal()
-    draftChanged = Signal()
-    attentionRequested = Signal(object, object, str)   # DraftResult, token indices (list), description
-
-    def __init__(self, document: ViewerDocument, parent=None, store: DraftStore | None = None) -> None:
+    def __init__(self, session: DraftingSession, parent=None) -> None:
         super().__init__(parent)
-        self.document = document
+        self.session = session
         self.setObjectName("draft_panel")
-        self.store = store or DraftStore()
-        self.engine = None
-        self.model_dir: str | None = None
-        self.model_choice = ModelChoice()
-        self.draft: ReportDraft | None = None
         self.restore_box: QMessageBox | None = None
+        self.reviewer_dialog: QInputDialog | None = None
         self.mask_check_box: QMessageBox | None = None
-        self._masks_acknowledged = None     # the study whose mask problems the reader chose to draft past
-        self._jobs = WorkerJobs(self)  # (thread, worker) pairs kept alive while they run
-        self._worker: GenerationWorker | None = None
-        self._regenerating: str | None = None
         self._editors: list[SectionEditor] = []
-        self.results: dict = {}            # section slot -> the DraftResult its tokens belong to
-        self._selection = None
-        self._selection_timer = QTimer(self)
-        self._selection_timer.setSingleShot(True)
-        self._selection_timer.setInterval(250)   # a drag selects many spans; ask for the last one only
-        self._selection_timer.timeout.connect(lambda: self._selection and self.request_attention(*self._selection))
-        self._autosave = QTimer(self)
-        self._autosave.setSingleShot(True)
-        self._autosave.setInterval(AUTOSAVE_DELAY_MS)
-        self._autosave.timeout.connect(self.autosave_now)
         self._build()
-        document.studyChanged.connect(self._on_study)
+        session.modelChanged.connect(self._show_model)
+        session.busyChanged.connect(self._show_busy)
+        session.statusChanged.connect(self.status.setText)
+        session.encodingStarted.connect(self._on_encoding_started)
+        session.encodingDone.connect(lambda _ev: self.busy.setRange(0, 0))
+        session.tokenStreamed.connect(self._on_token)
+        session.draftReplaced.connect(self._rebuild_sections)
+        session.sectionChanged.connect(self._refresh)
+        session.draftChanged.connect(self._show_review)
+        session.regionsChanged.connect(self._show_regions)
+        session.restoreOffered.connect(self._offer_restore)
+        session.reviewerNeeded.connect(self._ask_reviewer)
+        session.maskCheckNeeded.connect(self._ask_mask_check)
+        self._show_model()
+        self._show_regions()
+        self._show_review()
+        self._push_settings()
 
     # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
-        self.model_label = QLabel("Model: embedded demo")
+        self.banner = QLabel()
+        self.banner.setObjectName("ai_draft_banner")
+        self.banner.setWordWrap(True)
+        self.banner.setStyleSheet("QLabel { background: #8c1d18; color: white; font-weight: bold; padding: 4px 6px;"
+                                  " border-radius: 3px; }")
+        self.banner.hide()
+        self.model_label = QLabel()
+        self.model_label.setTextFormat(Qt.RichText)
         self.model_button = QToolButton()
         self.model_button.setText("Model ▾")
         self.model_button.setPopupMode(QToolButton.InstantPopup)
         menu = QMenu(self.model_button)
-        menu.addAction("Embedded demo model", lambda: self.set_model(ModelChoice()))
+        menu.addAction("Embedded demo model", lambda: self.session.set_model(ModelChoice()))
         menu.addAction("Model folder…", self._choose_model)
         menu.addAction("Published checkpoint + LLaMA folder…", self._choose_published)
         self.model_button.setMenu(menu)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
         self.device.setToolTip("Where the model runs (auto: CUDA when available)")
-        self.device.currentTextChanged.connect(lambda _d: self._forget_engine())
+        self.device.currentTextChanged.connect(self.session.set_device)
         self.settings_button = QToolButton()
         self.settings_button.setText("Decoding ▸")
         self.settings_button.setCheckable(True)
@@ -328,13 +317,14 @@ class DraftPanel(QWidget):
         self.region_list.setFlow(QListWidget.LeftToRight)
         self.region_list.setWrapping(True)
         self.region_list.setMaximumHeight(46)   # two rows of region check boxes
+        self.region_list.itemChanged.connect(lambda _item: self.session.set_regions(self.selected_regions() or None))
         self.generate_button = QPushButton("Generate")
         self.generate_button.setStyleSheet("QPushButton { background: #2f6f4f; font-weight: bold; }")
         self.stop_button = QPushButton("Stop")
         self.stop_button.setEnabled(False)
-        self.generate_button.clicked.connect(lambda: self.generate())
-        self.stop_button.clicked.connect(self.stop)
-        self.status = QLabel("Open a study to draft a report")
+        self.generate_button.clicked.connect(lambda: self.session.generate())
+        self.stop_button.clicked.connect(self.session.stop)
+        self.status = QLabel(self.session.status)
         self.status.setWordWrap(True)
         self.busy = QProgressBar()
         self.busy.setMaximumHeight(8)
@@ -363,12 +353,35 @@ class DraftPanel(QWidget):
         self.sections_host = QWidget()
         self.sections_layout = QVBoxLayout(self.sections_host)
         self.sections_layout.setContentsMargins(0, 0, 0, 0)
+        self.impression_box = QFrame()
+        self.impression_box.setObjectName("impression")
+        self.impression_box.setFrameShape(QFrame.StyledPanel)
+        self.impression = QPlainTextEdit()
+        self.impression.setPlaceholderText("Impression (written by the reader)")
+        self.impression.setMaximumHeight(80)
+        self.impression.textChanged.connect(lambda: self.session.set_impression(self.impression.toPlainText()))
+        self.seed_button = QPushButton("From findings")
+        self.seed_button.setToolTip("Start the impression from the sentences that report a finding")
+        self.seed_button.clicked.connect(self.session.seed_impression)
+        self.review_label = QLabel()
+        self.review_label.setWordWrap(True)
+        self.review_label.setStyleSheet("color: #c8ccd4;")
+        imp_top = QHBoxLayout()
+        imp_top.addWidget(QLabel("<b>Impression</b>"), 1)
+        imp_top.addWidget(self.seed_button)
+        imp_lay = QVBoxLayout(self.impression_box)
+        imp_lay.setContentsMargins(6, 4, 6, 5)
+        imp_lay.addLayout(imp_top)
+        imp_lay.addWidget(self.impression)
+        imp_lay.addWidget(self.review_label)
+        self.sections_layout.addWidget(self.impression_box)
         self.sections_layout.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setWidget(self.sections_host)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
+        lay.addWidget(self.banner)
         lay.addLayout(row1)
         lay.addWidget(self.settings_box)
         lay.addWidget(self.region_list)
@@ -377,47 +390,6 @@ class DraftPanel(QWidget):
         lay.addLayout(row3)
         lay.addWidget(self.stream)
         lay.addWidget(scroll, 1)
-
-    # -- engine ------------------------------------------------------------------------------
-    def set_engine(self, engine) -> None:
-        """Use this engine (injected by tests or after loading a model)."""
-        self.engine = engine
-        where = getattr(engine, "model_dir", None)
-        self.model_label.setText(f"Model: {describe_model_dir(where)}")
-        self.model_label.setToolTip(str(where or "a model built in memory"))
-
-    def set_model(self, choice: ModelChoice) -> None:
-        """Draft with this model from the next generation on (loaded then, off the GUI thread)."""
-        self.model_choice = choice
-        self.model_dir = choice.path if choice.kind == "folder" else (choice.checkpoint if choice.kind == "published" else None)
-        self.engine = None
-        self.model_label.setText(f"Model: {choice.describe()}")
-        self.model_label.setToolTip(choice.describe(full=True))
-        if getattr(self, "decoding_preset", None) is not None and self.decoding_preset.currentText() == "published":
-            self._apply_decoding_preset()       # the published preset follows the new model's LLaMA folder
-
-    def set_model_dir(self, path: str | None) -> None:
-        """A model folder (None: the embedded demo model)."""
-        self.set_model(ModelChoice("folder", path) if path else ModelChoice())
-
-    def _forget_engine(self) -> None:
-        if self.engine is not None and self._worker is None:
-            self.engine = None              # the next generation loads the model on the new device
-            self.model_label.setText(f"Model: {self.model_choice.describe()}")
-
-    def _choose_model(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Choose a model folder")
-        if path:
-            self.set_model_dir(path)
-
-    def _choose_published(self) -> None:
-        ckpt, _ = QFileDialog.getOpenFileName(self, "Published Reg2RG checkpoint", "",
-                                              "Checkpoints (*.bin *.pt *.pth *.safetensors);;All files (*)")
-        if not ckpt:
-            return
-        llm = QFileDialog.getExistingDirectory(self, "Local LLaMA-2-7B-chat folder (tokenizer and weights)")
-        if llm:
-            self.set_model(ModelChoice("published", checkpoint=ckpt, llm_path=llm))
 
     def _build_settings(self) -> QWidget:
         """Decoding settings (GenerationSettings): a preset, then strategy, temperature, top-k, top-p, seed,
@@ -468,7 +440,6 @@ class DraftPanel(QWidget):
             grid.addWidget(QLabel(label), r, 2 * c, Qt.AlignRight)
             grid.addWidget(w, r, 2 * c + 1)
         self.strategy.currentTextChanged.connect(self._strategy_changed)
-        self._strategy_changed(self.strategy.currentText())
         self._filling_preset = False
         self.decoding_preset.currentTextChanged.connect(lambda _name: self._apply_decoding_preset())
         for w in (self.temperature, self.top_p):
@@ -476,6 +447,7 @@ class DraftPanel(QWidget):
         for w in (self.top_k, self.seed, self.num_beams, self.max_tokens):
             w.valueChanged.connect(self._settings_edited)
         self.strategy.currentTextChanged.connect(self._settings_edited)
+        self._strategy_changed(self.strategy.currentText())
         self._apply_decoding_preset()
         return box
 
@@ -487,10 +459,10 @@ class DraftPanel(QWidget):
         from reg2rg.engine.presets import decoding_preset
 
         try:
-            s = decoding_preset(name, self.model_choice.llm_folder())
+            s = decoding_preset(name, self.session.model_choice.llm_folder())
         except ValueError as err:                   # a generation_config.json the engine cannot follow
             self.decoding_preset.setCurrentText("custom")
-            self.errorOccurred.emit(f"Decoding preset {name!r}: {err}")
+            self.session.errorOccurred.emit(f"Decoding preset {name!r}: {err}")
             return
         self._filling_preset = True
         try:
@@ -511,6 +483,7 @@ class DraftPanel(QWidget):
             self.decoding_preset.setCurrentText("custom")
             self.decoding_preset.blockSignals(False)
             self._strategy_changed(self.strategy.currentText())
+        self._push_settings()
 
     def _strategy_changed(self, strategy: str) -> None:
         for w in (self.temperature, self.top_k, self.top_p, self.seed):
@@ -519,31 +492,11 @@ class DraftPanel(QWidget):
         preset = self.decoding_preset.currentText() if hasattr(self, "decoding_preset") else "custom"
         label = strategy if preset == "custom" else f"{preset} ({strategy})"
         self.settings_button.setText(f"Decoding: {label} {'▾' if self.settings_button.isChecked() else '▸'}")
+        self._push_settings()
 
     def _toggle_settings(self, on: bool) -> None:
         self.settings_box.setVisible(on)
         self._strategy_changed(self.strategy.currentText())
-
-    def can_generate(self) -> bool:
-        return self.generate_blocked_reason() is None and self._worker is None
-
-    def generate_blocked_reason(self) -> str | None:
-        """Why Generate is off (None when it is on): no study, or a study without region masks."""
-        study = self.document.study
-        if study is None:
-            return "Open a study to draft a report"
-        if not study.regions_present:
-            return NO_MASKS_REASON
-        return None
-
-    def _update_generate_button(self) -> None:
-        reason = self.generate_blocked_reason()
-        self.generate_button.setEnabled(reason is None and self._worker is None)
-        self.generate_button.setToolTip(reason or "Draft the report of the checked regions")
-
-    def selected_regions(self) -> list[str]:
-        return [self.region_list.item(i).text() for i in range(self.region_list.count())
-                if self.region_list.item(i).checkState() == Qt.Checked]
 
     def settings(self):
         """The decoding settings chosen in the panel, as the engine's `GenerationSettings`."""
@@ -556,305 +509,185 @@ class DraftPanel(QWidget):
                                   preset=None if self.decoding_preset.currentText() == "custom"
                                   else self.decoding_preset.currentText())
 
-    def generate(self, regions: list[str] | None = None, regenerate: str | None = None) -> None:
-        """Draft the report (or one region's section); loads the engine first when needed. When the masks
-        may not belong to this CT (`Study.mask_problems`) the reader is asked first; they may proceed."""
-        if not self.can_generate():
+    def _push_settings(self) -> None:
+        if hasattr(self, "decoding_preset") and not getattr(self, "_filling_preset", True):
+            self.session.set_settings(self.settings())
+
+    def selected_regions(self) -> list[str]:
+        return [self.region_list.item(i).text() for i in range(self.region_list.count())
+                if self.region_list.item(i).checkState() == Qt.Checked]
+
+    # -- model -------------------------------------------------------------------------------
+    def _choose_model(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Choose a model folder")
+        if path:
+            self.session.set_model_dir(path)
+
+    def _choose_published(self) -> None:
+        ckpt, _ = QFileDialog.getOpenFileName(self, "Published Reg2RG checkpoint", "",
+                                              "Checkpoints (*.bin *.pt *.pth *.safetensors);;All files (*)")
+        if not ckpt:
             return
-        study = self.document.study
-        if study.mask_problems and self._masks_acknowledged is not study:
-            box = QMessageBox(QMessageBox.Warning, "Check the region masks",
-                              "The region masks may not belong to this CT:\n\n"
-                              + "\n".join(f"• {p}" for p in study.mask_problems[:8])
-                              + "\n\nThe draft describes what lies under each mask. Draft anyway?",
-                              QMessageBox.Cancel, self)
-            box.addButton("Draft anyway", QMessageBox.AcceptRole)
-            box.setWindowModality(Qt.WindowModal)
+        llm = QFileDialog.getExistingDirectory(self, "Local LLaMA-2-7B-chat folder (tokenizer and weights)")
+        if llm:
+            self.session.set_model(ModelChoice("published", checkpoint=ckpt, llm_path=llm))
 
-            def answered(_code, box=box, study=study):
-                if box.buttonRole(box.clickedButton()) == QMessageBox.AcceptRole:
-                    self._masks_acknowledged = study
-                    self.generate(regions, regenerate)
-            box.finished.connect(answered)
-            self.mask_check_box = box
-            box.open()
-            return
-        if self.engine is None:
-            self._set_busy(True, "Loading the model…")
-            loader = EngineLoader(self.model_choice, self.device.currentText())
-            self._after_load = (regions, regenerate)
-            loader.loaded.connect(self._on_engine_loaded)      # bound: queued onto the GUI thread
-            loader.failed.connect(self._on_load_failed)
-            self._run(loader)
-            return
-        regions = [regenerate] if regenerate else (regions or self.selected_regions() or None)
-        self._regenerating = regenerate
-        worker = GenerationWorker(self.engine, self.document.study, regions, self.settings())
-        worker.encodingStarted.connect(self._on_encoding_started)   # bound methods: run on the GUI thread
-        worker.encodingDone.connect(self._on_encoding_done)
-        worker.tokenGenerated.connect(self._on_token)
-        worker.finished.connect(self._on_finished)
-        worker.failed.connect(self._on_failed)
-        worker.done.connect(self._on_done)
-        self._worker = worker
-        self.stream.clear()
-        self.stream.show()
-        self.generate_button.setEnabled(False)
-        self.stop_button.setEnabled(True)
-        self._set_busy(True, "Starting…")
-        self._run(worker)
+    def _show_model(self) -> None:
+        """"Model: embedded demo · not validated (demonstration model)", the status coloured."""
+        if getattr(self, "decoding_preset", None) is not None and self.decoding_preset.currentText() == "published":
+            self._apply_decoding_preset()       # the published preset follows the new model's LLaMA folder
+        ok, what = self.session.validation_status()
+        colour = "#6fcf7f" if ok else "#e0a050"
+        self.model_label.setText(f"Model: {escape(self.session.model_name())} "
+                                 f"<span style='color:{colour}'>· {escape(what)}</span>")
+        where = self.session.model_dir()
+        self.model_label.setToolTip(str(where) if where is not None else "a model built in memory")
 
-    def _on_load_failed(self, message: str) -> None:
-        """The model did not load: say so, and end this generation attempt (the app stays usable)."""
-        self._on_failed(message)
-        self.busy.hide()
-        self.generationFinished.emit()
-
-    def _on_engine_loaded(self, engine) -> None:
-        self.set_engine(engine)
-        self._set_busy(False, "")
-        regions, regenerate = self._after_load
-        self.generate(regions, regenerate)
-
-    def _on_encoding_started(self, ev) -> None:
-        self._set_busy(True, f"Encoding {len(ev.regions)} region(s)…")
-
-    def _on_encoding_done(self, ev) -> None:
-        self.busy.setRange(0, 0)
-        self.status.setText(f"Writing… (prompt {ev.prompt_tokens} tokens, encoded in {ev.seconds:.1f} s)")
-
-    def regenerate(self, region: str) -> None:
-        if region:
-            self.generate(regenerate=region)
-
-    def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            self.status.setText("Stopping…")
-
-    def _run(self, worker) -> None:
-        self._jobs.start(worker)
-
-    def _set_busy(self, on: bool, text: str) -> None:
+    # -- generation --------------------------------------------------------------------------
+    def _show_busy(self, on: bool) -> None:
         self.busy.setVisible(on)
         self.busy.setRange(0, 0)
-        if text:
-            self.status.setText(text)
+        self._update_generate_button()
+        self.stop_button.setEnabled(on)
+
+    def _update_generate_button(self) -> None:
+        reason = self.session.generate_blocked_reason()
+        self.generate_button.setEnabled(reason is None and not self.session.busy)
+        self.generate_button.setToolTip(reason or "Draft the report of the checked regions")
+
+    def _on_encoding_started(self, _ev) -> None:
+        self.stream.clear()
+        self.stream.show()
 
     def _on_token(self, ev) -> None:
         if ev.text:
             self.stream.moveCursor(QTextCursor.End)
             self.stream.insertPlainText(ev.text)
-        self.status.setText(f"Writing… {ev.index + 1} tokens")
-        self.tokenStreamed.emit(ev)
 
-    def _on_finished(self, result) -> None:
-        study = self.document.study
-        if study is None:
-            return
-        if self._regenerating and self.draft is not None:
-            for s in result.sections:
-                if s.region == self._regenerating:
-                    self.draft.replace_section(section_from_result(result, s))
-                    self.results[self.draft.section_of_region(s.region).slot] = result
-        else:
-            self.draft = ReportDraft.from_result(result, study, model=str(self.model_dir or "demo"),
-                                                 study_key=study_key(study),
-                                                 not_drafted=getattr(result, "not_drafted", None))
-            self.results = {sec.slot: result for sec in self.draft.sections}
-        self.resultReady.emit(result)
-        how = "stopped" if result.cancelled else f"{len(result.tokens)} tokens"
-        self.status.setText(f"Draft ready ({how})")
-        self._rebuild_sections()
-        self._changed()
-
-    def _on_failed(self, message: str) -> None:
-        self._set_busy(False, "Generation failed")
-        self.errorOccurred.emit(message)
-
-    def _on_done(self) -> None:
-        self._worker = None
-        self._regenerating = None
+    def _show_regions(self) -> None:
+        study = self.session.document.study
+        self.region_list.blockSignals(True)
+        self.region_list.clear()
+        for region in REGIONS:
+            if study is not None and region in study.regions_present:
+                item = QListWidgetItem(region)
+                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                item.setCheckState(Qt.Checked)
+                self.region_list.addItem(item)
+        self.region_list.blockSignals(False)
+        self.session.set_regions(None)
         self._update_generate_button()
-        self.stop_button.setEnabled(False)
-        self.busy.hide()
-        self.generationFinished.emit()
 
-    # -- draft -------------------------------------------------------------------------------
+    # -- the draft ---------------------------------------------------------------------------
     def _rebuild_sections(self) -> None:
         for ed in self._editors:
             ed.setParent(None)
             ed.deleteLater()
         self._editors = []
+        draft = self.session.draft
         # The raw stream is for watching the model write; once sections exist they say the same, editable.
-        self.stream.setVisible(self.draft is None)
-        if self.draft is None:
-            return
-        for s in self.draft.sections:
+        self.stream.setVisible(draft is None)
+        if draft is None:
+            self.stream.clear()
+        for s in (draft.ordered_sections() if draft is not None else []):
             ed = SectionEditor(s, self.sections_host)
-            ed.textEdited.connect(self._on_text)
-            ed.acceptRequested.connect(lambda slot: (self.draft.accept(slot), self._refresh(slot), self._changed()))
-            ed.resetRequested.connect(lambda slot: (self.draft.reset(slot), self._refresh(slot), self._changed()))
-            ed.regenerateRequested.connect(self.regenerate)
-            ed.spanSelected.connect(self._on_span)
-            self.sections_layout.insertWidget(self.sections_layout.count() - 1, ed)
+            ed.textEdited.connect(self.session.edit_section)
+            ed.acceptRequested.connect(self.session.accept)
+            ed.rejectRequested.connect(self.session.reject)
+            ed.resetRequested.connect(self.session.reset)
+            ed.regenerateRequested.connect(self.session.regenerate)
+            ed.spanSelected.connect(self.session.select_span)
+            ed.attentionRequested.connect(self.session.request_attention)
+            self.sections_layout.insertWidget(len(self._editors), ed)
             self._editors.append(ed)
         self._apply_confidence()
+        self._show_review()
 
-    def _on_span(self, slot, start: int, end: int) -> None:
-        self._selection = (slot, start, end)
-        self._selection_timer.start()
+    def section_editor(self, key) -> SectionEditor:
+        return next(e for e in self._editors if e.section.key == key)
 
-    def request_attention(self, slot, start: int | None = None, end: int | None = None) -> list[int]:
-        """Ask for the attention of the generated tokens of section ``slot`` overlapping ``[start, end)``
-        (the whole section by default). Emits ``attentionRequested``; returns the token indices."""
-        if self.draft is None:
-            return []
-        section = self.draft.section(slot)
-        result = self.results.get(slot)
-        if result is None or self.engine is None:
-            self.status.setText("Attention needs the draft's model run: regenerate to see where it looked")
-            return []
-        if section.is_edited:
-            self.status.setText("This section was edited: reset it to see the model's attention")
-            return []
-        start = 0 if start is None else start
-        end = len(section.text) if end is None else end
-        picked = [t for t in section.tokens if t.start < end and t.end > start and t.text.strip()]
-        if not picked:
-            return []
-        idx = [t.index for t in picked]
-        words = section.text[max(0, min(t.start for t in picked)):max(t.end for t in picked)].strip()
-        label = f"{section.title}: “{words if len(words) <= 90 else words[:87] + '…'}”"
-        self.attentionRequested.emit(result, idx, label)
-        return idx
-
-    def section_editor(self, slot) -> SectionEditor:
-        return next(e for e in self._editors if e.section.slot == slot)
-
-    def _refresh(self, slot) -> None:
-        self.section_editor(slot).refresh()
-
-    def _on_text(self, slot, text: str) -> None:
-        if self.draft is not None and self.draft.set_text(slot, text):
-            self._refresh(slot)
-            self._changed()
+    def _refresh(self, key) -> None:
+        for ed in self._editors:
+            if ed.section.key == key:
+                ed.refresh()
 
     def _apply_confidence(self, *_args) -> None:
         thr = self.threshold.value() / 100.0
         self.threshold_label.setText(f"{thr:.0%}")
+        self.session.set_confidence_threshold(thr)
         for ed in self._editors:
             ed.apply_confidence(self.colour_box.isChecked(), thr)
 
-    def _changed(self) -> None:
-        self._autosave.start()
-        self.draftChanged.emit()
+    def _show_review(self) -> None:
+        """The AI-draft banner and the review line while a draft is open; the impression text."""
+        draft = self.session.draft
+        self.banner.setVisible(draft is not None)
+        self.impression_box.setVisible(draft is not None)
+        if draft is None:
+            return
+        self.banner.setText(f"{draft.statement()} {draft.review_line()}")
+        self.review_label.setText(draft.review_line() + (f" Reviewer: {draft.reviewer}." if draft.reviewer else ""))
+        if self.impression.toPlainText() != draft.impression:
+            self.impression.blockSignals(True)
+            self.impression.setPlainText(draft.impression)
+            self.impression.blockSignals(False)
 
-    def autosave_now(self) -> None:
-        if self.draft is not None:
-            try:
-                self.store.save(self.draft, clean=False)
-            except OSError as exc:          # fileio.OutputError: names the file and the problem
-                self.errorOccurred.emit(f"could not autosave the draft: {exc}")
-
-    def close_study_cleanly(self) -> None:
-        """Normal close: save the draft marked clean so reopening restores it without a prompt."""
-        self._autosave.stop()
-        if self._worker is not None:
-            self._worker.cancel()
-        if self.draft is not None:
-            try:
-                self.store.save(self.draft, clean=True)
-            except OSError:
-                logger.warning("could not save the draft on close")
-
-    # -- study changes and restore -----------------------------------------------------------
-    def _on_study(self) -> None:
-        if self.draft is not None and self.draft.study_key != (study_key(self.document.study) if self.document.study else None):
-            self.close_study_cleanly()
-        self.draft = None
-        self.results = {}
-        self._rebuild_sections()
-        self.stream.clear()
-        study = self.document.study
-        self.region_list.clear()
-        if study is None:
-            self._update_generate_button()
-            return
-        for region in REGIONS:
-            if region in study.regions_present:
-                item = QListWidgetItem(region)
-                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                item.setCheckState(Qt.Checked)
-                self.region_list.addItem(item)
-        self._update_generate_button()
-        self.status.setText(self.generate_blocked_reason() or f"{len(study.regions_present)} region(s) to report on")
-        try:
-            saved = self.store.load(study_key(study))
-        except DraftFileError as exc:
-            self.errorOccurred.emit(str(exc))
-            return
-        if saved is None:
-            return
-        if saved.clean:
-            self._restore(saved.draft, f"Restored {saved.describe()}")
-            return
+    # -- questions to the reader -----------------------------------------------------------------
+    def _offer_restore(self, saved) -> None:
         box = QMessageBox(QMessageBox.Question, "Restore draft?",
                           f"The viewer did not close normally. Restore {saved.describe('autosaved')}?",
                           QMessageBox.Yes | QMessageBox.No, self)
         box.setWindowModality(Qt.WindowModal)
-        restored = f"Restored {saved.describe('autosaved')}"
-        box.finished.connect(lambda code, d=saved.draft: self._restore(d, restored)
-                             if code == QMessageBox.Yes else self.store.discard(d.study_key))
+        box.finished.connect(lambda code, s=saved: self.session.accept_restore(s)
+                             if code == QMessageBox.Yes else self.session.discard_restore(s.draft.study_key))
         self.restore_box = box
         box.open()
 
-    def _restore(self, draft: ReportDraft, message: str) -> None:
-        self.draft = draft
-        self.results = {}                  # a restored draft has no model run behind it
-        self._rebuild_sections()
-        self.status.setText(message)
-        self.draftChanged.emit()
+    def _ask_mask_check(self, problems: list) -> None:
+        """The masks may not belong to this CT: draft anyway?"""
+        box = QMessageBox(QMessageBox.Warning, "Check the region masks",
+                          "The region masks may not belong to this CT:\n\n"
+                          + "\n".join(f"• {p}" for p in problems[:8])
+                          + "\n\nThe draft describes what lies under each mask. Draft anyway?",
+                          QMessageBox.Cancel, self)
+        box.addButton("Draft anyway", QMessageBox.AcceptRole)
+        box.setWindowModality(Qt.WindowModal)
+
+        def answered(_code, box=box):
+            if box.buttonRole(box.clickedButton()) == QMessageBox.AcceptRole:
+                self.session.draft_despite_masks()
+        box.finished.connect(answered)
+        self.mask_check_box = box
+        box.open()
+
+    def _ask_reviewer(self) -> None:
+        """The reviewer's name, asked once (the session remembers it)."""
+        dialog = QInputDialog(self)
+        dialog.setWindowTitle("Reviewer")
+        dialog.setLabelText("Your name, recorded as the reviewer of the sections you accept or reject:")
+        dialog.setTextEchoMode(QLineEdit.Normal)
+        dialog.setWindowModality(Qt.WindowModal)
+        dialog.accepted.connect(lambda: self.session.set_reviewer(dialog.textValue()))
+        dialog.rejected.connect(self.session.cancel_review)
+        self.reviewer_dialog = dialog
+        dialog.open()
 
     # -- export ------------------------------------------------------------------------------
-    def export(self, path: str | Path) -> Path:
-        """Export by extension: .txt (report), .json (sections, tokens, confidences, edits), .pdf."""
-        path = Path(path)
-        if self.draft is None:
-            raise ValueError("there is no draft to export")
-        suffix = path.suffix.lower()
-        if suffix == ".json":
-            export_json(self.draft, path)
-        elif suffix == ".pdf":
-            self._export_pdf(path)
-        else:
-            export_text(self.draft, path)
-        return path
-
-    def _export_pdf(self, path: Path) -> None:
-        from html import escape
-
-        from PySide6.QtGui import QPageSize, QPdfWriter
-
-        d = self.draft
-        html = [f"<h2>CT chest report — {escape(d.study_name)}</h2>",
-                f"<p style='color:#555'>Drafted with Reg2RG ({escape(d.model or 'demo')}), reviewed {escape(d.modified)}</p>"]
-        for s in d.sections:
-            if s.text.strip():
-                html.append(f"<p><b>{escape(s.title)}:</b> {escape(s.text.strip())}</p>")
-        doc = QTextDocument()
-        doc.setHtml("\n".join(html))
-        writer = QPdfWriter(str(path))
-        writer.setPageSize(QPageSize(QPageSize.A4))
-        writer.setResolution(150)
-        doc.setPageSize(writer.pageLayout().paintRectPixels(writer.resolution()).size().toSizeF())
-        doc.print_(writer)
-
     def export_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export report", f"{self.draft.study_name or 'report'}.txt",
-                                              "Text (*.txt);;JSON (*.json);;PDF (*.pdf)")
-        if path:
-            try:
-                self.export(path)
-            except OSError as exc:
-                self.errorOccurred.emit(f"{path}: could not export ({exc})")
+        """Ask for a file and export the draft in the format its name says."""
+        draft = self.session.draft
+        name = (draft.study_name if draft is not None else "") or "report"
+        path, chosen = QFileDialog.getSaveFileName(
+            self, "Export report", f"{name}.pdf",
+            "PDF (*.pdf);;Text (*.txt);;JSON (*.json);;DICOM SR (*.sr.dcm);;FHIR DiagnosticReport (*.fhir.json)")
+        if not path:
+            return
+        suffix = {"DICOM SR": ".sr.dcm", "FHIR": ".fhir.json"}
+        for key, ext in suffix.items():
+            if chosen.startswith(key) and not path.lower().endswith(ext):
+                path += ext
+        try:
+            out = self.session.export(path)
+            self.status.setText(f"Exported {out.name}")
+        except (OSError, ValueError) as exc:
+            self.session.errorOccurred.emit(f"could not export the report: {exc}")

@@ -52,7 +52,7 @@ class LoadRequest:
 class LoadedStudy:
     study: Study
     volume: DisplayVolume
-    surfaces: dict = field(default_factory=dict)      # region -> vtkPolyData (display coordinates)
+    surfaces: dict = field(default_factory=dict)      # region -> SurfaceMesh (display-world mm)
 
 
 def load_study(request: LoadRequest, progress=lambda text, pct: None) -> LoadedStudy:

@@ -65,19 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         print("reg2rg-viewer: --published and --llm go together (the checkpoint and its LLaMA folder)",
               file=sys.stderr)
         return 2
-    if args.published and window.draft_panel is not None:
+    if args.published:
         from .generation import ModelChoice
 
-        window.draft_panel.set_model(ModelChoice(kind="published", checkpoint=args.published, llm_path=args.llm,
-                                                 strict=not args.non_strict))
-    elif args.model and window.draft_panel is not None:
-        window.draft_panel.set_model_dir(args.model)
+        window.session.set_model(ModelChoice(kind="published", checkpoint=args.published, llm_path=args.llm,
+                                             strict=not args.non_strict))
+    elif args.model:
+        window.session.set_model_dir(args.model)
     window.show()
 
     status = {"code": 0}
     if args.screenshot:
         def finish() -> None:
-            draft = window.draft_panel.draft if window.draft_panel is not None else None
+            draft = window.session.draft
             if draft is not None:   # what a remote check can read without opening the picture
                 regions = ", ".join(s.region for s in draft.sections if s.region and s.text.strip())
                 words = sum(len(s.text.split()) for s in draft.sections)
@@ -95,13 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reg2rg-viewer: {message}", file=sys.stderr)
             status["code"] = 1
 
-        if window.draft_panel is not None:
-            window.draft_panel.errorOccurred.connect(draft_error)
+        window.session.errorOccurred.connect(draft_error)
 
         def after_load() -> None:
-            if args.generate and window.draft_panel is not None and window.draft_panel.can_generate():
-                window.draft_panel.generationFinished.connect(lambda: QTimer.singleShot(200, finish))
-                window.draft_panel.generate()
+            if args.generate and window.session.can_generate():
+                window.session.generationFinished.connect(lambda: QTimer.singleShot(200, finish))
+                window.session.generate()
             else:
                 QTimer.singleShot(300, finish)
 
@@ -110,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.volume or args.demo):
             QTimer.singleShot(300, finish)
         QTimer.singleShot(10 * 60 * 1000, lambda: fail("timed out waiting for the study"))
-    elif args.generate and window.draft_panel is not None:
-        window.studyLoaded.connect(lambda: window.draft_panel.can_generate() and window.draft_panel.generate())
+    elif args.generate:
+        window.studyLoaded.connect(lambda: window.session.can_generate() and window.session.generate())
 
     if args.volume:
         window.open_request(LoadRequest(volume=args.volume, masks=args.masks))

@@ -111,31 +111,31 @@ class MainWindow(QMainWindow):
 
     # -- construction ------------------------------------------------------------------------
     def _build_draft_dock(self) -> None:
-        """The draft panel (report sections, generation); optional until the engine lands."""
-        try:
-            from .draft_panel import DraftPanel
-        except ImportError:  # pragma: no cover - during development only
-            self.draft_panel = None
-            return
-        self.draft_panel = DraftPanel(self.document, self)
-        self.draft_panel.errorOccurred.connect(lambda msg: self.show_error("Report draft", msg))
-        self.draft_dock = self._add_dock("Report draft", "dock_draft", self.draft_panel)
-
+        """The drafting session (engine, draft, selection, heat layer) and its views: the draft panel,
+        the attention panel, and the heat layer in every slice and 3D view."""
         from .attention_panel import AttentionPanel
+        from .draft_panel import DraftPanel
+        from .session import DraftingSession
 
-        self.attention_panel = AttentionPanel(self.document, [*self.views.values(), self.view3d], self)
-        self.attention_panel.errorOccurred.connect(lambda msg: self.show_error("Attention map", msg))
+        self.session = DraftingSession(self.document, self)
+        self.session.errorOccurred.connect(lambda msg: self.show_error("Report draft", msg))
+        self.session.attentionFailed.connect(lambda msg: self.show_error("Attention map", msg))
+        self.draft_panel = DraftPanel(self.session, self)
+        self.draft_dock = self._add_dock("Report draft", "dock_draft", self.draft_panel)
+        self.attention_panel = AttentionPanel(self.session, self)
         att = self._add_dock("Attention", "dock_attention", self.attention_panel)
         self.tabifyDockWidget(self.region_dock, att)
         self.region_dock.raise_()
         self.attention_dock = att
-        self.draft_panel.attentionRequested.connect(self._on_attention_requested)
-        self.draft_panel.resultReady.connect(lambda _r: self.attention_panel.clear())
+        self.session.attentionStarted.connect(lambda _label: self.attention_dock.raise_())
+        self.session.heatLayerChanged.connect(self._show_heat_layer)
 
-    def _on_attention_requested(self, result, token_indices, label: str) -> None:
-        """A selection in the draft: show the Attention tab and compute the map off the GUI thread."""
-        self.attention_dock.raise_()
-        self.attention_panel.request(self.draft_panel.engine, result, token_indices, label)
+    def _show_heat_layer(self) -> None:
+        """Draw the session's heat layer in every view (or take it away)."""
+        heat = self.session.heat
+        table = heat.table()
+        for view in self.all_views():
+            view.set_heatmap(heat.codes if heat.shown else None, table, heat.opacity)
 
     def _build_status_bar(self) -> None:
         bar = self.statusBar()
@@ -215,9 +215,10 @@ class MainWindow(QMainWindow):
         tb.addWidget(self.volume_preset)
         view_menu.addSeparator()
         view_menu.addAction(self.region_dock.toggleViewAction())
-        if self.draft_panel is not None:
-            view_menu.addAction(self.draft_dock.toggleViewAction())
-            view_menu.addAction(self.attention_dock.toggleViewAction())
+        view_menu.addAction(self.draft_dock.toggleViewAction())
+        view_menu.addAction(self.attention_dock.toggleViewAction())
+        help_menu = menu.addMenu("&Help")
+        self.act_about = self._action(help_menu, "About Reg2RG Viewer…", self.about_dialog)
 
     def _action(self, menu, text, slot, shortcut=None) -> QAction:
         act = QAction(text, self)
@@ -470,14 +471,27 @@ class MainWindow(QMainWindow):
         return True
 
     def export_dialog(self) -> None:
-        if self.draft_panel is not None and self.draft_panel.draft is not None:
-            self.draft_panel.export_dialog()
-        else:
-            self.screenshot_dialog()
+        """File → Export: the report draft in a format chosen by file name; without a draft, say so."""
+        if self.session.draft is None:
+            self.show_message("Export report", "There is no report draft to export yet. Open a study and press "
+                              "Generate in the Report draft panel (File → Save screenshot… saves a picture "
+                              "of the views).")
+            return
+        self.draft_panel.export_dialog()
+
+    def about_dialog(self):
+        """Help → About: version, engine, and the model card of the model in use."""
+        from .about import AboutDialog
+
+        dialog = AboutDialog(self.session, self)
+        dialog.setAttribute(Qt.WA_DeleteOnClose)
+        dialog.open()
+        self.about_box = dialog
+        return dialog
 
     def showEvent(self, ev) -> None:  # noqa: N802
         super().showEvent(ev)
-        if not getattr(self, "_docks_sized", False) and getattr(self, "draft_panel", None) is not None:
+        if not getattr(self, "_docks_sized", False):
             self._docks_sized = True
             QTimer.singleShot(0, self, self.size_docks)
 
@@ -490,8 +504,7 @@ class MainWindow(QMainWindow):
                          Qt.Vertical)
 
     def closeEvent(self, ev) -> None:  # noqa: N802
-        if self.draft_panel is not None:
-            self.draft_panel.close_study_cleanly()
+        self.session.close_study_cleanly()
         if self.segmentation is not None:
             self.segmentation[1].cancel()             # kills TotalSegmentator's process at once
             self.segmentation[0].wait(10000)

@@ -23,7 +23,7 @@ import vtkmodules.vtkRenderingFreeType  # noqa: F401
 
 from reg2rg.engine.regions import REGION_INDEX, REGIONS
 
-from .display import DisplayVolume
+from .display import DisplayVolume, SurfaceMesh
 from .document import ViewerDocument
 from .render_widget import RenderWidget
 from .slice_view import image_from_array
@@ -43,15 +43,54 @@ def _stride(shape, max_dim: int) -> int:
     return max(1, int(np.ceil(max(shape) / max_dim)))
 
 
-def region_surfaces(volume: DisplayVolume, max_dim: int = SURFACE_MAX_DIM) -> dict[str, vtkPolyData]:
-    """Smoothed triangle surfaces of every non-empty region, in display-world mm.
+def mesh_from_polydata(poly: vtkPolyData) -> SurfaceMesh:
+    """The triangles of a VTK surface as arrays (a filter's triangle output; other cells are dropped)."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    points = vtk_to_numpy(poly.GetPoints().GetData()).astype(np.float32) if poly.GetNumberOfPoints() else \
+        np.zeros((0, 3), np.float32)
+    cells = poly.GetPolys()
+    offsets = vtk_to_numpy(cells.GetOffsetsArray()) if cells.GetNumberOfCells() else np.zeros(1, np.int64)
+    conn = vtk_to_numpy(cells.GetConnectivityArray()) if cells.GetNumberOfCells() else np.zeros(0, np.int64)
+    sizes = np.diff(offsets)
+    triangles = conn.reshape(-1, 3).astype(np.int64) if np.all(sizes == 3) else \
+        np.array([conn[a:a + 3] for a, n in zip(offsets[:-1], sizes) if n == 3], dtype=np.int64).reshape(-1, 3)
+    normals = poly.GetPointData().GetNormals()
+    return SurfaceMesh(points, triangles, vtk_to_numpy(normals).astype(np.float32) if normals is not None else None)
+
+
+def polydata_from_mesh(mesh: SurfaceMesh) -> vtkPolyData:
+    """A VTK surface for drawing a `SurfaceMesh` (GUI thread)."""
+    from vtkmodules.util.numpy_support import numpy_to_vtk, numpy_to_vtkIdTypeArray
+    from vtkmodules.vtkCommonCore import vtkPoints
+    from vtkmodules.vtkCommonDataModel import vtkCellArray
+
+    poly = vtkPolyData()
+    pts = vtkPoints()
+    pts.SetData(numpy_to_vtk(np.ascontiguousarray(mesh.points, dtype=np.float32), deep=True))
+    poly.SetPoints(pts)
+    cells = vtkCellArray()
+    n = len(mesh.triangles)
+    offsets = np.arange(0, 3 * n + 1, 3, dtype=np.int64)
+    cells.SetData(numpy_to_vtkIdTypeArray(offsets, deep=True),
+                  numpy_to_vtkIdTypeArray(np.ascontiguousarray(mesh.triangles.reshape(-1), dtype=np.int64), deep=True))
+    poly.SetPolys(cells)
+    if mesh.normals is not None:
+        normals = numpy_to_vtk(np.ascontiguousarray(mesh.normals, dtype=np.float32), deep=True)
+        normals.SetName("Normals")
+        poly.GetPointData().SetNormals(normals)
+    return poly
+
+
+def region_surfaces(volume: DisplayVolume, max_dim: int = SURFACE_MAX_DIM) -> dict[str, SurfaceMesh]:
+    """Smoothed triangle surfaces of every non-empty region, in display-world mm, as `SurfaceMesh` arrays.
 
     Pure VTK filters without rendering, so this runs on the loader thread.
     """
     s = _stride(volume.shape, max_dim)
     labels = volume.labels[::s, ::s, ::s]                                  # (I/s, J/s, K/s)
     spacing = tuple(float(v) * s for v in volume.spacing)
-    out: dict[str, vtkPolyData] = {}
+    out: dict[str, SurfaceMesh] = {}
     for region in REGIONS:
         if region not in volume.region_bounds:
             continue
@@ -75,9 +114,7 @@ def region_surfaces(volume: DisplayVolume, max_dim: int = SURFACE_MAX_DIM) -> di
         normals.SetInputConnection(smooth.GetOutputPort())
         normals.SetFeatureAngle(80.0)
         normals.Update()
-        poly = vtkPolyData()
-        poly.DeepCopy(normals.GetOutput())
-        out[region] = poly
+        out[region] = mesh_from_polydata(normals.GetOutput())
     return out
 
 
@@ -177,9 +214,9 @@ class View3D(RenderWidget):
         if vol is None:
             self.request_render()
             return
-        for region, poly in self.document.surfaces.items():
+        for region, mesh in self.document.surfaces.items():
             mapper = vtkPolyDataMapper()
-            mapper.SetInputData(poly)
+            mapper.SetInputData(polydata_from_mesh(mesh))
             mapper.ScalarVisibilityOff()
             actor = vtkActor()
             actor.SetMapper(mapper)

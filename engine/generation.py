@@ -833,6 +833,11 @@ class ReportEngine:
         return result
 
     # ---- attention maps ------------------------------------------------------------------------
+    def attention_layout(self) -> tuple[int, int]:
+        """(layers, heads) of the language model: what ``attention_map``'s ``layers``/``heads`` index."""
+        cfg = _base_config(self.model.lang_model)
+        return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
+
     def attention_map(self, result: DraftResult, token_indices: Sequence[int] | int,
                       layers: str | Sequence[int] = "all", heads: str | Sequence[int] = "mean"):
         """Attention of the selected generated tokens: shares per visual group and a heatmap on the

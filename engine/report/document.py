@@ -329,6 +329,7 @@ class ReportDraft:
     input_warnings: list[str] = field(default_factory=list)
     # the model's training orientation, the study's stored one, and whether the study was reoriented
     orientation: dict[str, Any] = field(default_factory=dict)
+    confidence_threshold: float = LOW_CONFIDENCE_THRESHOLD    # words below this probability are flagged
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -361,14 +362,17 @@ class ReportDraft:
             last = draft.sections[-1]
             last.truncated = True
             last.state = STOPPED
+        # why each region asked for has no section: the caller's reasons, else the engine's, else ours
+        not_drafted = {**(getattr(result, "not_drafted", None) or {}), **(not_drafted or {})}
         written = {s.slot for s in draft.sections if s.slot is not None}
         for slot, region in sorted((getattr(result, "slot_regions", None) or {}).items()):
             if int(slot) not in written:
-                why = ("generation stopped before this region" if draft.stop_reason in ("cancelled", "max_new_tokens")
-                       else "the model wrote no section for this region")
+                why = not_drafted.get(region) or (
+                    "generation stopped before this region" if draft.stop_reason in ("cancelled", "max_new_tokens")
+                    else "the model wrote no section for this region")
                 draft.sections.append(DraftSection(slot=int(slot), region=region, area=None, generated_text="",
                                                    text="", state=NOT_DRAFTED, note=why))
-        for region, why in (not_drafted or {}).items():
+        for region, why in not_drafted.items():
             if draft.section_of_region(region) is None:
                 draft.sections.append(DraftSection(slot=None, region=region, area=None, generated_text="", text="",
                                                    state=NOT_DRAFTED, note=why))
@@ -408,6 +412,10 @@ class ReportDraft:
             return f"Reviewed by {self.reviewer} on {self.reviewed_at}: every section accepted or rejected."
         n, total = self.reviewed_count, len(self._reviewable())
         return f"Not reviewed: {n} of {total} section(s) accepted or rejected."
+
+    def flags_of(self, section: DraftSection) -> list[SectionFlag]:
+        """A section's flags at this draft's confidence threshold (what every export lists)."""
+        return section.flags(self.confidence_threshold)
 
     def statement(self) -> str:
         """The AI-draft statement every export carries."""

@@ -18,7 +18,7 @@ import json
 import uuid
 from html import escape
 
-from .document import ACCEPTED, LOW_CONFIDENCE_THRESHOLD, NOT_DRAFTED, REJECTED, ReportDraft
+from .document import ACCEPTED, NOT_DRAFTED, REJECTED, ReportDraft
 from .sr import REGION_SITES
 from .txt import render_text, state_label
 
@@ -38,7 +38,7 @@ def _instant(iso: str) -> str:
     return when.isoformat(timespec="seconds")
 
 
-def report_resource(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESHOLD) -> dict:
+def report_resource(draft: ReportDraft) -> dict:
     """The DiagnosticReport as a JSON-ready dict (not yet validated: see `build_fhir`)."""
     p, ident = draft.provenance, draft.identification
     reviewed = draft.is_reviewed
@@ -75,7 +75,7 @@ def report_resource(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESH
             continue
         oid = f"finding-{n}"
         notes = [{"text": f"review state: {state_label(s)}"}] + \
-                [{"text": f"{f.kind}: {f.message}"} for f in s.flags(threshold)]
+                [{"text": f"{f.kind}: {f.message}"} for f in draft.flags_of(s)]
         obs = {"resourceType": "Observation", "id": oid, "status": observation_status(s.state),
                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
                                          "code": "imaging", "display": "Imaging"}]}],

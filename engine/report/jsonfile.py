@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 
-from .document import LOW_CONFIDENCE_THRESHOLD, ReportDraft
+from .document import ReportDraft
 from .txt import state_label
 
 JSON_FORMAT = "reg2rg-report"
 
 
-def report_dict(draft: ReportDraft, engine_result: dict | None = None,
-                threshold: float = LOW_CONFIDENCE_THRESHOLD) -> dict:
+def report_dict(draft: ReportDraft, engine_result: dict | None = None) -> dict:
     """The JSON document. ``draft`` round-trips through ``ReportDraft.from_dict(d["draft"])``."""
     d = {
         "format": JSON_FORMAT,
@@ -31,10 +30,11 @@ def report_dict(draft: ReportDraft, engine_result: dict | None = None,
             {"region": s.region, "slot": s.slot, "title": s.title, "state": s.state, "state_label": state_label(s),
              "in_report": s.in_report, "text": s.text, "generated_text": s.generated_text, "edited": s.is_edited,
              "grounding_ok": s.grounding_ok, "area_named": s.area,
-             "flags": [{"kind": f.kind, "message": f.message} for f in s.flags(threshold)]}
+             "flags": [{"kind": f.kind, "message": f.message} for f in draft.flags_of(s)]}
             for s in draft.ordered_sections()
         ],
         "impression": draft.impression,
+        "confidence_threshold": draft.confidence_threshold,
         "provenance": draft.to_dict()["provenance"],
         "draft": draft.to_dict(),
     }

@@ -8,7 +8,7 @@ import io
 from html import escape
 from pathlib import Path
 
-from .document import LOW_CONFIDENCE_THRESHOLD, NOT_DRAFTED, REJECTED, ReportDraft
+from .document import NOT_DRAFTED, REJECTED, ReportDraft
 from .txt import provenance_lines, state_label
 
 BODY_PT = 11
@@ -35,7 +35,7 @@ def _fonts() -> tuple[str, str]:
     return _FONTS
 
 
-def render_pdf(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESHOLD) -> bytes:
+def render_pdf(draft: ReportDraft) -> bytes:
     """The PDF document as bytes."""
     from reportlab.lib import colors
     from reportlab.lib.pagesizes import A4
@@ -79,7 +79,7 @@ def render_pdf(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESHOLD) 
             part.append(Paragraph("<i>Not drafted.</i>", small))
         else:
             part.append(Paragraph(escape(s.text.strip()), body))
-        for f in s.flags(threshold):
+        for f in draft.flags_of(s):
             part.append(Paragraph(f"\u25b8 {escape(f.kind)}: {escape(f.message)}", flag))
         story.append(KeepTogether(part))
     story += [Paragraph("Impression", h2), Paragraph(escape(draft.impression.strip() or "(none written)"), body),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 
-from .document import LOW_CONFIDENCE_THRESHOLD, REJECTED, ReportDraft
+from .document import REJECTED, ReportDraft
 from .txt import state_label
 
 PRIVATE_SCHEME = "99REG2RG"
@@ -101,7 +101,7 @@ def _evidence(draft: ReportDraft):
     return [ds], False
 
 
-def build_sr(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESHOLD):
+def build_sr(draft: ReportDraft):
     """The `highdicom.sr.ComprehensiveSR` of the report (validated by highdicom on construction)."""
     import highdicom as hd
     from highdicom.sr import (AlgorithmIdentification, CodeContentItem, CodedConcept, ContainerContentItem,
@@ -141,7 +141,7 @@ def build_sr(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESHOLD):
         if s.state != REJECTED and s.text.strip():
             children.append(TextContentItem(c["finding"], s.text.strip(), contains))
         children.append(TextContentItem(c["review_state"], state_label(s), contains))
-        for f in s.flags(threshold):
+        for f in draft.flags_of(s):
             children.append(TextContentItem(c["flag"], f"{f.kind}: {f.message}", contains))
         children.extend(AlgorithmIdentification(name=(p.model_name or draft.model or "unknown")[:64],
                                                 version=(p.model_version or "unknown")[:64], parameters=params))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
-from .document import LOW_CONFIDENCE_THRESHOLD, NOT_DRAFTED, REJECTED, ReportDraft
+from .document import NOT_DRAFTED, REJECTED, ReportDraft
 
 WIDTH = 96
 
@@ -18,7 +18,7 @@ def state_label(section) -> str:
     return label
 
 
-def render_text(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESHOLD) -> str:
+def render_text(draft: ReportDraft) -> str:
     """The whole document as text (what ``report.txt`` holds)."""
     out = [f"*** {draft.statement()} ***"]
     if draft.input_warnings:           # one header line: the reader sees the input's problems first
@@ -36,7 +36,7 @@ def render_text(draft: ReportDraft, threshold: float = LOW_CONFIDENCE_THRESHOLD)
             out.append(_wrap("(not drafted)"))
         else:
             out.append(_wrap(s.text.strip()))
-        for f in s.flags(threshold):
+        for f in draft.flags_of(s):
             out.append(_wrap(f"! {f.kind}: {f.message}", indent="    "))
         out.append("")
     out += ["IMPRESSION", _wrap(draft.impression.strip() or "(none written)"), "", "REVIEW", _wrap(draft.review_line()),

@@ -85,12 +85,12 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
     with qtbot.waitSignal(win.studyLoaded, timeout=30000):
         win.open_study(study)
     panel, att = win.draft_panel, win.attention_panel
-    panel.set_engine(engine)
+    win.session.set_engine(engine)
     panel.max_tokens.setValue(24)
-    with qtbot.waitSignal(panel.generationFinished, timeout=60000):
-        panel.generate()
-    section = panel.draft.sections[0]
-    ed = panel.section_editor(section.slot)
+    with qtbot.waitSignal(win.session.generationFinished, timeout=60000):
+        win.session.generate()
+    section = win.session.draft.sections[0]
+    ed = panel.section_editor(section.key)
     axial = win.views[AXIS_AXIAL]
     before = frame_pixels(axial).astype(int)
 
@@ -99,7 +99,7 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
     end = section.tokens[min(3, len(section.tokens) - 1)].end
     cur.setPosition(0)
     cur.setPosition(end, cur.MoveMode.KeepAnchor)
-    with qtbot.waitSignal(att.heatmapChanged, timeout=60000):
+    with qtbot.waitSignal(win.session.heatLayerChanged, timeout=60000):
         ed.editor.setTextCursor(cur)
     amap = att.current
     expected = [t.index for t in section.tokens if t.start < end and t.text.strip()]
@@ -108,7 +108,7 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
     # the shares chart lists the global image, every region slot and the rest, summing to one
     names = [r[0] for r in att.chart.rows]
     assert names[0] == "global image" and names[-1] == "text / prompt"
-    assert set(names[1:-1]) == set(panel.results[section.slot].slot_regions.values())
+    assert set(names[1:-1]) == set(win.session.results[section.key].slot_regions.values())
     assert sum(r[1] for r in att.chart.rows) == pytest.approx(1.0, abs=1e-4)
     # the heatmap is drawn over the CT: the frame changes where the map is strong
     win.document.set_cursor(win.document.volume.from_stored(amap.peak_voxel))
@@ -135,7 +135,7 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
 
     # layer aggregation: the last layer alone is another map, computed again off the GUI thread
     att.layers.setCurrentText("Last layer")
-    with qtbot.waitSignal(att.heatmapChanged, timeout=60000):
+    with qtbot.waitSignal(win.session.heatLayerChanged, timeout=60000):
         att.recompute()
     assert len(att.current.layers) == 1 and att.current.token_indices == amap.token_indices
 
@@ -146,6 +146,6 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
     np.testing.assert_allclose(np.asarray(img.dataobj), att.current.heatmap, rtol=1e-6)
 
     # a whole section through its button
-    with qtbot.waitSignal(att.heatmapChanged, timeout=60000):
+    with qtbot.waitSignal(win.session.heatLayerChanged, timeout=60000):
         ed.attention_button.click()
     assert list(att.current.token_indices) == [t.index for t in section.tokens if t.text.strip()]

@@ -41,26 +41,26 @@ def test_demo_generate_colours_the_draft_and_a_sentence_shows_its_heatmap(qtbot,
             win.open_request(LoadRequest(demo=True))
         panel, att = win.draft_panel, win.attention_panel
         panel.max_tokens.setValue(120)            # enough for a few region sections, quick on a CPU
-        with qtbot.waitSignal(panel.generationFinished, timeout=300000):
-            panel.generate()                      # the engine is None: the demo model loads first
-        assert panel.engine is not None and panel.engine.model_dir == default_model_dir()
-        assert panel.draft is not None and any(s.text.strip() for s in panel.draft.sections)
+        with qtbot.waitSignal(win.session.generationFinished, timeout=300000):
+            win.session.generate()                      # the engine is None: the demo model loads first
+        assert win.session.engine is not None and win.session.engine.model_dir == default_model_dir()
+        assert win.session.draft is not None and any(s.text.strip() for s in win.session.draft.sections)
         assert panel.stream.toPlainText().strip()
         assert panel.colour_box.isChecked()
         panel.threshold.setValue(95)
         # exactly the sections holding a word below 95 % are coloured, one mark per such word (computed
         # from the tokens, so a better demo model that is surer of itself still checks the colouring)
         coloured = {ed.section.slot: len(ed.editor.extraSelections()) for ed in panel._editors if ed.editor.extraSelections()}
-        expected = {s.slot: sum(1 for t in s.tokens if t.prob < 0.95 and t.text.strip()) for s in panel.draft.sections}
+        expected = {s.slot: sum(1 for t in s.tokens if t.prob < 0.95 and t.text.strip()) for s in win.session.draft.sections}
         assert coloured == {k: v for k, v in expected.items() if v}
         assert coloured, "the demo model was sure of every word above 95 %: nothing to colour"
         # a sentence of the first region section (Ctrl+click picks the same span)
-        with_tokens = [s for s in panel.draft.sections if any(t.text.strip() for t in s.tokens)]
+        with_tokens = [s for s in win.session.draft.sections if any(t.text.strip() for t in s.tokens)]
         section = next((s for s in with_tokens if s.slot is not None), with_tokens[0])
         a, b = sentence_span(section.text, 1)
         axial = win.views[AXIS_AXIAL]
-        with qtbot.waitSignal(att.heatmapChanged, timeout=120000):
-            idx = panel.request_attention(section.slot, a, b)
+        with qtbot.waitSignal(win.session.heatLayerChanged, timeout=120000):
+            idx = win.session.request_attention(section.key, a, b)
         assert idx and list(att.current.token_indices) == idx
         win.document.set_cursor(win.document.volume.from_stored(att.current.peak_voxel))
         QApplication.processEvents()

@@ -1,4 +1,5 @@
-"""The draft document model, its autosave/restore, and drafting with a real (tiny) engine in the panel."""
+"""The draft document model, its autosave/restore, and drafting with a real (tiny) engine through the
+drafting session and its draft panel."""
 
 from __future__ import annotations
 
@@ -118,9 +119,12 @@ def panel(qtbot, tmp_path):
     from reg2rg.app.display import build_display_volume
     from reg2rg.app.document import ViewerDocument
     from reg2rg.app.draft_panel import DraftPanel
+    from reg2rg.app.session import DraftingSession
 
     doc = ViewerDocument()
-    p = DraftPanel(doc, store=DraftStore(tmp_path / "drafts"))
+    session = DraftingSession(doc, store=DraftStore(tmp_path / "drafts"))
+    p = DraftPanel(session)
+    p._keep_session = session
     qtbot.addWidget(p)
     p.show()
     st = box_study()
@@ -129,67 +133,74 @@ def panel(qtbot, tmp_path):
 
 
 def test_generation_streams_into_the_draft_and_stop_cancels(qtbot, panel, engine, screenshot_dir):
-    panel.set_engine(engine)
+    panel.session.set_engine(engine)
     panel.max_tokens.setValue(16)
     assert [panel.region_list.item(i).text() for i in range(panel.region_list.count())] == ["bone", "heart", "lung"]
     tokens = []
-    panel.tokenStreamed.connect(tokens.append)
-    with qtbot.waitSignal(panel.generationFinished, timeout=60000):
-        panel.generate()
-    panel.tokenStreamed.disconnect(tokens.append)
-    assert panel.draft is not None and panel.draft.sections
+    panel.session.tokenStreamed.connect(tokens.append)
+    with qtbot.waitSignal(panel.session.generationFinished, timeout=60000):
+        panel.session.generate()
+    panel.session.tokenStreamed.disconnect(tokens.append)
+    assert panel.session.draft is not None and panel.session.draft.sections
     assert panel.stream.toPlainText() == "".join(t.text for t in tokens)
-    assert panel.draft.study_key == study_key(panel.document.study)
+    assert panel.session.draft.study_key == study_key(panel.session.document.study)
     panel.colour_box.setChecked(True)
     panel.threshold.setValue(95)          # random weights: every word is below 95 %
-    ed = panel._editors[0]
+    ed = next(e for e in panel._editors if any(t.text.strip() for t in e.section.tokens))
     assert ed.editor.extraSelections() and ed.low_label.isVisibleTo(ed)
     panel.grab().save(str(screenshot_dir / "draft_panel.png"))
     # Stop: a long generation ends early with a cancelled result, and the panel is usable again.
     panel.max_tokens.setValue(2000)
     results = []
-    panel.resultReady.connect(results.append)
-    panel.tokenStreamed.connect(lambda ev: panel.stop() if ev.index == 2 else None)
-    with qtbot.waitSignal(panel.generationFinished, timeout=60000):
-        panel.generate()
+    panel.session.resultReady.connect(results.append)
+    panel.session.tokenStreamed.connect(lambda ev: panel.session.stop() if ev.index == 2 else None)
+    with qtbot.waitSignal(panel.session.generationFinished, timeout=60000):
+        panel.session.generate()
     assert results and results[0].stop_reason == "cancelled" and len(results[0].tokens) < 50
     assert panel.generate_button.isEnabled() and not panel.stop_button.isEnabled()
 
 
 def test_engine_error_is_a_message_and_the_draft_stays(qtbot, panel, engine):
-    panel.set_engine(engine)
+    panel.session.set_engine(engine)
     errors = []
-    panel.errorOccurred.connect(errors.append)
-    with qtbot.waitSignal(panel.generationFinished, timeout=60000):
-        panel.generate(regions=["thyroid"])            # no thyroid mask in this study
+    panel.session.errorOccurred.connect(errors.append)
+    with qtbot.waitSignal(panel.session.generationFinished, timeout=60000):
+        panel.session.generate(regions=["thyroid"])            # no thyroid mask in this study
     assert errors and "thyroid" in errors[0] and "Traceback" not in errors[0]
-    assert panel.document.study is not None and panel.can_generate()
+    assert panel.session.document.study is not None and panel.session.can_generate()
 
 
 def test_restore_prompt_after_a_crash(qtbot, panel):
     from reg2rg.app.draft_panel import DraftPanel
 
-    st = panel.document.study
+    st = panel.session.document.study
     draft = ReportDraft.from_result(make_result(), st, study_key=study_key(st))
     draft.set_text(0, "Unsaved work.")
-    panel.store.save(draft, clean=False)               # what autosave left when the app died
-    other = DraftPanel(panel.document, store=panel.store)
+    panel.session.store.save(draft, clean=False)       # what autosave left when the app died
+    from reg2rg.app.session import DraftingSession
+
+    other = DraftPanel(DraftingSession(panel.session.document, store=panel.session.store))
     qtbot.addWidget(other)
-    panel.document.set_study(st, panel.document.volume)   # reopen the study
+    panel.session.document.set_study(st, panel.session.document.volume)   # reopen the study
     box = other.restore_box
     assert box is not None and box.isVisible() and "did not close normally" in box.text()
     box.done(box.standardButton(box.button(box.StandardButton.Yes)))
-    assert other.draft is not None and other.draft.section(0).text == "Unsaved work."
-    assert other._editors[0].editor.toPlainText() == "Unsaved work."
+    assert other.session.draft is not None and other.session.draft.section(0).text == "Unsaved work."
+    assert other.section_editor(0).editor.toPlainText() == "Unsaved work."
 
 
 def test_export_text_json_pdf(panel, tmp_path):
-    panel._restore(ReportDraft.from_result(make_result(), panel.document.study), "")
-    txt = panel.export(tmp_path / "r.txt")
+    from reg2rg.app.session import NoDraftError
+
+    with pytest.raises(NoDraftError, match="no report draft to export"):
+        panel.session.export(tmp_path / "r.txt")
+    assert not (tmp_path / "r.txt").exists()
+    panel.session.restore(ReportDraft.from_result(make_result(), panel.session.document.study), "")
+    txt = panel.session.export(tmp_path / "r.txt")
     assert txt.read_text().startswith("*** AI-generated draft") and "Heart [drafted]" in txt.read_text()
-    data = json.loads(panel.export(tmp_path / "r.json").read_text())
+    data = json.loads(panel.session.export(tmp_path / "r.json").read_text())
     assert data["draft"]["sections"][0]["tokens"][0]["prob"] == pytest.approx(1 - 5 / 40)  # 6th word: "The" and "edits" in data
-    pdf = panel.export(tmp_path / "r.pdf")
+    pdf = panel.session.export(tmp_path / "r.pdf")
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
 
 
@@ -197,7 +208,7 @@ def test_confidence_threshold_counts_tooltips_and_grounding_marks(qtbot, panel, 
     from reg2rg.app.draft_panel import LOW_CONFIDENCE
 
     panel.resize(560, 900)
-    panel._restore(ReportDraft.from_result(make_result(), panel.document.study), "")
+    panel.session.restore(ReportDraft.from_result(make_result(), panel.session.document.study), "")
     heart, bone = panel.section_editor(0), panel.section_editor(2)
     # the bone section's text names the lung: marked in its header and its frame
     assert bone.property("grounding_mismatch") and "⚠" in bone.header.text() and "lung" in bone.header.text()
@@ -286,16 +297,16 @@ def test_published_decoding_preset_follows_the_models_llama_folder(qtbot, panel,
 
 
 def test_sampling_with_a_seed_is_reproducible_through_the_panel(qtbot, panel, engine):
-    panel.set_engine(engine)
+    panel.session.set_engine(engine)
     panel.strategy.setCurrentText("sample")
     panel.seed.setValue(7)
     panel.max_tokens.setValue(10)
     texts = []
     for _ in range(2):
-        with qtbot.waitSignal(panel.generationFinished, timeout=60000):
-            panel.generate(regions=["heart"])
+        with qtbot.waitSignal(panel.session.generationFinished, timeout=60000):
+            panel.session.generate(regions=["heart"])
         texts.append(panel.stream.toPlainText())
-        assert panel.draft.settings["seed"] == 7 and panel.draft.settings["strategy"] == "sample"
+        assert panel.session.draft.settings["seed"] == 7 and panel.session.draft.settings["strategy"] == "sample"
     assert texts[0] == texts[1] and texts[0]
 
 
@@ -318,15 +329,15 @@ def test_model_load_errors_name_the_folder_and_the_app_stays_usable(qtbot, panel
         choice = ModelChoice("folder", str(tmp_path / "broken_model"))
     else:
         choice = ModelChoice("published", checkpoint=str(tmp_path / "reg2rg.pth"), llm_path=str(tmp_path / "llama"))
-    panel.set_model(choice)
-    assert panel.model_label.text() == f"Model: {choice.describe()}"
+    panel.session.set_model(choice)
+    assert panel.model_label.text().startswith(f"Model: {choice.describe()} ") and "not validated" in panel.model_label.text()
     errors = []
-    panel.errorOccurred.connect(errors.append)
-    panel.generate()
+    panel.session.errorOccurred.connect(errors.append)
+    panel.session.generate()
     qtbot.waitUntil(lambda: bool(errors), timeout=30000)
     name = {"missing": "no_such_model", "broken": "broken_model", "published": "reg2rg.pth",
             "truncated": "vision.safetensors"}[what]
     assert name in errors[0] and "Could not load the model" in errors[0] and "Traceback" not in errors[0]
     assert "SafetensorError" not in errors[0].split(":")[0]
-    assert panel.engine is None and panel.can_generate() and panel.generate_button.isEnabled()
-    assert panel.document.study is not None
+    assert panel.session.engine is None and panel.session.can_generate() and panel.generate_button.isEnabled()
+    assert panel.session.document.study is not None
