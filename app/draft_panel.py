@@ -600,7 +600,11 @@ class DraftPanel(QWidget):
             ed.attentionRequested.connect(self.session.request_attention)
             self.sections_layout.insertWidget(len(self._editors), ed)
             self._editors.append(ed)
-        self._apply_confidence()
+        if draft is not None:               # the draft's threshold (a restored draft keeps its own)
+            self.threshold.blockSignals(True)
+            self.threshold.setValue(int(round(draft.confidence_threshold * 100)))
+            self.threshold.blockSignals(False)
+        self._show_confidence()
         self._show_review()
 
     def section_editor(self, key) -> SectionEditor:
@@ -612,9 +616,13 @@ class DraftPanel(QWidget):
                 ed.refresh()
 
     def _apply_confidence(self, *_args) -> None:
+        """The reader moved the threshold (or toggled the colours): tell the session, redraw."""
+        self.session.set_confidence_threshold(self.threshold.value() / 100.0)
+        self._show_confidence()
+
+    def _show_confidence(self) -> None:
         thr = self.threshold.value() / 100.0
         self.threshold_label.setText(f"{thr:.0%}")
-        self.session.set_confidence_threshold(thr)
         for ed in self._editors:
             ed.apply_confidence(self.colour_box.isChecked(), thr)
 

@@ -509,6 +509,7 @@ class DraftingSession(QObject):
         """Open a saved draft (it has no model run behind it: attention needs a new draft)."""
         self.draft = draft
         self.results = {}
+        self.confidence_threshold = draft.confidence_threshold
         if self.reviewer and not draft.reviewer:
             draft.reviewer = self.reviewer
         self._clear_heat()
