@@ -276,7 +276,7 @@ def test_published_decoding_preset_follows_the_models_llama_folder(qtbot, panel,
     (model / "llm").mkdir(parents=True)
     config = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "bos_token_id": 1, "eos_token_id": 2}
     (model / "llm" / "generation_config.json").write_text(json.dumps(config))
-    panel.set_model(ModelChoice("folder", str(model)))
+    panel.session.set_model(ModelChoice("folder", str(model)))
     panel.settings_button.setChecked(True)
     panel.decoding_preset.setCurrentText("published")
     s = panel.settings()
@@ -290,7 +290,7 @@ def test_published_decoding_preset_follows_the_models_llama_folder(qtbot, panel,
     assert panel.settings().strategy == "greedy" and panel.settings().preset == "greedy"
     # a config the decoder cannot follow: a message, and the settings stay the user's
     (model / "llm" / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.3}))
-    with qtbot.waitSignal(panel.errorOccurred, timeout=5000) as blocker:
+    with qtbot.waitSignal(panel.session.errorOccurred, timeout=5000) as blocker:
         panel.decoding_preset.setCurrentText("published")
     assert "repetition_penalty=1.3" in blocker.args[0]
     assert panel.decoding_preset.currentText() == "custom" and panel.settings().strategy == "greedy"
@@ -330,7 +330,8 @@ def test_model_load_errors_name_the_folder_and_the_app_stays_usable(qtbot, panel
     else:
         choice = ModelChoice("published", checkpoint=str(tmp_path / "reg2rg.pth"), llm_path=str(tmp_path / "llama"))
     panel.session.set_model(choice)
-    assert panel.model_label.text().startswith(f"Model: {choice.describe()} ") and "not validated" in panel.model_label.text()
+    label = panel.model_label.text()
+    assert label.startswith(f"Model: {choice.describe()} ") and "not validated" in label
     errors = []
     panel.session.errorOccurred.connect(errors.append)
     panel.session.generate()
