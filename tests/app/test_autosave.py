@@ -136,6 +136,7 @@ def test_same_path_different_patient_is_never_restored(qtbot, tmp_path):
     from reg2rg.app.display import build_display_volume
     from reg2rg.app.document import ViewerDocument
     from reg2rg.app.draft_panel import DraftPanel
+    from reg2rg.app.session import DraftingSession
 
     path = tmp_path / "today.nii.gz"
     write_study(patient(1), path, tmp_path / "masks")
@@ -146,16 +147,16 @@ def test_same_path_different_patient_is_never_restored(qtbot, tmp_path):
     write_study(patient(2), path, tmp_path / "masks")                     # B replaces A at the same path
     b = read_study(path, tmp_path / "masks")
     doc = ViewerDocument()
-    panel = DraftPanel(doc, store=store)
+    panel = DraftPanel(DraftingSession(doc, store=store))
     qtbot.addWidget(panel)
     doc.set_study(b, build_display_volume(b))
-    assert panel.draft is None and panel.restore_box is None
+    assert panel.session.draft is None and panel.restore_box is None
     assert "Restored" not in panel.status.text()
 
     write_study(patient(1), path, tmp_path / "masks")                     # A again: its draft comes back
     a_again = read_study(path, tmp_path / "masks")
     doc.set_study(a_again, build_display_volume(a_again))
-    assert panel.draft is not None and panel.draft.section(0).text == "Patient A: 8 mm nodule."
+    assert panel.session.draft is not None and panel.session.draft.section(0).text == "Patient A: 8 mm nodule."
     status = panel.status.text()
     assert status.startswith("Restored the draft of today saved ") and status[-5:-3].isdigit()
 

@@ -59,8 +59,8 @@ def test_generate_is_disabled_without_masks_and_says_the_two_ways_out(qtbot, win
     for text in (panel.status.text(), panel.generate_button.toolTip()):
         assert "No region masks" in text and "Open masks" in text and "Segment regions" in text
     window.save_screenshot(screenshot_dir / "no_masks.png")
-    panel.generate()                                   # a programmatic call is refused too
-    assert panel._worker is None and panel.draft is None
+    window.session.generate()                          # a programmatic call is refused too
+    assert not window.session.busy and window.session.draft is None
     # File ▸ Open masks… on the open CT: Generate comes on
     open_request(qtbot, window, masks=str(root / "masks"), study=window.document.study, masks_only=True)
     assert window.document.study.regions_present == list(REGIONS)
@@ -126,7 +126,7 @@ def test_wrong_patient_masks_are_flagged_before_drafting(qtbot, window, phantom,
     opened.close()
     panel = window.draft_panel
     assert panel.generate_button.isEnabled()               # the reader may still proceed
-    panel.generate()
+    window.session.generate()
     box = panel.mask_check_box
     assert box is not None and box.isVisible() and "may not belong to this CT" in box.text()
     for problem in window.document.study.mask_problems:
@@ -134,7 +134,8 @@ def test_wrong_patient_masks_are_flagged_before_drafting(qtbot, window, phantom,
     window.save_screenshot(ROOT / "artifacts" / "screenshots" / "mask_plausibility_warning.png")
     box.button(QMessageBox.Cancel).click()
     QApplication.processEvents()
-    assert panel._worker is None and panel.engine is None and panel.draft is None   # nothing drafted
+    session = window.session
+    assert not session.busy and session.engine is None and session.draft is None   # nothing drafted
 
 
 def test_regions_not_written_are_shown_as_not_drafted(qtbot, tmp_path):
@@ -146,24 +147,26 @@ def test_regions_not_written_are_shown_as_not_drafted(qtbot, tmp_path):
     from reg2rg.app.document import ViewerDocument
     from reg2rg.app.draft import NOT_DRAFTED, DraftStore
     from reg2rg.app.draft_panel import DraftPanel
+    from reg2rg.app.session import DraftingSession
 
     torch.set_num_threads(1)
     doc = ViewerDocument()
-    panel = DraftPanel(doc, store=DraftStore(tmp_path / "drafts"))
+    session = DraftingSession(doc, store=DraftStore(tmp_path / "drafts"))
+    panel = DraftPanel(session)
     qtbot.addWidget(panel)
     panel.show()
     st = box_study()
     doc.set_study(st, build_display_volume(st))
-    panel.set_engine(tiny_engine())
+    session.set_engine(tiny_engine())
     panel.max_tokens.setValue(4)                         # too short for any section of a random model
     results = []
-    panel.resultReady.connect(results.append)
-    with qtbot.waitSignal(panel.generationFinished, timeout=60000):
-        panel.generate()
+    session.resultReady.connect(results.append)
+    with qtbot.waitSignal(session.generationFinished, timeout=60000):
+        session.generate()
     missing = results[0].not_drafted
     assert missing and set(missing) <= set(st.regions_present)
     for region in missing:
-        section = panel.draft.section_of_region(region)
+        section = session.draft.section_of_region(region)
         assert section is not None and section.state == NOT_DRAFTED
     headers = [ed.header.text() for ed in panel._editors if ed.section.state == NOT_DRAFTED]
     assert len(headers) >= len(missing) and all("not drafted" in h for h in headers)
