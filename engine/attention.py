@@ -1,4 +1,8 @@
-"""Attention maps: where in the scan the model looked when it wrote a token, a sentence or a section.
+"""Raw attention maps: where the model's attention went when it wrote a token, a sentence or a section.
+
+This is the *raw attention* option of the viewer and ``reg2rg-generate``; it is not evidence (on the demo
+model it is close to uniform over the visual tokens and barely depends on the selection). The default
+explanation is the relevance map of `reg2rg.engine.explain.relevance`.
 
 The path from a generated token back to the CT the radiologist is looking at:
 
@@ -26,12 +30,15 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from .fileio import atomic_path
+
+if TYPE_CHECKING:
+    from .generation import DraftResult, ReportEngine
 
 GLOBAL = "global"
 
@@ -206,3 +213,53 @@ def project_to_ct(group_weights: dict[str, np.ndarray], latent_patch: dict[str, 
         model_map = patches_to_voxels(grid_map, geometry.input_size)
         out += geometry.heatmap_to_original(model_map, None if group == GLOBAL else group)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole path, for a selection of a draft
+# ------------------------------------------------------------------------------------------------
+def attention_map(engine: "ReportEngine", result: "DraftResult", token_indices: Sequence[int] | int,
+                  layers: str | Sequence[int] = "all", heads: str | Sequence[int] = "mean") -> AttentionMap:
+    """Attention of the selected generated tokens: shares per visual group and a heatmap on the original
+    CT (see the module docstring for the path). ``layers``: ``"all"`` or layer indices (their mean);
+    ``heads``: ``"mean"`` (all heads) or head indices. One teacher-forced pass with eager attention; the
+    head-mean rows of every token and layer are kept on the result after the first call, so later
+    selections are instant. Call through `ReportEngine.attention_map` (which holds the engine's lock)."""
+    from .generation import GenerationError
+
+    idx = engine.check_selection(result, token_indices)
+    prepared = result.prepared
+    n = len(result.token_ids)
+    groups = visual_positions(prepared.prompt_ids, engine.special, prepared.slot_regions)
+    key_positions = np.concatenate(list(groups.values()))
+    columns, c = {}, 0
+    for g, pos in groups.items():
+        columns[g] = np.arange(c, c + len(pos))
+        c += len(pos)
+    n_layers, _ = engine.layout
+    layer_ids = list(range(n_layers)) if layers == "all" else [int(l) for l in layers]
+    if not layer_ids or any(not 0 <= l < n_layers for l in layer_ids):
+        raise GenerationError(f"layers must be 'all' or indices in 0..{n_layers - 1}, got {layers!r}")
+    P = len(prepared.prompt_ids)
+    lm = engine.model.lang_model
+    if heads == "mean":
+        rows = result.llm_attention_mean                                         # (layers, n, K)
+        if rows is None:
+            rows = capture_attention(lm, engine.teacher_embeds(result, n), [P - 1 + i for i in range(n)], key_positions)
+            result.llm_attention_mean = rows
+        sel = rows[layer_ids][:, idx]                                             # (l, q, K)
+        head_spec: str | tuple[int, ...] = "mean"
+    else:
+        head_ids = [int(h) for h in heads]
+        sel = capture_attention(lm, engine.teacher_embeds(result, max(idx) + 1), [P - 1 + i for i in idx],
+                                key_positions, layer_ids, head_ids)
+        head_spec = tuple(head_ids)
+    weights = sel.mean(dim=(0, 1)).numpy()                                        # (K,)
+    shares = group_shares(weights, columns)
+    visual_weights = {g: weights[cols] for g, cols in columns.items()}
+    latent_patch = {g: t.float().cpu().numpy() for g, t in prepared.latent_patch.items()}
+    heatmap = project_to_ct(visual_weights, latent_patch, prepared.inputs.geometry, prepared.patch_grid)
+    affine = result.affine if result.affine is not None else np.eye(4)
+    return AttentionMap(token_indices=tuple(idx), layers=tuple(layer_ids), heads=head_spec, shares=shares,
+                        other_share=float(max(0.0, 1.0 - sum(shares.values()))), heatmap=heatmap,
+                        affine=affine, visual_weights=visual_weights)

@@ -14,8 +14,10 @@ Three ways to name the studies:
 
 Per study: ``report.txt`` (the draft), ``report.json`` (sections with grounding, sentences, every token
 with probability, entropy and alternatives, confidence per region; regions asked for but not written, under
-``not_drafted``, also listed in report.txt) and, with ``--attention``, one NIfTI
-per region section plus one for the whole report, aligned with the CT (same affine).
+``not_drafted``, also listed in report.txt; the findings check: each drafted region's per-finding
+probabilities with omission/contradiction flags) and, with ``--attention``, one relevance map NIfTI
+(``--attention-method raw``: raw attention) per region section plus one for the whole report, aligned with
+the CT (same affine), with its region dependence.
 
 ``--export pdf,txt,json,sr,fhir`` renders the report document (`reg2rg.engine.report`: identification,
 technique, findings in reading order with their state and flags, impression, provenance, the AI-draft
@@ -94,7 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None, help="sampling (default 1.0)")
     gen.add_argument("--seed", type=int, default=None, help="sampling (default: drawn, and recorded in report.json)")
     gen.add_argument("--num-beams", type=int, default=None, help="beam search (default 4)")
-    p.add_argument("--attention", action="store_true", help="also write attention heatmaps (NIfTI, CT affine)")
+    p.add_argument("--attention", action="store_true",
+                   help="also write, per region section and for the whole report, a heatmap (NIfTI, CT affine) "
+                        "and the region dependence (in report.json)")
+    p.add_argument("--attention-method", choices=("relevance", "raw"), default="relevance",
+                   help="heatmap: relevance (gradient x input, the evidence; default) or raw attention weights")
+    p.add_argument("--omission-threshold", type=float, default=None, metavar="P",
+                   help="findings check: flag an unreported finding the model rates at least this likely "
+                        "(default: chosen on validation phantoms)")
+    p.add_argument("--no-findings-check", action="store_true",
+                   help="skip the per-finding probabilities and omission/contradiction flags in report.json")
     p.add_argument("--export", metavar="FORMATS", default="",
                    help="render the report document as these formats, comma-separated: pdf, txt, json, sr "
                         "(DICOM SR), fhir (FHIR DiagnosticReport); files report.pdf, report.txt, report.json, "
@@ -150,8 +161,9 @@ NO_MASKS_NOTE = ("Drafted without region masks: outside the model's training dis
 
 
 def write_outputs(engine, result, out_dir: Path, attention: bool, study=None, formats=(),
-                  seed_impression: bool = False, notes: list[str] | tuple = ()) -> dict:
-    """Write report.txt, report.json and (optionally) attention NIfTIs for one result; returns the JSON.
+                  seed_impression: bool = False, notes: list[str] | tuple = (), method: str = "relevance",
+                  findings_check: bool = True, omission_threshold: float | None = None) -> dict:
+    """Write report.txt, report.json and (optionally) heatmap NIfTIs for one result; returns the JSON.
     With ``formats`` (and the ``study``) the report document is rendered in those formats too
     (`reg2rg.engine.report.FORMATS`; its TXT and JSON replace the plain ones, the engine's JSON kept inside).
 
@@ -160,16 +172,25 @@ def write_outputs(engine, result, out_dir: Path, attention: bool, study=None, fo
     ``report.txt`` beside a truncated ``report.json``; the error (`fileio.OutputError`) names the file.
     Regions asked for but not written are listed as "not drafted"; ``notes`` (e.g. `NO_MASKS_NOTE`) are
     added to both files.
+
+    ``attention``: per region section (and the whole report) a heatmap — ``method`` ``"relevance"``
+    (``relevance_<name>.nii.gz``) or ``"raw"`` attention (``attention_<name>.nii.gz``) — and its region
+    dependence. ``findings_check``: the per-finding probabilities and flags (``report.json`` key
+    ``findings_check``) at ``omission_threshold`` (None: the default).
     """
     from .fileio import staged_files
 
     with staged_files(out_dir) as stage:
-        return _stage_outputs(engine, result, stage, attention, study, formats, seed_impression, list(notes))
+        return _stage_outputs(engine, result, stage, attention, study, formats, seed_impression, list(notes),
+                              method, findings_check, omission_threshold)
 
 
 def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(), seed_impression=False,
-                   notes: list[str] | None = None) -> dict:
+                   notes: list[str] | None = None, method: str = "relevance", findings_check: bool = True,
+                   omission_threshold: float | None = None) -> dict:
     notes = notes or []
+    if findings_check and result.tokens and result.prepared is not None:
+        engine.finding_check(result, omission_threshold)
     not_drafted = getattr(result, "not_drafted", {}) or {}
     if "txt" not in formats:
         from .report.txt import input_warnings_line
@@ -197,13 +218,22 @@ def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(
             idx = result.token_indices_in_span(s.body_start, s.end)
             if s.slot is not None and s.region is not None and idx:
                 selections.append((f"slot{s.slot}_{_slug(s.region)}", idx))
+        prefix = "relevance" if method == "relevance" else "attention"
         for name, idx in selections:
-            file = f"attention_{name}.nii.gz"
+            file = f"{prefix}_{name}.nii.gz"
             if file in maps:                      # a repeated slot: the first section wins
                 continue
-            am = engine.attention_map(result, idx)
-            am.save_nifti(stage.path(file))
-            maps[file] = {"token_indices": [idx[0], idx[-1]], "shares": am.shares, "other_share": am.other_share}
+            entry: dict = {"token_indices": [idx[0], idx[-1]], "method": method}
+            if method == "relevance":
+                rm = engine.relevance_map(result, idx)
+                rm.save_nifti(stage.path(file))
+                entry.update(peak_voxel=list(rm.peak_voxel), seconds=rm.seconds)
+            else:
+                am = engine.attention_map(result, idx)
+                am.save_nifti(stage.path(file))
+                entry.update(shares=am.shares, other_share=am.other_share, peak_voxel=list(am.peak_voxel))
+            entry["region_dependence"] = engine.region_dependence(result, idx).to_dict()
+            maps[file] = entry
         data["attention"] = maps
     if "json" not in formats:
         with stage.open("report.json") as f:
@@ -238,7 +268,8 @@ def report_document(engine, result, study, seed_impression: bool = False, notes=
 def _run_one(engine, study, args, settings, out_dir: Path) -> None:
     notes = [] if study.regions_present else [NO_MASKS_NOTE]
     result = engine.draft(study, args.regions, settings)
-    write_outputs(engine, result, out_dir, args.attention, study, args.formats, args.seed_impression, notes)
+    write_outputs(engine, result, out_dir, args.attention, study, args.formats, args.seed_impression, notes,
+                  args.attention_method, not args.no_findings_check, args.omission_threshold)
     if not args.quiet:
         print(result.text.strip())
         for region, why in result.not_drafted.items():
@@ -311,7 +342,9 @@ def run_dataset(engine, args, settings, out: Path) -> int:
                 logger.warning("%s: skipped (%s)", name, err)
                 print(f"{name}: skipped ({err})", file=sys.stderr)
                 continue
-            write_outputs(engine, result, out / name, args.attention, study, args.formats, args.seed_impression)
+            write_outputs(engine, result, out / name, args.attention, study, args.formats, args.seed_impression,
+                          method=args.attention_method, findings_check=not args.no_findings_check,
+                          omission_threshold=args.omission_threshold)
             gt = combined_reference(reports[name], result.slot_regions).strip()
             slots = json.dumps({str(k): v for k, v in sorted(result.slot_regions.items())})
             writer.writerow([name, gt, result.text.strip(), slots])

@@ -27,14 +27,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .attention import (AttentionMap, capture_attention, group_shares, latent_patch_attention, project_to_ct,
-                        visual_positions)
+from .attention import latent_patch_attention
 from .checkpoint import CheckpointError, import_published, load_pretrained
 from .confidence import (
     ConfidenceSummary,
@@ -47,11 +46,14 @@ from .confidence import (
 )
 from .model.config import Reg2RGConfig
 from .model.reg2rg import Reg2RG
-from .preprocess import preprocess
+from .preprocess import ModelInputs, preprocess
 from .presets import precision_of, resolve_precision
 from .regions import REGIONS, canonical_region
 from .sections import RegionSection, parse_sections, region_prediction_accuracy
 from .tokens import SpecialIds, build_prompt_ids, load_tokenizer
+
+if TYPE_CHECKING:
+    from .explain.findings import FindingsCheck
 
 logger = logging.getLogger("reg2rg.engine.generation")
 
@@ -175,11 +177,13 @@ class GroundedSection(RegionSection):
 
 @dataclass
 class DraftResult:
-    """Everything one generation produced, and what attention maps need to follow it back to the CT.
+    """Everything one generation produced, and what the explanations need to follow it back to the CT.
 
     Character offsets (tokens, sections, sentences) index ``text``. ``region_confidence`` is keyed by
-    the true region of the slot the section belongs to. ``inputs`` (pre-processed tensors and the
-    geometry) and ``prompt_ids`` are kept for `ReportEngine.attention_map`; they are not serialised.
+    the true region of the slot the section belongs to. ``prepared`` (the encoded study: inputs,
+    geometry, prompt embeddings) and ``affine`` (the CT's) are kept for the explanations
+    (`ReportEngine.relevance_map`, `attention_map`, `region_dependence`, `finding_check`); they are not
+    serialised. ``findings_check`` is filled by `ReportEngine.finding_check` (and then serialised).
     """
 
     text: str
@@ -196,20 +200,34 @@ class DraftResult:
     seed: int | None = None                 # the seed actually used when sampling
     study_name: str = ""
     prompt_ids: list[int] = field(default_factory=list, repr=False)
-    inputs: Any = field(default=None, repr=False)      # preprocess.ModelInputs
     timings: dict[str, float] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict, repr=False)   # attention-pass results
     # about the input: {"orientation": {model, study, reoriented, ...}, "warnings": [...]} (ReportEngine.input_facts)
     input: dict[str, Any] = field(default_factory=dict)
     not_drafted: dict[str, str] = field(default_factory=dict)         # region asked for -> why it has no section
+    prepared: "PreparedStudy | None" = field(default=None, repr=False)
+    affine: np.ndarray | None = field(default=None, repr=False)          # the CT's (4, 4)
+    findings_check: "FindingsCheck | None" = None       # filled by ReportEngine.finding_check
+    # head-mean LLM attention rows of every generated token (layers, n, K), kept after the first
+    # raw-attention map so later selections need no second pass
+    llm_attention_mean: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def cancelled(self) -> bool:
         return self.stop_reason == "cancelled"
 
     @property
+    def inputs(self) -> ModelInputs | None:
+        """The pre-processed tensors and geometry (``prepared.inputs``)."""
+        return None if self.prepared is None else self.prepared.inputs
+
+    @property
     def geometry(self):
-        return None if self.inputs is None else getattr(self.inputs, "geometry", None)
+        return None if self.inputs is None else self.inputs.geometry
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        """Read-only view for callers written before ``prepared``/``affine`` were typed fields."""
+        return {"prepared": self.prepared, "affine": self.affine}
 
     def section_of_token(self, index: int) -> GroundedSection | None:
         """The region section that contains generated token ``index``."""
@@ -241,6 +259,7 @@ class DraftResult:
             "timings": dict(self.timings),
             "input": dict(self.input),
             "not_drafted": dict(self.not_drafted),
+            **({"findings_check": self.findings_check.to_dict()} if self.findings_check is not None else {}),
         }
 
 
@@ -595,12 +614,27 @@ def _is_oom(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
+def model_tensors(inputs: ModelInputs, slots: Sequence[str], device, dtype) -> tuple[torch.Tensor, ...]:
+    """(images (1,3,H,W,D), region_images (N,3,H,W,D), region_masks (N,1,H,W,D), region_sample (N,),
+    region_slot (N,)) of one study for `Reg2RG.encode_visual`/`embed_inputs`, regions in slot order."""
+    images = inputs.image[None].to(device, dtype)
+    if slots:
+        region_images = torch.stack([inputs.regions[r] for r in slots]).to(device, dtype)
+        region_masks = torch.stack([inputs.masks[r] for r in slots]).to(device, dtype)
+    else:
+        region_images = images.new_zeros(0, *images.shape[1:])
+        region_masks = images.new_zeros(0, 1, *images.shape[2:])
+    region_sample = torch.zeros(len(slots), dtype=torch.long, device=device)
+    region_slot = torch.arange(len(slots), dtype=torch.long, device=device)
+    return images, region_images, region_masks, region_sample, region_slot
+
+
 @dataclass
 class PreparedStudy:
     """A study ready to decode: model inputs, slot assignment, prompt ids and embeddings, and the
     perceiver's latent→patch attention (kept from the same encoding pass, for attention maps)."""
 
-    inputs: Any                              # preprocess.ModelInputs
+    inputs: ModelInputs
     slot_regions: dict[int, str]
     prompt_ids: list[int]
     prompt_embeds: torch.Tensor              # (1, P, hidden)
@@ -608,6 +642,11 @@ class PreparedStudy:
     patch_grid: tuple[int, int, int]
     # the finding head's probabilities, 'global' / region -> {label: p}, when the model has one
     finding_probabilities: dict[str, dict[str, float]] | None = None
+
+    @property
+    def slots(self) -> list[str]:
+        """Region names in slot order."""
+        return [self.slot_regions[j] for j in sorted(self.slot_regions)]
 
 
 class ReportEngine:
@@ -628,6 +667,7 @@ class ReportEngine:
         self.dtype = next(model.embedding_layer.parameters()).dtype      # the vision path's (inputs are cast to it)
         self.precision = precision_of(model)
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2
+        self._lock = threading.RLock()
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -736,15 +776,7 @@ class ReportEngine:
         slots = [r for r in chosen if r in inputs.regions]
         slot_regions = {j: r for j, r in enumerate(slots)}
         dev, dt = self.device, self.dtype
-        images = inputs.image[None].to(dev, dt)                                     # (1, 3, H, W, D)
-        if slots:
-            region_images = torch.stack([inputs.regions[r] for r in slots]).to(dev, dt)  # (N, 3, H, W, D)
-            region_masks = torch.stack([inputs.masks[r] for r in slots]).to(dev, dt)     # (N, 1, H, W, D)
-        else:
-            region_images = images.new_zeros(0, *images.shape[1:])
-            region_masks = images.new_zeros(0, 1, *images.shape[2:])
-        region_sample = torch.zeros(len(slots), dtype=torch.long, device=dev)
-        region_slot = torch.arange(len(slots), dtype=torch.long, device=dev)
+        images, region_images, region_masks, region_sample, region_slot = model_tensors(inputs, slots, dev, dt)
         prompt_ids = build_prompt_ids(self.tokenizer, len(slots), self.special)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=dev)                  # (1, P)
         with torch.inference_mode():
@@ -815,9 +847,8 @@ class ReportEngine:
                    "tokens_per_s": len(steps) / (t2 - t1) if t2 > t1 else 0.0}
         result = build_result(text, steps, pieces, self.tokenizer, prepared.slot_regions, settings,
                               decoder.stop_reason, seed=decoder.seed, study_name=study.name,
-                              prompt_ids=list(prepared.prompt_ids), inputs=prepared.inputs, timings=timings)
-        result.cache["prepared"] = prepared
-        result.cache["affine"] = np.asarray(study.affine, dtype=np.float64)
+                              prompt_ids=list(prepared.prompt_ids), timings=timings, prepared=prepared,
+                              affine=np.asarray(study.affine, dtype=np.float64))
         result.input = self.input_facts(study, prepared.inputs)
         result.not_drafted = regions_not_drafted(chosen, prepared.slot_regions, result.sections, result.stop_reason)
         yield Finished(result)
@@ -832,70 +863,81 @@ class ReportEngine:
         assert result is not None
         return result
 
-    # ---- attention maps ------------------------------------------------------------------------
-    def attention_layout(self) -> tuple[int, int]:
-        """(layers, heads) of the language model: what ``attention_map``'s ``layers``/``heads`` index."""
+    # ---- explanations (engine/attention.py, engine/explain/) ------------------------------------
+    @property
+    def lock(self) -> threading.RLock:
+        """Serialises this engine's work across threads: a generation, an explanation pass (which may
+        switch the model to eager attention or run a backward pass) must not overlap."""
+        return self._lock
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(layers, heads) of the language model: the choices for raw attention maps."""
         cfg = _base_config(self.model.lang_model)
         return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
 
+    def attention_layout(self) -> tuple[int, int]:
+        """(layers, heads) of the language model: what ``attention_map``'s ``layers``/``heads`` index."""
+        return self.layout
+
     def attention_map(self, result: DraftResult, token_indices: Sequence[int] | int,
                       layers: str | Sequence[int] = "all", heads: str | Sequence[int] = "mean"):
-        """Attention of the selected generated tokens: shares per visual group and a heatmap on the
-        original CT (see `attention` for the path). ``layers``: ``"all"`` or layer indices (their mean);
-        ``heads``: ``"mean"`` (all heads, cached after the first call) or head indices.
-        One teacher-forced pass with eager attention per call (the head-mean of all tokens and layers
-        is kept after the first call, so later selections are instant)."""
-        prepared: PreparedStudy | None = result.cache.get("prepared")
-        if prepared is None:
-            raise GenerationError("this result carries no encoding; attention maps need a result of this engine")
+        """Raw attention of the selected generated tokens (`attention.attention_map`)."""
+        from .attention import attention_map
+
+        return self._explaining(lambda: attention_map(self, result, token_indices, layers, heads), "an attention map")
+
+    def relevance_map(self, result: DraftResult, token_indices: Sequence[int] | int):
+        """Evidence in the CT for the selected tokens (`explain.relevance.relevance_map`)."""
+        from .explain.relevance import relevance_map
+
+        return self._explaining(lambda: relevance_map(self, result, token_indices), "a relevance map")
+
+    def region_dependence(self, result: DraftResult, token_indices: Sequence[int] | int):
+        """Log-probability drop of the selection without each visual group (`explain.relevance`)."""
+        from .explain.relevance import region_dependence
+
+        return self._explaining(lambda: region_dependence(self, result, token_indices), "the region dependence")
+
+    def finding_check(self, result: DraftResult, threshold: float | None = None,
+                      contradiction_below: float | None = None):
+        """Per-finding probabilities, omission and contradiction flags of each drafted region
+        (`explain.findings.finding_check`); also stored in ``result.findings_check``."""
+        from .explain.findings import finding_check
+
+        check = self._explaining(lambda: finding_check(self, result, threshold, contradiction_below),
+                                 "the findings check")
+        result.findings_check = check
+        return check
+
+    def _explaining(self, run, what: str):
+        try:
+            with self.lock:
+                return run()
+        except Exception as err:  # noqa: BLE001 - only memory errors are translated
+            if _is_oom(err):
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise EngineOutOfMemory(_oom_message(self.device, f"computing {what}")) from err
+            raise
+
+    def check_selection(self, result: DraftResult, token_indices: Sequence[int] | int) -> list[int]:
+        """The selection as a list of generated-token indices; `GenerationError` when it cannot be explained."""
+        if result.prepared is None:
+            raise GenerationError("this result carries no encoding; explanations need a result of this engine")
         idx = [int(token_indices)] if isinstance(token_indices, int) else [int(i) for i in token_indices]
         n = len(result.token_ids)
         if not idx:
-            raise GenerationError("select at least one generated token for an attention map")
+            raise GenerationError("select at least one generated token for an explanation")
         bad = [i for i in idx if not 0 <= i < n]
         if bad:
             raise GenerationError(f"token indices {bad} are outside 0..{n - 1}")
-        groups = visual_positions(prepared.prompt_ids, self.special, prepared.slot_regions)
-        key_positions = np.concatenate(list(groups.values()))
-        columns, c = {}, 0
-        for g, pos in groups.items():
-            columns[g] = np.arange(c, c + len(pos))
-            c += len(pos)
-        base_cfg = _base_config(self.model.lang_model)
-        layer_ids = list(range(base_cfg.num_hidden_layers)) if layers == "all" else [int(l) for l in layers]
-        if not layer_ids or any(not 0 <= l < base_cfg.num_hidden_layers for l in layer_ids):
-            raise GenerationError(f"layers must be 'all' or indices in 0..{base_cfg.num_hidden_layers - 1}, got {layers!r}")
-        P = len(prepared.prompt_ids)
-        try:
-            if heads == "mean":
-                rows = result.cache.get("llm_attention_mean")                      # (layers, n, K)
-                if rows is None:
-                    rows = capture_attention(self.model.lang_model, self._teacher_embeds(result, prepared, n),
-                                             [P - 1 + i for i in range(n)], key_positions)
-                    result.cache["llm_attention_mean"] = rows
-                sel = rows[layer_ids][:, idx]                                       # (l, q, K)
-                head_spec: str | tuple[int, ...] = "mean"
-            else:
-                head_ids = [int(h) for h in heads]
-                sel = capture_attention(self.model.lang_model, self._teacher_embeds(result, prepared, max(idx) + 1),
-                                        [P - 1 + i for i in idx], key_positions, layer_ids, head_ids)
-                head_spec = tuple(head_ids)
-        except Exception as err:  # noqa: BLE001
-            if _is_oom(err):
-                raise EngineOutOfMemory(_oom_message(self.device, "computing an attention map")) from err
-            raise
-        weights = sel.mean(dim=(0, 1)).numpy()                                      # (K,)
-        shares = group_shares(weights, columns)
-        visual_weights = {g: weights[cols] for g, cols in columns.items()}
-        latent_patch = {g: t.float().cpu().numpy() for g, t in prepared.latent_patch.items()}
-        heatmap = project_to_ct(visual_weights, latent_patch, prepared.inputs.geometry, prepared.patch_grid)
-        return AttentionMap(token_indices=tuple(idx), layers=tuple(layer_ids), heads=head_spec, shares=shares,
-                            other_share=float(max(0.0, 1.0 - sum(shares.values()))), heatmap=heatmap,
-                            affine=result.cache.get("affine", np.eye(4)), visual_weights=visual_weights)
+        return idx
 
-    def _teacher_embeds(self, result: DraftResult, prepared: PreparedStudy, upto: int) -> torch.Tensor:
+    def teacher_embeds(self, result: DraftResult, upto: int) -> torch.Tensor:
         """(1, P + upto - 1, hidden): the prompt, then the generated tokens that were fed back before
         token ``upto - 1`` was chosen (a token is never an input to its own choice)."""
+        prepared = result.prepared
         ids = torch.tensor([result.token_ids[: max(upto - 1, 0)]], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             gen = self.model.lang_model.get_input_embeddings()(ids).to(prepared.prompt_embeds.dtype)

@@ -61,20 +61,29 @@ class RegionFusionEmbedding(nn.Module):
         self.weight: nn.Parameter | None = None
 
     # ---- visual side ---------------------------------------------------------------------------
-    def encode_visual(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
-                      return_attention: bool = False) -> VisualTokens:
-        """Global volumes (B,C,H,W,D), region volumes (N,C,H,W,D) and region masks (N,1,H,W,D) ->
-        projected tokens, the global and all region volumes in ONE ViT + perceiver pass."""
-        B, N = images.shape[0], region_images.shape[0]
-        if region_masks.shape[0] != N:
-            raise ValueError(f"{N} region volumes but {region_masks.shape[0]} region masks")
+    def embed_volumes(self, images: torch.Tensor, region_images: torch.Tensor) -> torch.Tensor:
+        """(B+N, P, dim) position-embedded patch tokens of the global and region volumes (ViT input)."""
         dtype = self.fc.weight.dtype   # volumes arrive as float32; follow the model's dtype (bf16/fp16)
-        images = images.to(dtype)
         # Patch embedding is per volume, and its full-resolution intermediates (the rearranged patches and
         # their LayerNorm, each as large as the input) dominate memory: embed a few volumes at a time. The
         # transformer and the perceiver, where batching pays, then run on all B+N volumes at once.
         chunks = [images, *region_images.split(PATCH_EMBED_CHUNK)]
-        tokens = torch.cat([self.vision_encoder.embed_patches(c.to(dtype)) for c in chunks if len(c)])
+        return torch.cat([self.vision_encoder.embed_patches(c.to(dtype)) for c in chunks if len(c)])
+
+    def encode_visual(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
+                      return_attention: bool = False, patch_tokens: torch.Tensor | None = None,
+                      mask_patch_tokens: torch.Tensor | None = None) -> VisualTokens:
+        """Global volumes (B,C,H,W,D), region volumes (N,C,H,W,D) and region masks (N,1,H,W,D) ->
+        projected tokens, the global and all region volumes in ONE ViT + perceiver pass.
+
+        ``patch_tokens``: the volumes' `embed_volumes` output, ``mask_patch_tokens`` the masks'
+        ``mask_encoder.embed_patches`` output, given when the caller needs them as tensors of its own
+        (relevance maps take the gradient of the output with respect to them)."""
+        B, N = images.shape[0], region_images.shape[0]
+        if region_masks.shape[0] != N:
+            raise ValueError(f"{N} region volumes but {region_masks.shape[0]} region masks")
+        images = images.to(self.fc.weight.dtype)
+        tokens = self.embed_volumes(images, region_images) if patch_tokens is None else patch_tokens
         patches = self.vision_encoder.transformer(tokens)                      # (B+N, P, dim)
         if return_attention:
             latents, attention = self.perceiver(patches, return_attention=True)
@@ -83,7 +92,9 @@ class RegionFusionEmbedding(nn.Module):
         tokens = self.fc(latents)                                              # (B+N, L, hidden)
         global_tokens, region_tokens = tokens[:B], tokens[B:]
         if N:
-            mask_tokens = self.mask_encoder(region_masks.to(images.dtype)).mean(dim=1)  # (N, mask_dim)
+            if mask_patch_tokens is None:
+                mask_patch_tokens = self.mask_encoder.embed_patches(region_masks.to(images.dtype))
+            mask_tokens = self.mask_encoder.transformer(mask_patch_tokens).mean(dim=1)  # (N, mask_dim)
             mask_tokens = self.mask_fc(mask_tokens)                            # (N, hidden)
             region_tokens = torch.cat([region_tokens, mask_tokens[:, None, :]], dim=1)  # (N, L+1, hidden)
         else:

@@ -66,9 +66,12 @@ class Reg2RG(nn.Module):
 
     # ---- pieces used by generation and attention maps ----------------------------------------------
     def encode_visual(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
-                      return_attention: bool = False) -> VisualTokens:
-        """Global + all regions in one batched ViT + perceiver pass; masks through the mask encoder."""
-        return self.embedding_layer.encode_visual(images, region_images, region_masks, return_attention)
+                      return_attention: bool = False, patch_tokens: torch.Tensor | None = None,
+                      mask_patch_tokens: torch.Tensor | None = None) -> VisualTokens:
+        """Global + all regions in one batched ViT + perceiver pass; masks through the mask encoder.
+        ``patch_tokens``, ``mask_patch_tokens``: see `RegionFusionEmbedding.encode_visual`."""
+        return self.embedding_layer.encode_visual(images, region_images, region_masks, return_attention,
+                                                  patch_tokens, mask_patch_tokens)
 
     def embed_inputs(self, input_ids: torch.Tensor, images: torch.Tensor, region_images: torch.Tensor,
                      region_masks: torch.Tensor, region_sample: torch.Tensor, region_slot: torch.Tensor,

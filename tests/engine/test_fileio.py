@@ -154,7 +154,7 @@ def test_report_files_on_a_full_disk_keep_the_previous_outputs(engine_and_result
     out = tmp_path / "out"
     write_outputs(engine, result, out, attention=True)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert "attention_report.nii.gz" in before
+    assert "relevance_report.nii.gz" in before
     other = tiny_engine(seed=1)
     new = other.draft(box_study(), ["heart", "lung"], GenerationSettings(max_new_tokens=6))
     assert new.text != result.text
@@ -162,7 +162,7 @@ def test_report_files_on_a_full_disk_keep_the_previous_outputs(engine_and_result
         write_outputs(other, new, out, attention=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     message = str(err.value)
-    assert message.startswith(f"cannot write {out / 'attention_'}") or message.startswith(f"cannot write {out / 'report'}")
+    assert message.startswith(f"cannot write {out / 'relevance_'}") or message.startswith(f"cannot write {out / 'report'}")
     assert ".tmp-" not in message
 
 

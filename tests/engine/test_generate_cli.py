@@ -62,10 +62,25 @@ def test_one_study_writes_report_json_and_attention(model_dir, tmp_path):
     assert data["text"] == expected.text and txt.startswith(expected.text.strip() + "\n")
     assert data["slot_regions"] == {"0": "heart", "1": "lung"}
     assert len(data["tokens"]) == 6 and len(data["tokens"][0]["top"]) == 5
-    img = nib.load(out / "attention_report.nii.gz")
+    # the default heatmap is the relevance map, with the region dependence of the same selection
+    img = nib.load(out / "relevance_report.nii.gz")
     np.testing.assert_allclose(img.affine, study.affine, atol=1e-5)
     assert img.shape == study.shape
+    entry = data["attention"]["relevance_report.nii.gz"]
+    assert entry["method"] == "relevance"
+    assert set(entry["region_dependence"]["drops_nats"]) == {"global", "heart", "lung"}
+    # the findings check is in report.json: one entry per checked region section (the tiny model may
+    # name none), each with the threshold it was flagged at
+    assert data["findings_check"]["threshold"] == pytest.approx(0.5)
+    # raw attention stays an option, clearly named
+    raw = tmp_path / "raw"
+    assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--masks", str(tmp_path / "masks"), "--model", str(model_dir),
+                 "--out", str(raw), "--attention", "--attention-method", "raw", "--omission-threshold", "0.7",
+                 "--regions", "heart", "lung", *ARGS]) == 0
+    data = json.loads((raw / "report.json").read_text())
+    assert nib.load(raw / "attention_report.nii.gz").shape == study.shape
     assert set(data["attention"]["attention_report.nii.gz"]["shares"]) == {"global", "heart", "lung"}
+    assert data["findings_check"]["threshold"] == pytest.approx(0.7)
 
 
 def test_dataset_run_is_resumable(model_dir, dataset, tmp_path):

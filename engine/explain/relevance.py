@@ -1,0 +1,233 @@
+"""Relevance maps and region dependence: the evidence in the CT for a selection of generated tokens.
+
+**Relevance map** (the default explanation): gradient × input on the ViT's patch tokens. One
+teacher-forced pass with gradients runs the whole model — ViT transformer, perceiver, projection, LLM —
+from the embedded patch tokens of every volume (global and each region crop) to the selected tokens'
+log-probability ``S = Σ_i log p(token_i | prefix)``; one backward pass gives ``∂S/∂x`` for every patch
+token ``x``. A patch's relevance is ``|Σ_channels x · ∂S/∂x|``: the first-order change of the selection's
+log-probability if that patch's content were removed. Unlike raw attention it is exactly zero for a
+patch the output does not depend on, it changes with the selection (another target, another gradient),
+and it follows the model through every layer (the generic rule for bi-modal transformers; attention
+weights alone do not: attention to a token whose value is then ignored still looks important).
+Chosen over the alternatives by measurement (`bench/explain.py`, bench/RESULTS.md): patch occlusion
+needs one pass per patch and volume (≈1 400 LLM passes for the demo model's 11 volumes × 128 patches),
+far over the 2-s budget; raw attention failed both the known-answer test and selection dependence.
+
+The patch values go onto the CT as a *density*: a patch's relevance is spread evenly over the CT voxels
+its block covers (so summing the map over the CT gives back the total relevance, and a fine region-crop
+patch is not outweighed by a coarse global patch just because it covers fewer voxels). A region crop's
+map is kept inside the region's mask, the only voxels of that crop the model saw (the rest is -1024).
+
+**Region dependence**: the drop of the same log-probability when a visual group (the global image, or
+one region slot) is removed from the prompt — its special run ``<image>…</image>`` or ``<region>…</region>``
+masked out of the attention, every other token at its own position — computed for all groups in ONE
+batched teacher-forced pass (row 0 the full prompt, one row per removed group). The causal counterpart
+of the attention shares. Masking, not deleting: deleting a run shifts the positions of all that follows
+and moves the whole prompt out of what the model was trained on, so every slot looked "needed" (measured
+on the known-answer model of tests/engine/test_explain.py: deleting an uninformative slot cost more
+than deleting the one the answer came from; masking names the right slot).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from ..attention import GLOBAL, patches_to_voxels, visual_positions
+from ..fileio import atomic_path
+
+if TYPE_CHECKING:
+    from ..generation import DraftResult, ReportEngine
+
+
+@dataclass
+class RelevanceMap:
+    """Relevance of a selection of generated tokens, as a heatmap on the original CT.
+
+    ``heatmap`` has the study's shape (stored voxel order), ``affine`` is the CT's. ``patch_relevance``:
+    group (``'global'`` or a region) -> (h, w, d) signed gradient × input of each ViT patch;
+    ``group_relevance``: group -> sum of the absolute patch relevance (what each volume contributed).
+    ``log_prob``: the selection's log-probability; ``seconds``: the cost of the map.
+    """
+
+    token_indices: tuple[int, ...]
+    heatmap: np.ndarray
+    affine: np.ndarray
+    patch_relevance: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    group_relevance: dict[str, float] = field(default_factory=dict)
+    log_prob: float = 0.0
+    seconds: float = 0.0
+    method: str = "gradient_x_input"
+
+    @property
+    def peak_voxel(self) -> tuple[int, int, int]:
+        """Voxel index (stored order) of the heatmap maximum."""
+        return tuple(int(i) for i in np.unravel_index(int(np.argmax(self.heatmap)), self.heatmap.shape))  # type: ignore[return-value]
+
+    def save_nifti(self, path: str | os.PathLike) -> str:
+        """Write the heatmap as a float32 NIfTI with the CT's affine; returns the path."""
+        import nibabel as nib
+
+        path = os.fspath(path)
+        img = nib.Nifti1Image(np.asarray(self.heatmap, dtype=np.float32), np.asarray(self.affine, dtype=np.float64))
+        img.header.set_intent("estimate", name="relevance")
+        with atomic_path(path) as tmp:
+            nib.save(img, tmp)
+        return path
+
+
+@dataclass
+class RegionDependence:
+    """How much the selection's log-probability drops (nats) without each visual group.
+
+    ``drops``: ``'global'`` and each region (slot order) -> log p(full prompt) - log p(without it);
+    positive = the selection relied on that group. ``log_prob``: the selection's log-probability with
+    the full prompt."""
+
+    token_indices: tuple[int, ...]
+    drops: dict[str, float]
+    log_prob: float
+    seconds: float = 0.0
+
+    @property
+    def strongest(self) -> str:
+        """The group whose removal lowers the selection's probability most."""
+        return max(self.drops, key=lambda g: self.drops[g])
+
+    def to_dict(self) -> dict:
+        return {"token_indices": list(self.token_indices), "drops_nats": dict(self.drops),
+                "log_prob": self.log_prob, "strongest": self.strongest}
+
+
+def _base(lang_model):
+    return lang_model.get_base_model() if hasattr(lang_model, "get_base_model") else lang_model
+
+
+def selected_log_prob(lang_model, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                      positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) sum over each row's selected tokens of log p(target | prefix).
+
+    ``embeds`` (B, T, hidden); ``positions`` (B, Q) the input positions whose next-token distribution
+    chose ``targets`` (B, Q). Only those positions go through the LM head (a 7B vocabulary is large)."""
+    base = _base(lang_model)
+    hidden = base.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))       # (B, Q, hidden)
+    logits = base.lm_head(picked).float()                                                   # (B, Q, V)
+    return torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0].sum(-1)      # (B,)
+
+
+MASK = "mask:"        # patch_relevance key prefix of a region's mask-encoder patches
+
+
+def relevance_map(engine: "ReportEngine", result: "DraftResult", token_indices: Sequence[int] | int,
+                  density: bool = True) -> RelevanceMap:
+    """Gradient × input relevance of the selected generated tokens, on the original CT (see the module
+    docstring). Call through `ReportEngine.relevance_map` (which holds the engine's lock)."""
+    from ..generation import model_tensors
+
+    t0 = time.perf_counter()
+    idx = engine.check_selection(result, token_indices)
+    prepared = result.prepared
+    model, dev = engine.model, engine.device
+    slots = prepared.slots
+    images, region_images, region_masks, region_sample, region_slot = model_tensors(
+        prepared.inputs, slots, dev, engine.dtype)
+    upto = max(idx) + 1
+    P = len(prepared.prompt_ids)
+    ids = torch.tensor([list(prepared.prompt_ids) + result.token_ids[: upto - 1]], dtype=torch.long, device=dev)
+    positions = torch.tensor([[P - 1 + i for i in idx]], dtype=torch.long, device=dev)
+    targets = torch.tensor([[result.token_ids[i] for i in idx]], dtype=torch.long, device=dev)
+    layer = model.embedding_layer
+    with torch.enable_grad():
+        with torch.no_grad():
+            x = layer.embed_volumes(images, region_images)                                  # (1+N, P, dim)
+            xm = layer.mask_encoder.embed_patches(region_masks.to(x.dtype)) if slots else None  # (N, Pm, dm)
+        leaves = [x.detach().requires_grad_(True)]
+        if xm is not None:
+            leaves.append(xm.detach().requires_grad_(True))
+        visual = model.encode_visual(images, region_images, region_masks, patch_tokens=leaves[0],
+                                     mask_patch_tokens=leaves[1] if xm is not None else None)
+        embeds = model.embed_inputs(ids, images, region_images, region_masks, region_sample, region_slot,
+                                    visual=visual)
+        log_prob = selected_log_prob(model.lang_model, embeds, None, positions, targets)[0]
+        grads = torch.autograd.grad(log_prob, leaves)
+    signed = [(g.float() * v.detach().float()).sum(-1).cpu().numpy() for g, v in zip(grads, leaves)]
+    grid = tuple(visual.patch_grid)
+    patch_relevance = {g: signed[0][k].reshape(grid) for k, g in enumerate([GLOBAL, *slots])}
+    if xm is not None:
+        mask_grid = model.config.mask_encoder.grid(tuple(region_masks.shape[-3:]))
+        patch_relevance.update({MASK + r: signed[1][k].reshape(mask_grid) for k, r in enumerate(slots)})
+    heatmap = project_relevance(patch_relevance, prepared.inputs, density)
+    return RelevanceMap(token_indices=tuple(idx), heatmap=heatmap,
+                        affine=result.affine if result.affine is not None else np.eye(4),
+                        patch_relevance=patch_relevance,
+                        group_relevance={g: float(np.abs(m).sum()) for g, m in patch_relevance.items()},
+                        log_prob=float(log_prob.detach()), seconds=time.perf_counter() - t0)
+
+
+def _content(inputs, group: str) -> np.ndarray:
+    """(H, W, D) model-grid voxels of a group that carry content: all of the global volume; the mask's
+    voxels of a region crop (outside it the crop holds the -1024 fill, the scaled minimum -1) and of
+    the region's mask volume (read by the mask encoder in the global box)."""
+    if group == GLOBAL:
+        return np.ones(inputs.geometry.input_size, dtype=bool)
+    if group.startswith(MASK):
+        return inputs.masks[group.removeprefix(MASK)][0].float().numpy() > 0.5
+    return inputs.regions[group][0].float().numpy() > -1.0 + 1e-4
+
+
+def project_relevance(patch_relevance: dict[str, np.ndarray], inputs, density: bool = True) -> np.ndarray:
+    """Sum over groups of their |relevance| on the original CT grid (see the module docstring).
+
+    ``patch_relevance``: group -> (h, w, d) patch map (``'global'``, a region's crop, or ``'mask:<region>'``
+    for the patches of its mask, which the mask encoder reads in the global box); ``inputs``: the study's
+    `preprocess.ModelInputs`. A patch's value covers the voxels of its block that carry content (a
+    region's mask voxels); with ``density`` it is divided by the block's size in CT voxels, so coarse
+    and fine patches are on one scale."""
+    geometry = inputs.geometry
+    size = geometry.input_size
+    by_box: dict[str | None, np.ndarray] = {}
+    for group, grid_map in patch_relevance.items():
+        region = None if group == GLOBAL else group.removeprefix(MASK)
+        box_region = None if group == GLOBAL or group.startswith(MASK) else region
+        value = np.abs(grid_map).astype(np.float32)
+        if density:
+            start, stop = geometry.box_for(box_region)
+            value = value / (float(np.prod(np.subtract(stop, start))) / float(np.prod(grid_map.shape)))
+        model_map = patches_to_voxels(value, size) * _content(inputs, group)
+        by_box[box_region] = by_box.get(box_region, 0) + model_map
+    out = np.zeros(geometry.original_shape, dtype=np.float32)
+    for box_region, model_map in by_box.items():      # one resampling per crop box
+        out += geometry.heatmap_to_original(model_map, box_region)
+    return out
+
+
+def region_dependence(engine: "ReportEngine", result: "DraftResult", token_indices: Sequence[int] | int) -> RegionDependence:
+    """Drop of the selection's log-probability when each visual group is removed from the prompt, all
+    groups in one batched teacher-forced pass. Call through `ReportEngine.region_dependence`."""
+    t0 = time.perf_counter()
+    idx = engine.check_selection(result, token_indices)
+    prepared = result.prepared
+    upto = max(idx) + 1
+    full = engine.teacher_embeds(result, upto)                                           # (1, T, hidden)
+    T, P = full.shape[1], len(prepared.prompt_ids)
+    groups = visual_positions(prepared.prompt_ids, engine.special, prepared.slot_regions)
+    names = list(groups)
+    B = 1 + len(names)
+    dev = full.device
+    mask = torch.ones(B, T, dtype=torch.long, device=dev)
+    for b, g in enumerate(names, start=1):
+        pos = groups[g]
+        mask[b, int(pos.min()) - 1: int(pos.max()) + 2] = 0          # the start and end markers too
+    embeds = full.expand(B, -1, -1)
+    positions = torch.tensor([[P - 1 + i for i in idx]] * B, dtype=torch.long, device=dev)
+    targets = torch.tensor([[result.token_ids[i] for i in idx]] * B, dtype=torch.long, device=dev)
+    with torch.inference_mode():
+        lp = selected_log_prob(engine.model.lang_model, embeds, mask, positions, targets).cpu().numpy()
+    drops = {g: float(lp[0] - lp[1 + k]) for k, g in enumerate(names)}
+    return RegionDependence(tuple(idx), drops, float(lp[0]), time.perf_counter() - t0)
