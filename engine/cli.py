@@ -283,10 +283,24 @@ def _run_one(engine, study, args, settings, out_dir: Path) -> None:
 
 # ---- datasets -------------------------------------------------------------------------------------
 def _done_ids(csv_path: Path) -> set[str]:
+    """The studies already in ``predictions.csv``, after making it safe to append to: a last row cut off
+    by an interruption is removed (its study is drafted again). Any other malformed row refuses the
+    resume (`CliError` naming the lines): appending to a damaged file would mix rows."""
+    from .csvtable import CsvFormatError, read_csv, repair_torn_tail
+
     if not csv_path.is_file():
         return set()
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        return {row["AccNum"] for row in csv.DictReader(f) if row.get("AccNum")}
+    try:
+        table = read_csv(csv_path, ("AccNum",))
+    except CsvFormatError as err:
+        raise CliError(f"{err}; fix or move it to resume") from None
+    if table.problems:
+        raise CliError(f"{csv_path}: {len(table.problems)} malformed row(s): {table.describe_problems(table.problems)}; "
+                       "fix or move the file to resume (appending to it could mix rows)")
+    repaired = repair_torn_tail(table)
+    if repaired:
+        logger.warning("%s", repaired)
+    return {row["AccNum"] for _line, row in table.rows if row.get("AccNum")}
 
 
 def combined_reference(region_reports: dict[str, str], slot_regions: dict[int, str]) -> str:

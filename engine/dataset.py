@@ -12,17 +12,18 @@ Reading the voxels themselves is `studyio.read_study`'s job.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
 from typing import Sequence
 
+from .csvtable import CsvFormatError, read_csv
 from .regions import canonical_region
 
 logger = logging.getLogger("reg2rg.engine.dataset")
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
+REPORT_COLUMNS = ("Volumename", "Anatomy", "Sentence")
 
 
 class DatasetError(ValueError):
@@ -42,7 +43,10 @@ def read_reports(path: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[
     """Read the region report CSV (or several) -> ``{volume: {region: sentence, "": whole-study report}}``.
 
     Several rows for the same (volume, region) are joined with a space. Rows naming an anatomy that
-    is not one of the 10 regions are ignored (logged once per anatomy name).
+    is not one of the 10 regions are ignored (logged once per anatomy name). The CSV is read strictly
+    (`csvtable.read_csv`): malformed rows — an unterminated quote, more or fewer fields than the header,
+    a row cut off at the end — are **skipped**, never merged into another row's text, with one warning
+    naming their lines. A file that is not UTF-8 or lacks a column raises `DatasetError`.
     """
     if isinstance(path, (list, tuple)):
         merged: dict[str, dict[str, str]] = {}
@@ -54,25 +58,26 @@ def read_reports(path: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[
         raise DatasetError(f"{path}: report CSV not found")
     out: dict[str, dict[str, str]] = {}
     unknown: set[str] = set()
-    with open(path, newline="", encoding="utf-8-sig") as f:  # tolerate a BOM (spreadsheet exports)
-        reader = csv.DictReader(f)
-        missing = {"Volumename", "Anatomy", "Sentence"} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(f"{path}: missing columns {sorted(missing)} (need Volumename, Anatomy, Sentence)")
-        for row in reader:
-            name = volume_key(row["Volumename"] or "")
-            if not name:
-                continue
-            anatomy = (row["Anatomy"] or "").strip()
-            sentence = " ".join((row["Sentence"] or "").split())
-            region = "" if not anatomy or anatomy.lower() == "nan" else canonical_region(anatomy)
-            if region is None:
-                if anatomy not in unknown:
-                    unknown.add(anatomy)
-                    logger.warning("%s: rows with anatomy %r (not one of the 10 regions) are ignored", path, anatomy)
-                continue
-            entry = out.setdefault(name, {})
-            entry[region] = f"{entry[region]} {sentence}".strip() if region in entry else sentence
+    try:
+        table = read_csv(path, REPORT_COLUMNS)        # a BOM (spreadsheet exports) is tolerated
+    except CsvFormatError as err:
+        raise DatasetError(str(err)) from None
+    if table.all_problems:
+        logger.warning("%s: %d malformed row(s) skipped: %s", path, len(table.all_problems), table.describe_problems())
+    for _line, row in table.rows:
+        name = volume_key(row["Volumename"] or "")
+        if not name:
+            continue
+        anatomy = (row["Anatomy"] or "").strip()
+        sentence = " ".join((row["Sentence"] or "").split())
+        region = "" if not anatomy or anatomy.lower() == "nan" else canonical_region(anatomy)
+        if region is None:
+            if anatomy not in unknown:
+                unknown.add(anatomy)
+                logger.warning("%s: rows with anatomy %r (not one of the 10 regions) are ignored", path, anatomy)
+            continue
+        entry = out.setdefault(name, {})
+        entry[region] = f"{entry[region]} {sentence}".strip() if region in entry else sentence
     return out
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reg2rg.engine.csvtable import CsvFormatError, read_csv
 from reg2rg.engine.regions import REGIONS, canonical_region
 from reg2rg.engine.sections import (
     parse_sections,
@@ -90,18 +91,22 @@ def _parse_slots(path: Path, line: int, raw: str) -> dict[int, str] | None:
 
 
 def read_predictions(path: str | Path, gt_column: str | None = None, pred_column: str | None = None) -> Predictions:
-    """Read and validate a predictions CSV (see the module doc for the columns)."""
+    """Read and validate a predictions CSV (see the module doc for the columns).
+
+    Read strictly (`reg2rg.engine.csvtable.read_csv`, fields of any length): a malformed row (an
+    unterminated quote, a wrong number of fields, a row cut off at the end) **refuses** the file with
+    the lines named — scores computed without some rows would silently describe other studies."""
     path = Path(path)
     if not path.is_file():
         raise EvalInputError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise EvalInputError(f"{path}: not a UTF-8 text file ({e})") from None
-    if not text.strip():
-        raise EvalInputError(f"{path}: the file is empty")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = reader.fieldnames or []
+        table = read_csv(path)
+    except CsvFormatError as e:
+        raise EvalInputError(str(e)) from None
+    if table.all_problems:
+        raise EvalInputError(f"{path}: {len(table.all_problems)} malformed row(s), nothing evaluated: "
+                             f"{table.describe_problems()}")
+    columns = table.header
     if gt_column or pred_column:
         pair = (gt_column or COLUMN_PAIRS[0][0], pred_column or COLUMN_PAIRS[0][1])
     else:
@@ -117,8 +122,7 @@ def read_predictions(path: str | Path, gt_column: str | None = None, pred_column
             raise EvalInputError(f"{path}: missing column {col!r}; the file has {columns}")
     id_column = next((c for c in ID_COLUMNS if c in columns), None)
     preds = Predictions(path, pair[0], pair[1], [], [], [], [])
-    for i, row in enumerate(reader):
-        line = reader.line_num
+    for i, (line, row) in enumerate(table.rows):
         for col in pair:
             if _cell_is_missing(row.get(col)):
                 raise EvalInputError(f"{path}: line {line}: empty or NaN cell in column {col!r}")

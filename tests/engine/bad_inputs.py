@@ -141,3 +141,65 @@ def sheared_affine(folder: Path) -> Path:
     a = _affine()
     a[1, 2] = 2.5 * np.tan(np.radians(10.0))          # each slice moves along y as it moves along z
     return _save(folder / "sheared.nii.gz", _ct(), a)
+
+
+# ---- CSV inputs (issue 17, defect 5) ---------------------------------------------------------------------
+REPORT_HEADER = "Volumename,Anatomy,Sentence\n"
+
+
+def reports_unterminated_quote(folder: Path) -> Path:
+    """Line 3 opens a quote it never closes: a lenient reader swallows lines 4-6 into its sentence."""
+    path = Path(folder) / "reports_unterminated.csv"
+    path.write_text(REPORT_HEADER
+                    + "v_1_a_1.nii.gz,lung,Lungs clear.\n"
+                    + 'v_1_a_1.nii.gz,heart,"Heart normal in size.\n'
+                    + "v_2_a_1.nii.gz,lung,Small nodule in the right upper lobe.\n"
+                    + "v_2_a_1.nii.gz,heart,Cardiomegaly.\n"
+                    + 'v_3_a_1.nii.gz,lung,"Emphysema, moderate."\n', encoding="utf-8")
+    return path
+
+
+def reports_extra_fields(folder: Path) -> Path:
+    """Line 2 has an unquoted comma in its sentence: four fields under a three-column header."""
+    path = Path(folder) / "reports_extra_fields.csv"
+    path.write_text(REPORT_HEADER
+                    + "v_1_a_1.nii.gz,lung,Lungs clear, no effusion.\n"
+                    + "v_1_a_1.nii.gz,heart,Heart normal.\n", encoding="utf-8")
+    return path
+
+
+def reports_latin1(folder: Path) -> Path:
+    """A spreadsheet export in Windows-1252: 'ü' is the single byte 0xfc on line 3."""
+    path = Path(folder) / "reports_latin1.csv"
+    path.write_bytes((REPORT_HEADER + "v_1_a_1.nii.gz,lung,Lungs clear.\n"
+                      + "v_1_a_1.nii.gz,heart,Herzgr\u00f6\u00dfe normal, gepr\u00fcft.\n").encode("cp1252"))
+    return path
+
+
+def predictions_torn(folder: Path) -> Path:
+    """A predictions.csv whose writer was killed in the middle of its second row (inside a quote)."""
+    import csv
+
+    path = Path(folder) / "predictions.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["AccNum", "GT_combined_report", "Pred_combined_report", "Region_slots"])
+        w.writerow(["v_1_a_1", "The region 0 is lung: Lungs clear.", "The region 0 is lung: Clear.",
+                    '{"0": "lung"}'])
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('v_2_a_1,"The region 0 is lung: Small nodule, right upper lobe.","The region 0 is lu')
+    return path
+
+
+def predictions_huge_field(folder: Path, chars: int = 200_000) -> Path:
+    """A well-formed predictions.csv with one predicted report longer than the csv module's field limit."""
+    import csv
+
+    path = Path(folder) / "predictions_long.csv"
+    long_report = "The region 0 is lung: " + " ".join(["no nodule"] * (chars // 10))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["AccNum", "GT_combined_report", "Pred_combined_report"])
+        w.writerow(["v_1_a_1", "The region 0 is lung: Lungs clear.", long_report])
+        w.writerow(["v_2_a_1", "The region 0 is lung: Nodule.", "The region 0 is lung: Nodule."])
+    return path

@@ -258,3 +258,49 @@ def test_decoding_presets_and_precision_are_selectable_and_recorded(model_dir, t
     assert main([*base, "--out", str(tmp_path / "bad"), "--decoding", "published"]) == 2
     err = capsys.readouterr().err
     assert "generation_config.json: sets no_repeat_ngram_size=3" in err and "Traceback" not in err
+
+
+def test_dataset_resume_repairs_a_torn_predictions_csv(model_dir, dataset, tmp_path, caplog):
+    """A predictions.csv cut in the middle of a row (a kill while writing) is repaired before appending:
+    the torn row is removed with a message and its study drafted again."""
+    root, names = dataset
+    out = tmp_path / "preds"
+    base = ["--dataset", str(root / "ct"), "--masks", str(root / "masks"), "--reports", str(root / "reports.csv"),
+            "--model", str(model_dir), "--out", str(out), *ARGS]
+    assert main(base + ["--limit", "2"]) == 0
+    path = out / "predictions.csv"
+    data = path.read_bytes()
+    cut = data.rindex(names[1].encode()) + 40            # inside the second study's reference report
+    path.write_bytes(data[:cut])
+    with caplog.at_level("WARNING"):
+        assert main(base) == 0
+    assert f"{path}: line 3: " in caplog.text and "removed it before appending" in caplog.text
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["AccNum"] for r in rows] == names            # the torn study drafted again, once
+    assert all(r["Region_slots"].startswith("{") for r in rows)
+
+
+def test_malformed_predictions_csv_and_non_utf8_reports_are_one_line(model_dir, dataset, tmp_path, capsys):
+    import bad_inputs
+
+    root, names = dataset
+    out = tmp_path / "preds"
+    base = ["--dataset", str(root / "ct"), "--masks", str(root / "masks"), "--model", str(model_dir),
+            "--out", str(out), *ARGS]
+    assert main(base + ["--reports", str(root / "reports.csv"), "--limit", "1"]) == 0
+    path = out / "predictions.csv"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text(lines[0] + 'x_1_a_1,"unclosed,report\n' + "".join(lines[1:]), encoding="utf-8")
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert main(base + ["--reports", str(root / "reports.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"reg2rg-generate: {path}: 1 malformed row(s): line 2: a quote opened on line 2 is not "
+                          "closed") and err.endswith("fix or move the file to resume (appending to it could mix rows)")
+    assert path.read_bytes() == before                 # nothing appended to a damaged file
+    latin1 = bad_inputs.reports_latin1(tmp_path)
+    assert main(base + ["--reports", str(latin1)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"reg2rg-generate: {latin1}: not UTF-8 text (line 3 has the byte 0xf6); save it as UTF-8 " \
+                  "(in a spreadsheet: CSV UTF-8)"

@@ -42,7 +42,7 @@ def test_missing_report_csv_is_named(tmp_path):
         read_reports(tmp_path / "nope.csv")
     bad = tmp_path / "bad.csv"
     bad.write_text("Volume,Text\nx,y\n")
-    with pytest.raises(DatasetError, match=r"bad.csv: missing columns \['Anatomy', 'Sentence', 'Volumename'\]"):
+    with pytest.raises(DatasetError, match=r"bad.csv: missing column\(s\) Volumename, Anatomy, Sentence \(the header has Volume, Text\)"):
         read_reports(bad)
 
 
