@@ -41,7 +41,7 @@ if str(ROOT.parent) not in sys.path:
 
 from reg2rg.engine.explain.findings import REGION_FINDINGS, finding_check      # noqa: E402
 from reg2rg.engine.explain.relevance import relevance_map, selected_log_prob     # noqa: E402
-from reg2rg.engine.generation import GenerationSettings, ReportEngine             # noqa: E402
+from reg2rg.engine.generation import ReportEngine             # noqa: E402
 from reg2rg.engine.labeller import AFFIRMED, find_mentions, split_sentences      # noqa: E402
 from reg2rg.engine.study import Study                                             # noqa: E402
 from reg2rg.engine.studyio import read_study                                      # noqa: E402

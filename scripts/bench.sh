@@ -11,6 +11,14 @@ PY="$VENV/bin/python"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 full=0
 [ "${1:-}" = "--full" ] && full=1
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# held-out phantoms for the explanation benchmark (the demo model's test and validation seeds)
+phantoms() {
+  "$VENV/bin/reg2rg-phantom" --out "$work/test" --n "$1" --seed 9000 >/dev/null
+  "$VENV/bin/reg2rg-phantom" --out "$work/val" --n "$2" --seed 5000 >/dev/null
+}
 
 run() {
   echo "== $PY $*"
@@ -26,6 +34,8 @@ if [ $full = 1 ]; then
   run bench/generate.py --tokens 100 --repeats 3
   run bench/train.py
   run bench/viewer.py --shape 512x512x300 --steps 60
+  phantoms 40 16
+  run bench/explain.py --test "$work/test" --val "$work/val" --out "$work/explain.json"
 else
   run bench/preprocess.py --shape 256 256 100
   run bench/embed.py --repeats 1
@@ -33,4 +43,6 @@ else
   run bench/generate.py --tokens 50 --repeats 1
   run bench/train.py --studies 2 --steps 2 --batch 1
   run bench/viewer.py --shape 256x256x100 --steps 30
+  phantoms 3 3
+  run bench/explain.py --test "$work/test" --val "$work/val" --limit 3 --deletion 2 --out "$work/explain.json"
 fi

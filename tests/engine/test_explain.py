@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reg2rg.engine.explain.findings import REGION_FINDINGS, _DraftPrefixes, finding_openings
-from reg2rg.engine.explain.relevance import MASK, selected_log_prob
+from reg2rg.engine.explain.relevance import selected_log_prob
 from reg2rg.engine.generation import GenerationError, GenerationSettings, PreparedStudy
 from reg2rg.engine.preprocess import preprocess
 
