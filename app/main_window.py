@@ -271,9 +271,10 @@ class MainWindow(QMainWindow):
             self.open_request(LoadRequest(masks=path, study=self.document.study, masks_only=True))
 
     # -- segmentation on demand ----------------------------------------------------------------
-    def segment_regions(self, fast: bool = False, device: str = "cpu") -> None:
+    def segment_regions(self, fast: bool = False, device: str | None = None) -> None:
         """Segment regions…: TotalSegmentator on the open CT in the background (progress, cancel); the
-        masks appear as each task finishes and stay cached for this scan."""
+        masks appear as each task finishes and stay cached for this scan. ``device``: cpu or gpu (default:
+        the GPU when CUDA is available)."""
         from .segmentation import NOT_INSTALLED, start_segmentation, totalsegmentator_available
 
         if self.document.study is None:
@@ -284,6 +285,10 @@ class MainWindow(QMainWindow):
         if not totalsegmentator_available():
             self.show_message("Segment regions", NOT_INSTALLED, QMessageBox.Information)
             return
+        if device is None:
+            import torch
+
+            device = "gpu" if torch.cuda.is_available() else "cpu"
         thread, worker = start_segmentation(self.document.study, self, fast=fast, device=device)
         dialog = QProgressDialog("Starting TotalSegmentator…", "Cancel", 0, 100, self)
         dialog.setWindowTitle("Segment regions")

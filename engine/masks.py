@@ -369,8 +369,8 @@ def _onto_ct_grid(data: np.ndarray, affine, path: Path, ct_shape, ct_affine, mes
     import nibabel as nib
 
     warn(messages, path, f"mask grid (shape {data.shape}, {''.join(nib.aff2axcodes(affine))}) differs from the CT "
-         f"grid (shape {tuple(ct_shape)}, {''.join(nib.aff2axcodes(ct_affine))}); resampled onto the CT by the "
-         "affines (nearest neighbour)")
+         f"grid (shape {tuple(ct_shape)}, {''.join(nib.aff2axcodes(ct_affine))}); resampled onto the CT grid by "
+         "position in the patient (nearest neighbour)")
     why = _grid_mismatch(data.shape, affine, ct_shape, ct_affine)
     if why is not None and problems is not None:
         problems.append(f"The {what or _mask_name(path)} mask was drawn on a different scan grid ({why}); "

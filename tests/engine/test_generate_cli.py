@@ -304,3 +304,17 @@ def test_malformed_predictions_csv_and_non_utf8_reports_are_one_line(model_dir, 
     err = capsys.readouterr().err.strip()
     assert err == f"reg2rg-generate: {latin1}: not UTF-8 text (line 3 has the byte 0xf6); save it as UTF-8 " \
                   "(in a spreadsheet: CSV UTF-8)"
+
+
+def test_a_region_the_model_cannot_read_is_not_dropped_silently(model_dir, tmp_path):
+    """A mask lying on air only (as a mask of another scan can): the pre-processing cannot crop it; the
+    region is listed as not drafted with the reason, not left out of the draft without a word."""
+    study = box_study()
+    air = np.zeros(study.shape, bool)
+    air[0, 0, :] = True                                  # the air border of the box study
+    assert (study.voxels[air] < -900).all()
+    study.masks["abdomen"] = air
+    engine = ReportEngine.load(model_dir)
+    result = engine.draft(study, ["abdomen", "heart"], GenerationSettings(max_new_tokens=4))
+    assert "abdomen" not in result.slot_regions.values()
+    assert result.not_drafted["abdomen"].startswith("its mask could not be prepared for the model")

@@ -124,9 +124,7 @@ def test_the_call_outputs_and_cache(env, phantom, stand_in, capsys):
     # a second run of the same scan (another path, same content) comes from the cache: no new call
     copy = env / "copy.nii.gz"
     copy.write_bytes(ct.read_bytes())
-    t0 = time.perf_counter()
     result = segment_study(read_volume(copy))
-    assert time.perf_counter() - t0 < 5.0
     assert len(_calls(env)) == 4 and result.cached_tasks == list(DEFAULT_TASKS)
     # --fast is passed to 'total' only (TotalSegmentator has no fast model of the other tasks)
     _weights(env, fast=True)
@@ -169,7 +167,8 @@ def test_cancel_stops_the_running_task_at_once(env, phantom, stand_in, monkeypat
     t0 = time.perf_counter()
     with pytest.raises(SegmentationCancelled, match="cancelled during the 'total' task"):
         segment_study(read_volume(phantom[1] / "ct.nii.gz"), cancel=cancel)
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 60                   # the stand-in's 60 s task was killed, not waited for
+    assert not list((env / "cache").rglob("total.nii.gz"))  # nothing half-done is cached
 
 
 def test_unknown_task_is_refused(env):
