@@ -80,6 +80,9 @@ class MainWindow(QMainWindow):
         self._maximised: QWidget | None = None
         self.segmentation = None              # (thread, worker) while Segment regions… runs
         self.segment_dialog: QProgressDialog | None = None
+        self._segmented_study: Study | None = None
+        self._segment_loading = False         # a load of segmented masks is in flight
+        self._segment_pending: tuple[str, bool] | None = None
 
         grid_host = QWidget(self)
         grid_host.setObjectName("view_grid")
@@ -295,18 +298,32 @@ class MainWindow(QMainWindow):
         dialog.setMinimumDuration(0)
         dialog.setAutoClose(False)
         dialog.setAutoReset(False)
-        dialog.canceled.connect(worker.cancel)
+        # the worker is busy in its thread: Cancel sets its event directly, from this (the GUI) thread
+        dialog.canceled.connect(lambda: worker.cancel())
+        # bound methods of this window: queued onto the GUI thread (a lambda would run in the worker's)
         worker.progress.connect(self._on_segment_progress)
-        worker.taskDone.connect(lambda _task, folder: self._load_segmented(folder, final=False))
-        worker.finished.connect(lambda folder: self._load_segmented(folder, final=True))
-        worker.failed.connect(lambda msg: self.show_error("Segment regions", msg))
-        worker.cancelled.connect(lambda: self.statusBar().showMessage("Segmentation cancelled (finished tasks are "
-                                                                      "kept for this scan)", 8000))
+        worker.taskDone.connect(self._on_segment_task_done)
+        worker.finished.connect(self._on_segment_finished)
+        worker.failed.connect(self._on_segment_failed)
+        worker.cancelled.connect(self._on_segment_cancelled)
         worker.done.connect(self._on_segment_done)
         self.segmentation = (thread, worker)
+        self._segmented_study = self.document.study
         self.segment_dialog = dialog
         dialog.show()
         thread.start()
+
+    def _on_segment_task_done(self, _task: str, folder: str) -> None:
+        self._load_segmented(folder, final=False)
+
+    def _on_segment_finished(self, folder: str) -> None:
+        self._load_segmented(folder, final=True)
+
+    def _on_segment_failed(self, message: str) -> None:
+        self.show_error("Segment regions", message)
+
+    def _on_segment_cancelled(self) -> None:
+        self.statusBar().showMessage("Segmentation cancelled (finished tasks are kept for this scan)", 8000)
 
     def _on_segment_progress(self, pct: int, text: str) -> None:
         if self.segment_dialog is not None:
@@ -315,9 +332,28 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Segmenting: {text}")
 
     def _load_segmented(self, folder: str, final: bool) -> None:
-        if self.document.study is not None:
-            self._quiet_mask_load = not final          # warnings once, when all tasks are in
-            self.open_request(LoadRequest(masks=folder, study=self.document.study, masks_only=True))
+        """Show the masks of the tasks done so far: one load at a time (the loaders build VTK surfaces,
+        which must not run twice at once), the newest request kept while one is in flight, and only onto
+        the scan that was segmented (the user may have opened another meanwhile)."""
+        study = self.document.study
+        segmented = self.segmentation[1].study if self.segmentation is not None else self._segmented_study
+        if study is None or segmented is None or study.voxels is not segmented.voxels:
+            return
+        if self._segment_loading:
+            final = final or (self._segment_pending is not None and self._segment_pending[1])
+            self._segment_pending = (folder, final)
+            return
+        self._segment_loading = True
+        self._quiet_mask_load = not final          # warnings once, when all tasks are in
+        self.open_request(LoadRequest(masks=folder, study=study, masks_only=True))
+
+    def _segmented_load_ended(self) -> None:
+        if not self._segment_loading:
+            return
+        self._segment_loading = False
+        pending, self._segment_pending = self._segment_pending, None
+        if pending is not None:
+            self._load_segmented(*pending)
 
     def _on_segment_done(self) -> None:
         if self.segment_dialog is not None:
@@ -364,10 +400,12 @@ class MainWindow(QMainWindow):
             if not getattr(self, "_quiet_mask_load", False):
                 self.show_message("Study opened with warnings", self.describe_warnings(study), QMessageBox.Warning)
         self._quiet_mask_load = False
+        self._segmented_load_ended()
         self.statusBar().showMessage(msg, 10000)
         self.studyLoaded.emit()
 
     def _on_load_failed(self, message: str) -> None:
+        self._segmented_load_ended()
         self.progress.hide()
         self.statusBar().showMessage("Could not open the study", 5000)
         self.show_error("Could not open the study", message)

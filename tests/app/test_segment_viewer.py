@@ -80,25 +80,32 @@ def test_segment_regions_without_the_package_shows_the_install_hint(qtbot, windo
     box.close()
 
 
-def test_segment_regions_shows_progress_and_the_masks_arrive(qtbot, window, phantom, tmp_path, monkeypatch,
-                                                            screenshot_dir):
-    study, root = phantom
+@pytest.fixture
+def stand_in(phantom, tmp_path, monkeypatch):
+    """The stated TotalSegmentator stand-in on the path, its weights folders present, a private cache."""
     monkeypatch.syspath_prepend(str(STAND_INS))
     monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "tshome"))
     monkeypatch.setenv("REG2RG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("FAKE_TOTALSEG_LOG", str(tmp_path / "calls.jsonl"))
-    monkeypatch.setenv("FAKE_TOTALSEG_LABELS", str(root / "labels"))
+    monkeypatch.setenv("FAKE_TOTALSEG_LABELS", str(phantom[1] / "labels"))
     monkeypatch.setenv("FAKE_TOTALSEG_SLEEP", "0.5")
     for ids in TASK_WEIGHTS.values():
         for i in ids:
             (tmp_path / "tshome" / "nnunet" / "results" / f"Dataset{i}_w").mkdir(parents=True, exist_ok=True)
+    return monkeypatch
+
+
+def test_segment_regions_shows_progress_and_the_masks_arrive(qtbot, window, phantom, stand_in, screenshot_dir):
+    study, root = phantom
     open_request(qtbot, window, volume=str(root / "ct.nii.gz"))
     window.segment_regions()
     assert window.segment_dialog is not None and window.segment_dialog.isVisible()
     seen = []
     window.studyLoaded.connect(lambda: seen.append(len(window.document.study.regions_present)))
-    qtbot.waitUntil(lambda: window.segmentation is None and seen and seen[-1] == 10, timeout=120000)
-    qtbot.wait(1500)                                    # the last masks load (after the last task) lands too
+    # the masks loads of the segmented tasks go one at a time; wait for the last one to land
+    qtbot.waitUntil(lambda: window.segmentation is None and not window._segment_loading
+                    and window._segment_pending is None, timeout=120000)
+    assert seen and seen[-1] == 10
     assert seen[0] < 10                                 # the first task's regions arrived before the last task
     got = window.document.study
     for region in REGIONS:
@@ -107,6 +114,24 @@ def test_segment_regions_shows_progress_and_the_masks_arrive(qtbot, window, phan
     assert window.draft_panel.generate_button.isEnabled()
     window.render_all()
     window.save_screenshot(screenshot_dir / "segmented_regions.png")
+
+
+def test_cancel_stops_segmenting_at_once(qtbot, window, phantom, stand_in):
+    import time
+
+    stand_in.setenv("FAKE_TOTALSEG_SLEEP", "60")
+    open_request(qtbot, window, volume=str(phantom[1] / "ct.nii.gz"))
+    window.segment_regions()
+    qtbot.wait(1500)
+    t0 = time.perf_counter()
+    from PySide6.QtWidgets import QPushButton
+
+    window.segment_dialog.findChild(QPushButton).click()   # the dialog's Cancel button
+    qtbot.waitUntil(lambda: window.segmentation is None, timeout=60000)
+    assert time.perf_counter() - t0 < 60                  # the stand-in's 60 s task was killed, not waited for
+    assert "cancelled" in window.statusBar().currentMessage()
+    assert window.document.study.regions_present == []
+    assert not window.draft_panel.generate_button.isEnabled()
 
 
 def test_wrong_patient_masks_are_flagged_before_drafting(qtbot, window, phantom, tmp_path):
