@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The benchmarks that need no GPU, one after another, each printing its ratio against a baseline measured
 # in the same run (bench/RESULTS.md records results and commands). By default at quick sizes (about
-# 5 minutes on a shared 2-core machine); `--full` runs each at the size documented in its docstring
-# (much longer).
+# 5 minutes of CPU time; 2-3 times that in wall time on a loaded machine); `--full` runs each at the
+# size documented in its docstring (much longer).
 # bench/gpu.py needs a CUDA device: `make bench-gpu`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
