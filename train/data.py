@@ -14,7 +14,6 @@ and regions are usable, the order in which they are drawn, and how a batch is la
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -75,19 +74,29 @@ class SkipLog:
 
 
 def read_split_names(path: str | os.PathLike) -> list[str]:
-    """Volume names from a split CSV (a ``Volumename`` column, or the first column)."""
+    """Volume names from a split CSV (a ``Volumename`` column, or the first column). Read strictly
+    (`reg2rg.engine.csvtable.read_csv`): a malformed row refuses the file with its lines named, since
+    leaving it out would silently move a study between the splits."""
+    from reg2rg.engine.csvtable import CsvFormatError, read_csv
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: split file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    if not rows:
+    if not Path(path).read_bytes().strip():
         return []
-    header = [h.strip() for h in rows[0]]
-    column = header.index("Volumename") if "Volumename" in header else 0
-    body = rows[1:] if "Volumename" in header else rows
-    names = [volume_key(r[column]) for r in body if len(r) > column and r[column].strip()]
-    return list(dict.fromkeys(names))
+    try:
+        table = read_csv(path)
+    except CsvFormatError as err:
+        raise DatasetError(str(err)) from None
+    if table.all_problems:
+        raise DatasetError(f"{path}: {len(table.all_problems)} malformed row(s) in the split file: "
+                           f"{table.describe_problems()}")
+    if "Volumename" in table.header:
+        column, names = "Volumename", []
+    else:                                      # no header: the first line is a name too
+        column, names = table.header[0], [table.header[0]]
+    names += [row[column] for _line, row in table.rows]
+    return list(dict.fromkeys(volume_key(n) for n in names if n.strip()))
 
 
 def resolve_splits(train_split: str | None, val_split: str | None, split_file: str | None,

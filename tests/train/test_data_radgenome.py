@@ -15,7 +15,7 @@ from reg2rg.engine.studyio import read_study
 from reg2rg.engine.tokens import IGNORE_INDEX, add_special_tokens, train_tokenizer
 from reg2rg.train.cache import PreprocessCache, UncachedLoader, build_cache
 from reg2rg.train.data import (DatasetError, RegionReportDataset, SkipLog, collate_regions, epoch_batches,
-                               index_studies, read_reports, resolve_splits)
+                               index_studies, read_reports, read_split_names, resolve_splits)
 
 INPUT_SIZE = (32, 32, 16)
 
@@ -70,6 +70,22 @@ def test_splits_from_csvs_and_split_file(dataset, tmp_path):
     # without split files, the validation CSV is held out of the training set
     train, val = resolve_splits(None, str(val_csv), None, dataset["names"])
     assert dataset["names"][2] not in train and val == [dataset["names"][2]]
+    # a header-less split file: every line is a name
+    bare = tmp_path / "bare.csv"
+    bare.write_text("".join(f"{n}.nii.gz\n" for n in dataset["names"][:2]))
+    assert read_split_names(bare) == dataset["names"][:2]
+
+
+def test_split_csv_is_read_strictly(tmp_path):
+    """A malformed row would silently move a study between the splits: the file is refused, lines named."""
+    bad = tmp_path / "val.csv"
+    bad.write_text('Volumename\nv_1_a_1.nii.gz\n"v_2_a_1.nii.gz\nv_3_a_1.nii.gz\n')
+    with pytest.raises(DatasetError, match=r"val.csv: 1 malformed row\(s\) in the split file: line 3: a quote "
+                                           r"opened on line 3 is not closed \(line 4 starts a new row\)"):
+        read_split_names(bad)
+    bad.write_bytes("Volumename\nv_\u00e9.nii.gz\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match="val.csv: not UTF-8 text \\(line 2 has the byte 0xe9\\)"):
+        read_split_names(bad)
 
 
 def _records(dataset):
