@@ -62,10 +62,20 @@ AI_DRAFT_STATEMENT = "AI-generated draft \u2014 not for clinical use."
 VALIDATED_STATEMENT = "AI-generated draft (validated model) \u2014 to be checked by a radiologist."
 LOW_CONFIDENCE_THRESHOLD = 0.5
 
-# Sentences that only say something is normal (for seeding the impression with what is not).
-_NORMAL_RE = re.compile(
-    r"^\s*(no\b|there is no\b|there are no\b|without\b|negative\b)|\b(normal|unremarkable|intact|clear|"
-    r"within normal limits|not enlarged|no evidence)\b[^,;]*\.?\s*$", re.IGNORECASE)
+# Sentences that only say something is normal (for seeding the impression with what is not): a negation
+# at the start, or a word of normality, without a "but" that brings a finding back in.
+_NORMAL_START_RE = re.compile(r"^\s*(no|there is no|there are no|without|negative for)\b", re.IGNORECASE)
+_NORMAL_WORD_RE = re.compile(
+    r"\b(normal|unremarkable|intact|clear|patent|open|midline|within normal limits|not enlarged|no evidence|"
+    r"no significant|was not (observed|detected|seen))\b", re.IGNORECASE)
+_BUT_RE = re.compile(r"\b(but|however|except|although)\b", re.IGNORECASE)
+
+
+def is_normal_sentence(sentence: str) -> bool:
+    """True when a report sentence only says that something is normal or absent."""
+    if _BUT_RE.search(sentence):
+        return False
+    return bool(_NORMAL_START_RE.search(sentence) or _NORMAL_WORD_RE.search(sentence))
 
 
 def now_iso() -> str:
@@ -470,7 +480,7 @@ class ReportDraft:
             if not s.in_report:
                 continue
             for sentence in re.split(r"(?<=[.!?])\s+", s.text.strip()):
-                if sentence and not _NORMAL_RE.search(sentence):
+                if sentence and not is_normal_sentence(sentence):
                     picked.append(sentence.strip())
         return " ".join(picked)
 

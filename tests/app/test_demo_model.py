@@ -45,6 +45,11 @@ def test_demo_generate_colours_the_draft_and_a_sentence_shows_its_heatmap(qtbot,
             win.session.generate()                      # the engine is None: the demo model loads first
         assert win.session.engine is not None and win.session.engine.model_dir == default_model_dir()
         assert win.session.draft is not None and any(s.text.strip() for s in win.session.draft.sections)
+        # the draft records which model wrote it: name, version, the digest of its weights, not validated
+        prov = win.session.draft.provenance
+        assert "embedded demo model" in prov.model_name and prov.model_digest.startswith("sha256:")
+        assert not prov.validated and win.session.draft.statement().startswith("AI-generated draft")
+        assert panel.banner.isVisible() and "not for clinical use" in panel.banner.text()
         assert panel.stream.toPlainText().strip()
         assert panel.colour_box.isChecked()
         panel.threshold.setValue(95)

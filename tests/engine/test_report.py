@@ -409,3 +409,16 @@ def test_formats_parse_and_name(tmp_path):
         ["pdf", "txt", "json", "sr", "fhir"]
     with pytest.raises(ExportError, match="report.docx: unknown report format"):
         format_of(tmp_path / "report.docx")
+
+
+@pytest.mark.parametrize("sentence, normal", [
+    ("The thyroid is normal.", True), ("No pleural effusion was detected.", True),
+    ("Trachea and both main bronchi are in the midline and open.", True),
+    ("Bone structures within the sections have a normal appearance.", True),
+    ("A 6 mm nodule in the right upper lobe.", False), ("The heart is mildly enlarged.", False),
+    ("Heart size is normal but there is a small pericardial effusion.", False),
+])
+def test_normal_sentences_stay_out_of_the_seeded_impression(sentence, normal):
+    from reg2rg.engine.report.document import is_normal_sentence
+
+    assert is_normal_sentence(sentence) is normal
