@@ -25,8 +25,12 @@ _LOCKS_GUARD = threading.Lock()
 def engine_lock(engine) -> threading.Lock:
     """The lock serialising one engine's work (a generation, an attention pass) across worker threads.
 
-    Attention passes switch the model to eager attention; they must not overlap a generation.
+    Attention passes switch the model to eager attention; they must not overlap a generation. An engine
+    that has its own lock (``ReportEngine.lock``, re-entrant) is serialised by that one.
     """
+    own = getattr(engine, "lock", None)
+    if own is not None and hasattr(own, "acquire"):
+        return own
     with _LOCKS_GUARD:
         lock = getattr(engine, "_viewer_lock", None)
         if lock is None:
@@ -172,7 +176,11 @@ class GenerationWorker(QObject):
             elif isinstance(event, EncodingDone):
                 self.encodingDone.emit(event)
             elif isinstance(event, Finished):
+                self.on_result(event.result)
                 self.finished.emit(event.result)
+
+    def on_result(self, result) -> None:
+        """Work on the finished result before it is handed over (still on the worker thread)."""
 
 
 def start_in_thread(worker: QObject, parent: QObject) -> QThread:

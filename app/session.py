@@ -34,7 +34,7 @@ from reg2rg.engine.report.provenance import provenance_for, read_validation
 
 from .document import ViewerDocument
 from .draft import DraftFileError, DraftStore, SavedDraft, study_key, user_data_dir
-from .generation import EngineLoader, GenerationWorker, ModelChoice, WorkerJobs
+from .generation import EngineLoader, GenerationWorker, ModelChoice, WorkerJobs, describe_engine_error
 from .heat import (AttentionRequestError, AttentionWorker, colormap_table, heatmap_to_display, model_layout)
 
 logger = logging.getLogger("reg2rg.app.session")
@@ -118,12 +118,24 @@ class ReviewerSettings:
 
 
 class DraftWorker(GenerationWorker):
-    """A generation that first records the provenance of the draft (model identity, digest, settings)
-    on the worker thread: hashing a large model's weights never blocks the GUI."""
+    """A generation that also records the provenance of the draft (model identity, digest, settings) and
+    runs the engine's findings check (omission/contradiction flags per region) on the worker thread:
+    hashing a large model's weights or scoring findings never blocks the GUI."""
+
+    findings_check = True
 
     def _consume(self) -> None:
         self.provenance = provenance_for(self.engine, self.settings)
         super()._consume()
+
+    def on_result(self, result) -> None:
+        if not (self.findings_check and hasattr(self.engine, "finding_check") and getattr(result, "tokens", None)
+                and getattr(result, "prepared", None) is not None and not result.cancelled):
+            return
+        try:
+            self.engine.finding_check(result)
+        except Exception as exc:  # noqa: BLE001 - the draft stands without its findings check
+            logger.warning("findings check failed: %s", describe_engine_error(exc))
 
 
 class DraftingSession(QObject):

@@ -368,6 +368,12 @@ class ReportDraft:
         draft.input_warnings = [str(w) for w in dict.fromkeys(facts.get("warnings", []))]
         draft.orientation = dict(facts.get("orientation", {}))
         draft.sections = [section_from_result(result, s) for s in result.sections]
+        check = getattr(result, "findings_check", None)      # the engine's findings check, when it ran
+        if check is not None:
+            for sec in draft.sections:
+                found = check.for_slot(sec.slot) if sec.slot is not None else None
+                if found is not None and found.region == sec.region:
+                    sec.checks = [SectionFlag("finding check", f"{f.flag}: {f.reason}") for f in found.flags]
         if draft.stop_reason in ("cancelled", "max_new_tokens") and draft.sections:
             last = draft.sections[-1]
             last.truncated = True

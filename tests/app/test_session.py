@@ -83,6 +83,7 @@ def test_session_signals_drive_every_view(qtbot, win, engine):
     assert [e.section.key for e in second._editors] == [s.key for s in draft.ordered_sections()]
     assert panel.banner.isVisible() and panel.banner.text().startswith(AI_DRAFT_STATEMENT)
     key = next(s.key for s in draft.ordered_sections() if s.tokens)
+    assert session.results[key].findings_check is not None      # the engine's check ran on the worker thread
     session.set_reviewer("Jane Smith")
     session.accept(key)                             # a request straight to the session…
     for view in (panel, second):                     # …redraws both panels

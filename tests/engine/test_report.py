@@ -422,3 +422,30 @@ def test_normal_sentences_stay_out_of_the_seeded_impression(sentence, normal):
     from reg2rg.engine.report.document import is_normal_sentence
 
     assert is_normal_sentence(sentence) is normal
+
+
+def test_the_engines_findings_check_becomes_section_flags_in_every_export(study, tmp_path):
+    import pydicom
+
+    from reg2rg.engine.explain.findings import FindingProbability, FindingsCheck, SectionFindings
+
+    result = make_result()
+    omission = FindingProbability("Pleural effusion", 0.81, None, "omission",
+                                  "pleural effusion not reported, but the model rates it 81% likely here")
+    result.findings_check = FindingsCheck(0.5, 0.1, [
+        SectionFindings(1, "lung", (omission, FindingProbability("Nodule", 0.9, "affirmed"))),
+        SectionFindings(0, "heart", (FindingProbability("Cardiomegaly", 0.7, "affirmed"),))])
+    draft = ReportDraft.from_result(result, study, study_key="k")
+    message = "omission: pleural effusion not reported, but the model rates it 81% likely here"
+    assert [(c.kind, c.message) for c in draft.section(1).checks] == [("finding check", message)]
+    assert draft.section(0).checks == [] and draft.flags_of(draft.section(1))[-1].message == message
+    paths = dict(zip(FORMATS, export_report(draft, tmp_path, list(FORMATS))))
+    assert f"! finding check: {message}" in " ".join(paths["txt"].read_text().split())     # wrapped at 96
+    lung = next(f for f in json.loads(paths["json"].read_text())["findings"] if f["region"] == "lung")
+    assert {"kind": "finding check", "message": message} in lung["flags"]
+    ds = pydicom.dcmread(paths["sr"])
+    flags = [k.TextValue for it in ds.ContentSequence if it.ConceptNameCodeSequence[0].CodeMeaning == "Findings"
+             for k in it.ContentSequence if k.ConceptNameCodeSequence[0].CodeMeaning == "Report flag"]
+    assert f"finding check: {message}" in flags
+    assert f"finding check: {message}" in paths["fhir"].read_text()
+    assert message in " ".join(" ".join(_pdf_pages(paths["pdf"])).split())
