@@ -679,23 +679,3 @@ class DraftPanel(QWidget):
         dialog.rejected.connect(self.session.cancel_review)
         self.reviewer_dialog = dialog
         dialog.open()
-
-    # -- export ------------------------------------------------------------------------------
-    def export_dialog(self) -> None:
-        """Ask for a file and export the draft in the format its name says."""
-        draft = self.session.draft
-        name = (draft.study_name if draft is not None else "") or "report"
-        path, chosen = QFileDialog.getSaveFileName(
-            self, "Export report", f"{name}.pdf",
-            "PDF (*.pdf);;Text (*.txt);;JSON (*.json);;DICOM SR (*.sr.dcm);;FHIR DiagnosticReport (*.fhir.json)")
-        if not path:
-            return
-        suffix = {"DICOM SR": ".sr.dcm", "FHIR": ".fhir.json"}
-        for key, ext in suffix.items():
-            if chosen.startswith(key) and not path.lower().endswith(ext):
-                path += ext
-        try:
-            out = self.session.export(path)
-            self.status.setText(f"Exported {out.name}")
-        except (OSError, ValueError) as exc:
-            self.session.errorOccurred.emit(f"could not export the report: {exc}")

@@ -520,7 +520,21 @@ class MainWindow(QMainWindow):
                               "Generate in the Report draft panel (File → Save screenshot… saves a picture "
                               "of the views).")
             return
-        self.draft_panel.export_dialog()
+        draft = self.session.draft
+        path, chosen = QFileDialog.getSaveFileName(
+            self, "Export report", f"{draft.study_name or 'report'}.pdf",
+            "PDF (*.pdf);;Text (*.txt);;JSON (*.json);;DICOM SR (*.sr.dcm);;FHIR DiagnosticReport (*.fhir.json)")
+        if not path:
+            return
+        for kind, ext in (("DICOM SR", ".sr.dcm"), ("FHIR", ".fhir.json")):
+            if chosen.startswith(kind) and not path.lower().endswith(ext):
+                path += ext
+        try:
+            out = self.session.export(path)
+        except (OSError, ValueError) as exc:      # ExportError / OutputError name the file and the problem
+            self.show_error("Export report", f"Could not export the report: {exc}")
+            return
+        self.statusBar().showMessage(f"Exported {out.name}", 8000)
 
     def about_dialog(self):
         """Help → About: version, engine, and the model card of the model in use."""

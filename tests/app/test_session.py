@@ -297,3 +297,22 @@ def test_viewer_screenshot_with_a_reviewed_draft(qtbot, win, screenshot_dir):
     QApplication.processEvents()
     qtbot.wait(100)
     assert win.save_screenshot(screenshot_dir / "draft_review_states.png")
+
+
+def test_file_export_writes_the_chosen_format(qtbot, win, tmp_path, monkeypatch):
+    """File → Export… with a draft: the file dialog (Qt's modal dialog, answered here by a stand-in for
+    its static call) names the file; the filter's format is added when the name lacks it."""
+    import pydicom
+    from PySide6.QtWidgets import QFileDialog
+
+    win.session.restore(fixed_draft(win.document.study), "")
+    answer = {}
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: answer["value"])
+    answer["value"] = (str(tmp_path / "report"), "DICOM SR (*.sr.dcm)")
+    win.act_export.trigger()
+    ds = pydicom.dcmread(tmp_path / "report.sr.dcm")
+    assert ds.Modality == "SR" and "Exported report.sr.dcm" in win.statusBar().currentMessage()
+    answer["value"] = (str(tmp_path / "no_such_folder" / "sub" / "r.docx"), "PDF (*.pdf)")
+    win.act_export.trigger()
+    box = win.last_message_box
+    assert box is not None and "Could not export the report" in box.text() and "r.docx" in box.text()
