@@ -195,7 +195,7 @@ class DraftResult:
     region_confidence: dict[str, ConfidenceSummary]
     confidence: ConfidenceSummary
     region_accuracy: float | None
-    stop_reason: str                        # "eos" | "max_new_tokens" | "cancelled"
+    stop_reason: str                        # "eos" | "max_new_tokens" | "cancelled" | "interrupted"
     settings: GenerationSettings
     seed: int | None = None                 # the seed actually used when sampling
     study_name: str = ""
@@ -219,6 +219,12 @@ class DraftResult:
     def inputs(self) -> ModelInputs | None:
         """The pre-processed tensors and geometry (``prepared.inputs``)."""
         return None if self.prepared is None else self.prepared.inputs
+
+    @property
+    def complete(self) -> bool:
+        """True when the model ended the draft itself (eos or the token limit); False when it was
+        stopped by the reader ("cancelled") or by a failure ("interrupted": the draft so far)."""
+        return self.stop_reason in ("eos", "max_new_tokens")
 
     @property
     def geometry(self):
@@ -563,9 +569,17 @@ def build_result(text: str, steps: Sequence[StepDistribution], pieces: Sequence[
                         top_ids=tuple(st.top_ids))
         for i, (st, (txt, a, b)) in enumerate(zip(steps, pieces))
     ]
+    return result_from_tokens(text, tokens, slot_regions, settings, stop_reason, **extra)
+
+
+def result_from_tokens(text: str, tokens: Sequence[TokenConfidence], slot_regions: dict[int, str],
+                       settings: GenerationSettings, stop_reason: str, **extra) -> DraftResult:
+    """A `DraftResult` from the report text and its tokens (sections, grounding, confidences derived
+    here): how a remote engine's client rebuilds exactly the result the server's engine built."""
+    tokens = list(tokens)
     sections = ground_sections(text, slot_regions, tokens)
     return DraftResult(
-        text=text, token_ids=[st.token_id for st in steps], tokens=tokens, sections=sections,
+        text=text, token_ids=[t.token_id for t in tokens], tokens=tokens, sections=sections,
         slot_regions=dict(slot_regions), sentences=sentence_confidences(text, sections, tokens),
         region_confidence=region_confidences(sections, tokens), confidence=ConfidenceSummary.of(tokens),
         region_accuracy=region_accuracy_of(sections, slot_regions), stop_reason=stop_reason,
@@ -627,6 +641,31 @@ def model_tensors(inputs: ModelInputs, slots: Sequence[str], device, dtype) -> t
     region_sample = torch.zeros(len(slots), dtype=torch.long, device=device)
     region_slot = torch.arange(len(slots), dtype=torch.long, device=device)
     return images, region_images, region_masks, region_sample, region_slot
+
+
+def study_orientation_for(study, model_orientation: str | None) -> str | None:
+    """`ReportEngine.study_orientation` for a model trained in ``model_orientation`` (a remote one too)."""
+    if not study.metadata.get("orientation_known", True):
+        return None
+    return model_orientation
+
+
+def input_facts_for(study, inputs, model_orientation: str | None) -> dict:
+    """`ReportEngine.input_facts` for a model trained in ``model_orientation`` (a remote one too)."""
+    target = study_orientation_for(study, model_orientation)
+    stored = study.orientation
+    warnings = list(dict.fromkeys([*study.warnings, *getattr(inputs, "warnings", [])]))   # once each
+    return {"orientation": {"model": model_orientation, "study": stored,
+                            "study_orientation_known": bool(study.metadata.get("orientation_known", True)),
+                            "reoriented": target is not None and target.upper() != stored},
+            "warnings": warnings}
+
+
+def finish_result(result: DraftResult, study, inputs, chosen: Sequence[str], model_orientation: str | None) -> None:
+    """What a result says about its study, filled in where the study is known (this computer): the
+    input facts and the regions asked for but not drafted."""
+    result.input = input_facts_for(study, inputs, model_orientation)
+    result.not_drafted = regions_not_drafted(chosen, result.slot_regions, result.sections, result.stop_reason)
 
 
 @dataclass
@@ -731,6 +770,16 @@ class ReportEngine:
             logger.warning("%s: loaded non-strictly: %s", checkpoint, report.describe())
         return cls(model, tokenizer, Path(checkpoint).parent)
 
+    # ---- what this engine is -------------------------------------------------------------------
+    def model_info(self) -> dict:
+        """Name, version, weights digest, model card and layout of the loaded model (the viewer's
+        panels and ``GET /v1/model`` of ``reg2rg-serve`` show it). The digest is computed once."""
+        info = getattr(self, "_model_info", None)
+        if info is None:
+            info = model_info_of(self)
+            self._model_info = info
+        return dict(info)
+
     # ---- regions and prompt -------------------------------------------------------------------
     def select_regions(self, study, regions: Sequence[str] | None = None) -> list[str]:
         """Regions to report on, in the published order: all present (non-empty masks) by default."""
@@ -754,24 +803,21 @@ class ReportEngine:
     def study_orientation(self, study) -> str | None:
         """The orientation ``study`` is brought to before pre-processing: the model's training orientation
         (config ``orientation``), or None (as stored) when the file does not say how its axes lie."""
-        if not study.metadata.get("orientation_known", True):
-            return None
-        return self.config.orientation
+        return study_orientation_for(study, self.config.orientation)
 
     def input_facts(self, study, inputs) -> dict:
         """What ``report.json`` records about the input: orientations and every warning about the study."""
-        target = self.study_orientation(study)
-        stored = study.orientation
-        warnings = list(dict.fromkeys([*study.warnings, *getattr(inputs, "warnings", [])]))   # once each
-        return {"orientation": {"model": self.config.orientation, "study": stored,
-                                "study_orientation_known": bool(study.metadata.get("orientation_known", True)),
-                                "reoriented": target is not None and target.upper() != stored},
-                "warnings": warnings}
+        return input_facts_for(study, inputs, self.config.orientation)
 
     def prepare(self, study, regions: Sequence[str] | None = None) -> PreparedStudy:
         """Pre-process, encode every volume in one pass, and embed the prompt (done once per study)."""
         chosen = self.select_regions(study, regions)
         inputs = preprocess(study, self.config.input_size, self.study_orientation(study), chosen)
+        return self.prepare_inputs(inputs, chosen)
+
+    def prepare_inputs(self, inputs, chosen: Sequence[str]) -> PreparedStudy:
+        """Encode already pre-processed ``inputs`` (`preprocess.ModelInputs`) for the regions ``chosen``
+        (REGIONS order): what a server does with the tensors a client pre-processed."""
         # preprocess skips regions it cannot crop (warned there): slots follow what it produced
         slots = [r for r in chosen if r in inputs.regions]
         slot_regions = {j: r for j, r in enumerate(slots)}
@@ -820,10 +866,26 @@ class ReportEngine:
         yield EncodingStarted(tuple(chosen))
         t0 = time.perf_counter()
         prepared = self.prepare(study, chosen)
+        for event in self.decode_prepared(prepared, settings, cancel, started=t0, study_name=study.name,
+                                          affine=study.affine):
+            if isinstance(event, Finished):
+                finish_result(event.result, study, prepared.inputs, chosen, self.config.orientation)
+            yield event
+
+    def decode_prepared(self, prepared: PreparedStudy, settings: GenerationSettings,
+                        cancel: threading.Event | None = None, started: float | None = None,
+                        study_name: str = "", affine=None, decoder=None) -> Iterator[GenerationEvent]:
+        """`EncodingDone`, one `TokenEvent` per token, then `Finished` for an encoded study.
+
+        ``decoder``: any iterable of `StepDistribution` with ``stop_reason`` and ``seed`` attributes
+        (default: a `Decoder` of its own; `batching.DecodeScheduler` passes one whose steps come from
+        a batch shared with other requests). ``started``: when encoding began (for the timings)."""
         t1 = time.perf_counter()
+        t0 = t1 if started is None else started
         yield EncodingDone(len(prepared.prompt_ids), t1 - t0, dict(prepared.slot_regions))
-        decoder = Decoder(self.model.lang_model, self.model.lang_model.get_input_embeddings(),
-                          prepared.prompt_embeds, settings, self.eos_token_id, cancel)
+        if decoder is None:
+            decoder = Decoder(self.model.lang_model, self.model.lang_model.get_input_embeddings(),
+                              prepared.prompt_embeds, settings, self.eos_token_id, cancel)
         detok = StreamingDetokenizer(self.tokenizer)
         steps: list[StepDistribution] = []
         pieces: list[tuple[str, int, int]] = []
@@ -846,11 +908,9 @@ class ReportEngine:
                    "first_token_s": (first_token_at or t2) - t0,
                    "tokens_per_s": len(steps) / (t2 - t1) if t2 > t1 else 0.0}
         result = build_result(text, steps, pieces, self.tokenizer, prepared.slot_regions, settings,
-                              decoder.stop_reason, seed=decoder.seed, study_name=study.name,
+                              decoder.stop_reason, seed=decoder.seed, study_name=study_name,
                               prompt_ids=list(prepared.prompt_ids), timings=timings, prepared=prepared,
-                              affine=np.asarray(study.affine, dtype=np.float64))
-        result.input = self.input_facts(study, prepared.inputs)
-        result.not_drafted = regions_not_drafted(chosen, prepared.slot_regions, result.sections, result.stop_reason)
+                              affine=np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64))
         yield Finished(result)
 
     def draft(self, study, regions: Sequence[str] | None = None,
@@ -942,6 +1002,44 @@ class ReportEngine:
         with torch.inference_mode():
             gen = self.model.lang_model.get_input_embeddings()(ids).to(prepared.prompt_embeds.dtype)
         return torch.cat([prepared.prompt_embeds, gen], dim=1)
+
+
+def _weights_digest(folder: Path | None) -> str:
+    """sha256 over the model folder's files (relative path + bytes, sorted), or of one checkpoint file."""
+    import hashlib
+
+    if folder is None or not folder.exists():
+        return "in-memory"
+    h = hashlib.sha256()
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
+        h.update(path.name.encode() if folder.is_file() else str(path.relative_to(folder)).encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def model_info_of(engine: "ReportEngine") -> dict:
+    """`ReportEngine.model_info` (a module function so that it can be computed off the engine)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("reg2rg-viewer")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    cfg = _base_config(engine.model.lang_model)
+    folder = engine.model_dir
+    card = None
+    if folder is not None and (folder / "MODEL_CARD.md").is_file():
+        card = (folder / "MODEL_CARD.md").read_text(encoding="utf-8", errors="replace")
+    name = getattr(engine.config, "name", None) or (folder.name if folder is not None else "in-memory")
+    return {"name": str(name), "version": version, "digest": _weights_digest(folder),
+            "folder": None if folder is None else folder.name, "model_card": card,
+            "layers": int(cfg.num_hidden_layers), "heads": int(cfg.num_attention_heads),
+            "num_regions": int(engine.config.num_regions), "input_size": list(engine.config.input_size),
+            "orientation": engine.config.orientation, "device": str(engine.device),
+            "dtype": str(engine.dtype).replace("torch.", "")}
 
 
 def _base_config(lang_model):
