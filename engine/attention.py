@@ -206,11 +206,24 @@ def project_to_ct(group_weights: dict[str, np.ndarray], latent_patch: dict[str, 
     ``latent_patch``: group -> (L, P) latent→patch attention of that group's volume;
     ``geometry``: `preprocess.Geometry` (global map in the global crop box, a region's in its own box).
     """
-    out = np.zeros(geometry.original_shape, dtype=np.float32)
+    return grid_maps_to_ct(group_grid_maps(group_weights, latent_patch, grid), geometry)
+
+
+def group_grid_maps(group_weights: dict[str, np.ndarray], latent_patch: dict[str, np.ndarray],
+                    grid: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """group -> (h, w, d) patch-grid map of that group's attention (what a server sends a client)."""
+    out = {}
     for group, w in group_weights.items():
         lp = np.asarray(latent_patch[group])
-        grid_map = patch_map(np.asarray(w)[: lp.shape[0]], lp, grid)
-        model_map = patches_to_voxels(grid_map, geometry.input_size)
+        out[group] = patch_map(np.asarray(w)[: lp.shape[0]], lp, grid)
+    return out
+
+
+def grid_maps_to_ct(grid_maps: dict[str, np.ndarray], geometry) -> np.ndarray:
+    """Sum of the groups' patch-grid maps on the original CT grid (each region in its own crop box)."""
+    out = np.zeros(geometry.original_shape, dtype=np.float32)
+    for group, grid_map in grid_maps.items():
+        model_map = patches_to_voxels(np.asarray(grid_map, dtype=np.float32), geometry.input_size)
         out += geometry.heatmap_to_original(model_map, None if group == GLOBAL else group)
     return out
 
@@ -258,7 +271,9 @@ def attention_map(engine: "ReportEngine", result: "DraftResult", token_indices: 
     shares = group_shares(weights, columns)
     visual_weights = {g: weights[cols] for g, cols in columns.items()}
     latent_patch = {g: t.float().cpu().numpy() for g, t in prepared.latent_patch.items()}
-    heatmap = project_to_ct(visual_weights, latent_patch, prepared.inputs.geometry, prepared.patch_grid)
+    geometry = getattr(prepared.inputs, "geometry", None)
+    # no geometry: a server's encoding of a client's pre-processed tensors (the client maps it onto its CT)
+    heatmap = None if geometry is None else project_to_ct(visual_weights, latent_patch, geometry, prepared.patch_grid)
     affine = result.affine if result.affine is not None else np.eye(4)
     return AttentionMap(token_indices=tuple(idx), layers=tuple(layer_ids), heads=head_spec, shares=shares,
                         other_share=float(max(0.0, 1.0 - sum(shares.values()))), heatmap=heatmap,

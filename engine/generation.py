@@ -668,6 +668,26 @@ def finish_result(result: DraftResult, study, inputs, chosen: Sequence[str], mod
     result.not_drafted = regions_not_drafted(chosen, result.slot_regions, result.sections, result.stop_reason)
 
 
+def select_regions(study, regions: Sequence[str] | None, num_regions: int) -> list[str]:
+    """`ReportEngine.select_regions` for a model with ``num_regions`` slots (a remote one too)."""
+    present = study.regions_present
+    if regions is None:
+        chosen = present
+    else:
+        chosen = []
+        for name in regions:
+            canon = canonical_region(name)
+            if canon is None:
+                raise GenerationError(f"{study.name}: unknown region {name!r}; regions are {', '.join(REGIONS)}")
+            if canon not in present:
+                raise GenerationError(f"{study.name}: region {canon!r} has no mask (or an empty one) in this study")
+            chosen.append(canon)
+        chosen = [r for r in REGIONS if r in set(chosen)]
+    if len(chosen) > num_regions:
+        raise GenerationError(f"{study.name}: {len(chosen)} regions but the model has {num_regions} slots")
+    return chosen
+
+
 @dataclass
 class PreparedStudy:
     """A study ready to decode: model inputs, slot assignment, prompt ids and embeddings, and the
@@ -783,22 +803,7 @@ class ReportEngine:
     # ---- regions and prompt -------------------------------------------------------------------
     def select_regions(self, study, regions: Sequence[str] | None = None) -> list[str]:
         """Regions to report on, in the published order: all present (non-empty masks) by default."""
-        present = study.regions_present
-        if regions is None:
-            chosen = present
-        else:
-            chosen = []
-            for name in regions:
-                canon = canonical_region(name)
-                if canon is None:
-                    raise GenerationError(f"{study.name}: unknown region {name!r}; regions are {', '.join(REGIONS)}")
-                if canon not in present:
-                    raise GenerationError(f"{study.name}: region {canon!r} has no mask (or an empty one) in this study")
-                chosen.append(canon)
-            chosen = [r for r in REGIONS if r in set(chosen)]
-        if len(chosen) > self.config.num_regions:
-            raise GenerationError(f"{study.name}: {len(chosen)} regions but the model has {self.config.num_regions} slots")
-        return chosen
+        return select_regions(study, regions, self.config.num_regions)
 
     def study_orientation(self, study) -> str | None:
         """The orientation ``study`` is brought to before pre-processing: the model's training orientation
