@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SCRIPTS = ["reg2rg-viewer", "reg2rg-generate", "reg2rg-phantom", "reg2rg-segment", "reg2rg-train", "reg2rg-eval"]
+SCRIPTS = ["reg2rg-viewer", "reg2rg-generate", "reg2rg-serve", "reg2rg-phantom", "reg2rg-segment", "reg2rg-train",
+           "reg2rg-eval"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
