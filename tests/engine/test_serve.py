@@ -1,0 +1,240 @@
+"""reg2rg-serve on loopback (a real server in a child process) and RemoteEngine, its client.
+
+Security (401 on every route but /health, oversize and malformed payloads answered 4xx with a reason
+while the server keeps serving, no token or identifier in its logs), streaming and cancel over the
+network, remote drafts equal to drafts in this process, concurrent drafts equal to lone ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import threading
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from reg2rg.engine.generation import Finished, GenerationSettings, ReportEngine, TokenEvent
+from reg2rg.engine.interface import DraftingEngine, EngineUnavailable
+from reg2rg.engine.phantom import demo_study
+from reg2rg.engine.preprocess import preprocess
+from reg2rg.engine.service.client import RemoteEngine
+from reg2rg.engine.service.wire import CONTENT_TYPE, MAGIC, decode_request, encode_request
+
+from serve_fixtures import ServerProcess, free_port
+
+PATIENT = "DOE^JANE"
+MRN = "MRN-20931-77"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("serve"), "--max-body-mb", "4", "--max-new-tokens", "400").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def local():
+    torch.set_num_threads(1)
+    return ReportEngine.load(None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def study():
+    s = demo_study()
+    return dataclasses.replace(s, name=f"{PATIENT} {MRN}", metadata={**s.metadata, "PatientName": PATIENT,
+                                                                    "PatientID": MRN})
+
+
+@pytest.fixture(scope="module")
+def remote(server):
+    engine = RemoteEngine(server.url, token_file=str(server.token_file), timeout=120)
+    yield engine
+    engine.close()
+
+
+def _body(local, study, regions=None, settings=GenerationSettings(max_new_tokens=8)):
+    chosen = local.select_regions(study, regions)
+    inputs = preprocess(study, local.config.input_size, local.config.orientation, chosen)
+    return encode_request(inputs, chosen, settings)
+
+
+# ---- security -----------------------------------------------------------------------------------------
+def test_every_route_but_health_needs_the_token(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    with server.client() as c:
+        schema = c.get("/openapi.json").json()
+    routes = [(method.upper(), path.replace("{draft_id}", "0123abcd")) for path, ops in schema["paths"].items()
+              for method in ops]
+    routes += [("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/nonexistent")]
+    assert ("POST", "/v1/drafts") in routes and ("GET", "/metrics") in routes
+    bad_headers = [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {server.token}"},
+                   {"Authorization": f"Bearer {server.token}x"}, {"Authorization": server.token}]
+    for method, path in routes:
+        if path == "/health":
+            continue
+        for headers in bad_headers:
+            r = httpx.request(method, f"{server.url}{path}", headers=headers, content=b"x" if method == "POST" else None)
+            assert r.status_code == 401, (method, path, headers, r.status_code)
+            assert r.json()["detail"] == "missing or wrong bearer token"
+            assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_oversize_and_malformed_payloads_get_4xx_with_a_reason(server, local, study):
+    good = _body(local, study)
+    assert decode_request(good, local.config.input_size, 10).regions == study.regions_present
+    head_len = struct.unpack(">I", good[len(MAGIC):len(MAGIC) + 4])[0]
+    header = json.loads(good[len(MAGIC) + 4:len(MAGIC) + 4 + head_len])
+    blobs = good[len(MAGIC) + 4 + head_len:]
+
+    def rebuild(h, b=blobs):
+        raw = json.dumps(h).encode()
+        return MAGIC + struct.pack(">I", len(raw)) + raw + b
+
+    def edited(**changes):
+        return rebuild({**header, **changes})
+
+    bomb_h = json.loads(json.dumps(header))
+    zeros = zlib.compress(bytes(4 * 64 * 64 * 32 * 4), 9)         # inflates to 4x the image's size
+    bomb_h["tensors"][0]["nbytes"] = len(zeros)
+    first = header["tensors"][0]["nbytes"]
+    nan_h = json.loads(json.dumps(header))
+    nan_blob = zlib.compress(np.full((64, 64, 32), np.nan, dtype="<f4").tobytes(), 1)
+    nan_h["tensors"][0]["nbytes"] = len(nan_blob)
+    cases = {
+        "garbage": (b"\x00\x01garbage" * 50, 422, "not a reg2rg study payload"),
+        "truncated header": (MAGIC + b"\x00\x00", 422, "ends before its header"),
+        "header not json": (MAGIC + struct.pack(">I", 5) + b"{oops" + blobs, 422, "not JSON"),
+        "wrong grid": (edited(input_size=[32, 32, 32]), 422, "does not match the model"),
+        "unknown region": (edited(regions=["spleen"]), 422, "unknown regions ['spleen']"),
+        "region twice": (edited(regions=["heart", "heart"]), 422, "named twice"),
+        "bad strategy": (edited(settings={"strategy": "telepathy"}), 422, "unknown decoding strategy"),
+        "too many tokens": (edited(settings={"max_new_tokens": 100000}), 422, "above this server's limit"),
+        "unknown setting": (edited(settings={"rm_rf": 1}), 422, "unknown settings"),
+        "wrong dtype": (rebuild({**header, "tensors": [{**header["tensors"][0], "dtype": "float64"}, *header["tensors"][1:]]}),
+                        422, "dtype"),
+        "cut short": (good[:-1000], 422, "follow the header"),
+        "zip bomb": (rebuild(bomb_h, zeros + blobs[first:]), 422, "decompresses to more"),
+        "not finite": (rebuild(nan_h, nan_blob + blobs[first:]), 422, "NaN"),
+        "oversize": (good + b"\0" * (4 << 20), 413, "above this server's limit"),
+    }
+    with server.client() as c:
+        for name, (body, status, reason) in cases.items():
+            r = c.post("/v1/drafts", content=body, headers={"Content-Type": CONTENT_TYPE})
+            assert r.status_code == status, (name, r.status_code, r.text[:300])
+            detail = r.json()["detail"]
+            assert reason in detail, (name, detail)
+            assert "\n" not in detail and "Traceback" not in detail, name
+        # a body streamed without Content-Length is counted as it arrives
+        r = c.post("/v1/drafts", content=iter([b"\0" * (1 << 20)] * 5), headers={"Content-Type": CONTENT_TYPE})
+        assert r.status_code == 413
+        r = c.post("/v1/drafts", content=good, headers={"Content-Type": "application/json"})
+        assert r.status_code == 415
+        r = c.post("/v1/drafts/0123/attention", json={"token_indices": "all"})
+        assert r.status_code == 422
+        assert c.get("/v1/drafts/nope").status_code == 404
+        # still serving: ready, and a draft goes through
+        assert c.get("/v1/ready").json()["ready"] is True
+        with c.stream("POST", "/v1/drafts", content=good, headers={"Content-Type": CONTENT_TYPE}) as r:
+            text = "".join(r.iter_text())
+        assert r.status_code == 200 and "event: finished" in text
+
+
+def test_the_wire_carries_no_identifier(local, study):
+    body = _body(local, study)
+    for secret in (PATIENT, MRN, study.name, "PatientName"):
+        assert secret.encode() not in body
+    assert len(body) < 2_000_000            # the demo study: ~1.2 MB (zlib float32 model-grid tensors)
+
+
+# ---- drafting over the network ---------------------------------------------------------------------------------
+def test_remote_draft_streams_and_equals_the_local_draft(remote, local, study):
+    assert isinstance(remote, DraftingEngine)
+    settings = GenerationSettings(max_new_tokens=60)
+    events = list(remote.generate(study, None, settings))
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[:2] == ["EncodingStarted", "EncodingDone"] and kinds[-1] == "Finished"
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    result = events[-1].result
+    expected = local.draft(study, None, settings)
+    assert [t.token_id for t in tokens] == expected.token_ids == result.token_ids
+    assert "".join(t.text for t in tokens) == expected.text == result.text
+    assert result.stop_reason == expected.stop_reason and result.complete
+    assert [s.to_dict() for s in result.sections] == [s.to_dict() for s in expected.sections]
+    assert result.region_accuracy == expected.region_accuracy
+    assert result.study_name == study.name          # kept on this computer, never sent
+    # attention: computed by the server, mapped onto this computer's CT with its own geometry
+    am, al = remote.attention_map(result, [0, 1, 2, 3]), local.attention_map(expected, [0, 1, 2, 3])
+    assert am.shares.keys() == al.shares.keys()
+    assert all(abs(am.shares[k] - al.shares[k]) < 1e-5 for k in al.shares)
+    assert am.heatmap.shape == study.voxels.shape
+    assert np.allclose(am.heatmap, al.heatmap, atol=1e-6)
+    info = remote.model_info()
+    assert info["digest"].startswith("sha256:") and info["layers"] >= 1 and info["name"]
+    with pytest.raises(Exception, match="outside"):
+        remote.attention_map(result, [10_000])
+
+
+def test_cancel_over_the_network(remote, local, study):
+    cancel = threading.Event()
+    result = None
+    for ev in remote.generate(study, None, GenerationSettings(max_new_tokens=300), cancel):
+        if isinstance(ev, TokenEvent) and ev.index == 3:
+            cancel.set()
+        if isinstance(ev, Finished):
+            result = ev.result
+    assert result is not None and result.stop_reason == "cancelled" and not result.complete
+    assert 4 <= len(result.tokens) < 300
+    prefix = local.draft(study, None, GenerationSettings(max_new_tokens=len(result.tokens)))
+    assert result.token_ids == prefix.token_ids
+    # the finished draft can be fetched by id
+    fetched = remote.fetch(result.cache["remote_draft"])
+    assert fetched["state"] == "finished" and fetched["result"]["stop_reason"] == "cancelled"
+
+
+def test_concurrent_remote_drafts_equal_lone_drafts(remote, local, study):
+    present = study.regions_present
+    jobs = [(None, 30), (present[:3], 20), (present[4:9], 40), (present[-2:], 10)]
+    out = [None] * len(jobs)
+
+    def run(i):
+        out[i] = remote.draft(study, jobs[i][0], GenerationSettings(max_new_tokens=jobs[i][1]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for (regions, n), got in zip(jobs, out):
+        assert got is not None
+        assert got.token_ids == local.draft(study, regions, GenerationSettings(max_new_tokens=n)).token_ids
+
+
+def test_client_errors_are_one_clear_line(server, study):
+    wrong = RemoteEngine(server.url, token="not-the-token")
+    with pytest.raises(EngineUnavailable, match="refused the token") as err:
+        list(wrong.generate(study))
+    assert err.value.retry is False and "not-the-token" not in str(err.value)
+    nobody = RemoteEngine(f"http://127.0.0.1:{free_port()}", token="x", timeout=5)
+    with pytest.raises(EngineUnavailable, match="cannot reach the engine server") as err:
+        nobody.draft(study)
+    assert err.value.retry is True and err.value.partial is None
+    with server.client() as c:
+        assert c.get("/v1/ready").status_code == 200
+        metrics = c.get("/metrics").text
+    for series in ("reg2rg_queue_length", "reg2rg_active_drafts", "reg2rg_generated_tokens_total",
+                   "reg2rg_tokens_per_second", "reg2rg_time_to_first_token_seconds_bucket",
+                   "reg2rg_decode_batch_size_bucket", "reg2rg_draft_seconds_bucket"):
+        assert series in metrics, series
+
+
+def test_logs_hold_no_token_or_identifier(server, remote, study):
+    remote.draft(study, None, GenerationSettings(max_new_tokens=5))
+    logs = server.logs()
+    assert "POST /v1/drafts" in logs                 # the log is really captured
+    for secret in (server.token, PATIENT, MRN, "PatientName"):
+        assert secret not in logs, secret
