@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--non-strict", action="store_true",
                        help="with --published: load a checkpoint whose keys do not match the model (missing weights "
                             "stay random; for inspecting a damaged or foreign file, not for drafting)")
+    model.add_argument("--server", metavar="URL",
+                       help="draft on a reg2rg-serve at URL (http(s)://host:port) instead of in this process")
+    model.add_argument("--token-file", metavar="F",
+                       help="with --server: file holding the bearer token (default: $REG2RG_SERVER_TOKEN, else the "
+                            "file a local reg2rg-serve writes)")
     model.add_argument("--device", default="auto", help="auto (CUDA if available, else the CPU), cpu, cuda, cuda:1")
     model.add_argument("--precision", "--dtype", dest="dtype", default=None, metavar="PRECISION",
                        choices=("auto", "fp32", "bf16", "reference", "fp16", "float32", "bfloat16", "float16"),
@@ -141,6 +146,14 @@ def _load_engine(args):
 
         hf_logging.disable_progress_bar()
 
+    if args.server:
+        if args.model or args.published:
+            raise CliError("--server drafts with the server's model: leave out --model/--published")
+        try:
+            from .service.client import connect
+        except ImportError as err:
+            raise CliError(f"--server needs {err.name}: pip install 'reg2rg-viewer[serve]'") from None
+        return connect(args.server, args.token_file)
     if args.published:
         if not args.llm:
             raise CliError("--published needs --llm (the local LLaMA-2-7B-chat folder)")
@@ -420,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import StudyError
     from .fileio import OutputError, ensure_folder, output_error
     from .generation import EngineOutOfMemory, GenerationError, ModelFolderError
+    from .interface import EngineUnavailable
+    from .service.server import TokenError
     from .model.config import ConfigError
     from .segment import SegmentationError
     from .tokens import TokenizerError
@@ -458,9 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         _run_one(engine, study, args, settings, out)
         return 0
     except (CliError, StudyError, GenerationError, ModelFolderError, EngineOutOfMemory, CheckpointError,
-            ConfigError, DatasetError, OutputError, ExportError, SegmentationError, TokenizerError) as err:
+            ConfigError, DatasetError, OutputError, ExportError, SegmentationError, TokenizerError, TokenError) as err:
         print(f"reg2rg-generate: {err}", file=sys.stderr)
         return 2
+    except EngineUnavailable as err:
+        print(f"reg2rg-generate: {err} (finished studies are kept; nothing was written for this one)",
+              file=sys.stderr)
+        return 1
     except OSError as err:          # writing predictions.csv (report files arrive as OutputError above)
         print(f"reg2rg-generate: {output_error(err.filename or out, err)}", file=sys.stderr)
         return 2

@@ -66,9 +66,14 @@ class RemoteEngine:
         self.token = token if token else resolve_token(token_file, create=False)[0]
         self.timeout = timeout
         self._verify = verify
-        self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"},
-                                  timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)), verify=verify)
+        self._http = self._new_http()
         self._info: dict | None = None
+
+    def _new_http(self):
+        import httpx
+
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"},
+                            timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)), verify=self._verify)
 
     def __repr__(self) -> str:                  # never shows the token
         return f"RemoteEngine({self.url!r})"
@@ -91,6 +96,10 @@ class RemoteEngine:
         import httpx
 
         kept = f"; the draft so far ({len(partial.tokens)} tokens) is kept, marked stopped" if partial and partial.tokens else ""
+        if isinstance(exc, httpx.TransportError):
+            # pooled connections to a server that went away are dead: the next try starts afresh
+            old, self._http = self._http, self._new_http()
+            old.close()
         if isinstance(exc, httpx.ConnectError):
             msg, retry = f"cannot reach the engine server at {self.url} ({what}): is reg2rg-serve running?", True
         elif isinstance(exc, httpx.TimeoutException):

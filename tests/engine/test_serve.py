@@ -238,3 +238,27 @@ def test_logs_hold_no_token_or_identifier(server, remote, study):
     assert "POST /v1/drafts" in logs                 # the log is really captured
     for secret in (server.token, PATIENT, MRN, "PatientName"):
         assert secret not in logs, secret
+
+
+def test_generate_cli_drafts_on_the_server(server, local, tmp_path, capsys):
+    from reg2rg.engine.cli import main
+
+    out = tmp_path / "out"
+    code = main(["--demo", "--server", server.url, "--token-file", str(server.token_file), "--max-new-tokens", "20",
+                 "--attention", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((out / "report.json").read_text())
+    expected = local.draft(demo_study(), None, GenerationSettings(max_new_tokens=20))
+    assert data["text"] == expected.text
+    assert (out / "attention_report.nii.gz").is_file()
+    # a wrong token and a server that is not there: one line each, exit status non-zero, no traceback
+    bad = tmp_path / "bad_token"
+    bad.write_text("nope\n")
+    assert main(["--demo", "--server", server.url, "--token-file", str(bad), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "refused the token" in err and "Traceback" not in err and "nope" not in err
+    assert main(["--demo", "--server", f"http://127.0.0.1:{free_port()}", "--token-file", str(bad),
+                 "--out", str(tmp_path / "y")]) == 1
+    assert "cannot reach the engine server" in capsys.readouterr().err
+    assert main(["--demo", "--server", server.url, "--token-file", str(tmp_path / "missing")]) == 2
+    assert "cannot read the token file" in capsys.readouterr().err
