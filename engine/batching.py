@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from .confidence import StepDistribution, distribution_stats
 from .generation import (TOP_ALTERNATIVES, Decoder, DraftResult, EncodingStarted, Finished, GenerationError,
                          GenerationEvent, GenerationSettings, ReportEngine, _base_config, _cache_kwarg,
-                         _is_oom, _new_cache, _warp_logits)
+                         _is_oom, _new_cache, _warp_logits, finish_result, study_orientation_for)
 from .preprocess import preprocess
 
 logger = logging.getLogger("reg2rg.engine.batching")
@@ -365,8 +365,11 @@ class BatchingEngine:
         chosen = self.engine.select_regions(study, regions)
         yield EncodingStarted(tuple(chosen))
         t0 = time.perf_counter()
-        inputs = preprocess(study, self.config.input_size, self.config.orientation, chosen)
-        yield from self._decode(inputs, chosen, settings, cancel, t0, study.name, study.affine)
+        inputs = preprocess(study, self.config.input_size, study_orientation_for(study, self.config.orientation), chosen)
+        for event in self._decode(inputs, chosen, settings, cancel, t0, study.name, study.affine):
+            if isinstance(event, Finished):
+                finish_result(event.result, study, inputs, chosen, self.config.orientation)
+            yield event
 
     def generate_inputs(self, inputs, regions: Sequence[str], settings: GenerationSettings = GenerationSettings(),
                         cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:

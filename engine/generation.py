@@ -1009,42 +1009,18 @@ class ReportEngine:
         return torch.cat([prepared.prompt_embeds, gen], dim=1)
 
 
-def _weights_digest(folder: Path | None) -> str:
-    """sha256 over the model folder's files (relative path + bytes, sorted), or of one checkpoint file."""
-    import hashlib
-
-    if folder is None or not folder.exists():
-        return "in-memory"
-    h = hashlib.sha256()
-    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
-    for path in files:
-        h.update(path.name.encode() if folder.is_file() else str(path.relative_to(folder)).encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 def model_info_of(engine: "ReportEngine") -> dict:
-    """`ReportEngine.model_info` (a module function so that it can be computed off the engine)."""
-    from importlib import metadata
+    """`ReportEngine.model_info`: the model's identity as the reports give it (`report.provenance`:
+    name, version, weights digest, validation), its model card and its layout."""
+    from .report.provenance import model_card, model_identity
 
-    try:
-        version = metadata.version("reg2rg-viewer")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
+    ident = model_identity(engine.model_dir, engine.config)
     cfg = _base_config(engine.model.lang_model)
-    folder = engine.model_dir
-    card = None
-    if folder is not None and (folder / "MODEL_CARD.md").is_file():
-        card = (folder / "MODEL_CARD.md").read_text(encoding="utf-8", errors="replace")
-    name = getattr(engine.config, "name", None) or (folder.name if folder is not None else "in-memory")
-    return {"name": str(name), "version": version, "digest": _weights_digest(folder),
-            "folder": None if folder is None else folder.name, "model_card": card,
+    return {**ident, "model_card": model_card(engine.model_dir) or None,
             "layers": int(cfg.num_hidden_layers), "heads": int(cfg.num_attention_heads),
             "num_regions": int(engine.config.num_regions), "input_size": list(engine.config.input_size),
             "orientation": engine.config.orientation, "device": str(engine.device),
-            "dtype": str(engine.dtype).replace("torch.", "")}
+            "precision": str(getattr(engine, "precision", engine.dtype)).replace("torch.", "")}
 
 
 def _base_config(lang_model):

@@ -25,7 +25,8 @@ import numpy as np
 from ..attention import AttentionMap, grid_maps_to_ct
 from ..confidence import TokenConfidence
 from ..generation import (DraftResult, EncodingDone, EncodingStarted, Finished, GenerationError, GenerationEvent,
-                          GenerationSettings, TokenEvent, result_from_tokens, select_regions)
+                          GenerationSettings, TokenEvent, finish_result, result_from_tokens, select_regions,
+                          study_orientation_for)
 from ..interface import EngineUnavailable
 from ..preprocess import preprocess
 from .server import API, resolve_token
@@ -154,6 +155,11 @@ class RemoteEngine:
             self._info = self._get(f"{API}/model", "model information request")
         return dict(self._info)
 
+    def model_identity(self) -> dict:
+        """The served model's identity for a draft's provenance (`report.provenance.provenance_for`)."""
+        info = self.model_info()
+        return {k: info.get(k, "") for k in ("name", "version", "digest", "validated", "validation", "path")}
+
     def cancel_draft(self, draft_id: str) -> None:
         """``POST /v1/drafts/{id}/cancel`` (errors ignored: a lost server has stopped the draft anyway)."""
         import httpx
@@ -174,10 +180,14 @@ class RemoteEngine:
         chosen = select_regions(study, regions, int(info["num_regions"]))
         yield EncodingStarted(tuple(chosen))
         t0 = time.perf_counter()
-        inputs = preprocess(study, tuple(info["input_size"]), info.get("orientation"), chosen)
-        chosen = [r for r in chosen if r in inputs.regions]
-        body = encode_request(inputs, chosen, settings)
-        yield from self._stream(body, inputs, chosen, settings, cancel, study, t0)
+        orientation = info.get("orientation")
+        inputs = preprocess(study, tuple(info["input_size"]), study_orientation_for(study, orientation), chosen)
+        placed = [r for r in chosen if r in inputs.regions]
+        body = encode_request(inputs, placed, settings)
+        for event in self._stream(body, inputs, placed, settings, cancel, study, t0):
+            if isinstance(event, Finished):
+                finish_result(event.result, study, inputs, chosen, orientation)
+            yield event
 
     def _stream(self, body: bytes, inputs, chosen, settings, cancel, study, t0) -> Iterator[GenerationEvent]:
         import httpx
@@ -192,6 +202,7 @@ class RemoteEngine:
                 return None
             r = result_from_tokens("".join(text_parts), streamed, slot_regions, settings, "interrupted",
                                    study_name=study.name, inputs=inputs)
+            finish_result(r, study, inputs, list(slot_regions.values()), (self._info or {}).get("orientation"))
             r.cache.update({"affine": np.asarray(study.affine, dtype=np.float64), "remote": self.url})
             return r
 

@@ -524,8 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--published", metavar="FILE", help="the published Reg2RG checkpoint (needs --llm)")
     m.add_argument("--llm", metavar="DIR", help="local LLaMA-2-7B-chat folder (published checkpoint or LoRA model)")
     m.add_argument("--demo", action="store_true", help="the embedded demo model")
-    m.add_argument("--device", default="auto", help="auto (CUDA bf16 if available, else CPU fp32), cpu, cuda, cuda:1")
-    m.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default follows the device)")
+    m.add_argument("--device", default="auto", help="auto (CUDA if available, else the CPU), cpu, cuda, cuda:1")
+    m.add_argument("--precision", "--dtype", dest="dtype", default=None, metavar="PRECISION",
+                   choices=("auto", "fp32", "bf16", "reference", "fp16", "float32", "bfloat16", "float16"),
+                   help="auto (default): fp32 on the CPU; on CUDA reference for --published, else bf16")
     n = p.add_argument_group("network and security")
     n.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 for every interface)")

@@ -129,8 +129,8 @@ def _settings(raw, max_new_tokens: int) -> GenerationSettings:
     if unknown:
         raise WireError(f"unknown settings {unknown}; known: {sorted(_SETTING_TYPES)}")
     for key, value in raw.items():
-        ok = (value is None and key == "seed") or (
-            isinstance(value, str) if key == "strategy" else
+        ok = (value is None and key in ("seed", "preset")) or (
+            isinstance(value, str) if key in ("strategy", "preset") else
             isinstance(value, (int, float)) and not isinstance(value, bool))
         if not ok:
             raise WireError(f"setting {key}: {value!r} has the wrong type")
