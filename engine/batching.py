@@ -331,7 +331,7 @@ class BatchingEngine:
     def __init__(self, engine: ReportEngine, max_batch: int = 8,
                  on_step: Callable[[int, float], None] | None = None) -> None:
         self.engine = engine
-        self.lock = threading.RLock()
+        self.lock = getattr(engine, "lock", None) or threading.RLock()   # the engine's own: explanations hold it
         self.max_batch = max_batch
         lm = engine.model.lang_model
         self.scheduler = DecodeScheduler(lm, lm.get_input_embeddings(), engine.eos_token_id, self.lock, max_batch,
@@ -352,6 +352,13 @@ class BatchingEngine:
 
     def model_info(self) -> dict:
         return self.engine.model_info()
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        return self.engine.layout
+
+    def attention_layout(self) -> tuple[int, int]:
+        return self.engine.layout
 
     def close(self) -> None:
         self.scheduler.close()

@@ -210,6 +210,8 @@ class DraftResult:
     # head-mean LLM attention rows of every generated token (layers, n, K), kept after the first
     # raw-attention map so later selections need no second pass
     llm_attention_mean: torch.Tensor | None = field(default=None, repr=False)
+    # the draft's id on the reg2rg-serve that made it (a RemoteEngine's explanations ask that server)
+    remote_draft: str | None = field(default=None, repr=False)
 
     @property
     def cancelled(self) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 from ..attention import AttentionMap, grid_maps_to_ct
 from ..confidence import TokenConfidence
 from ..generation import (DraftResult, EncodingDone, EncodingStarted, Finished, GenerationError, GenerationEvent,
-                          GenerationSettings, TokenEvent, finish_result, result_from_tokens, select_regions,
+                          GenerationSettings, PreparedStudy, TokenEvent, finish_result, result_from_tokens, select_regions,
                           study_orientation_for)
 from ..interface import EngineUnavailable
 from ..preprocess import preprocess
@@ -48,6 +48,13 @@ def _detail(response) -> str:
         return str(response.json().get("detail", "")) or response.reason_phrase
     except (ValueError, AttributeError):
         return response.reason_phrase
+
+
+def _local_prepared(inputs, slot_regions: dict, prompt_ids, findings) -> PreparedStudy:
+    """What this computer keeps of a remote draft's study: its pre-processed inputs and geometry (the
+    encoding itself stays on the server, so ``prompt_embeds`` is None and only the server explains)."""
+    return PreparedStudy(inputs=inputs, slot_regions=dict(slot_regions), prompt_ids=list(prompt_ids),
+                         prompt_embeds=None, latent_patch={}, patch_grid=(0, 0, 0), finding_probabilities=findings)
 
 
 class RemoteEngine:
@@ -155,6 +162,15 @@ class RemoteEngine:
             self._info = self._get(f"{API}/model", "model information request")
         return dict(self._info)
 
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(layers, heads) of the served language model (what ``attention_map`` indexes)."""
+        info = self.model_info()
+        return int(info["layers"]), int(info["heads"])
+
+    def attention_layout(self) -> tuple[int, int]:
+        return self.layout
+
     def model_identity(self) -> dict:
         """The served model's identity for a draft's provenance (`report.provenance.provenance_for`)."""
         info = self.model_info()
@@ -201,9 +217,9 @@ class RemoteEngine:
             if not streamed:
                 return None
             r = result_from_tokens("".join(text_parts), streamed, slot_regions, settings, "interrupted",
-                                   study_name=study.name, inputs=inputs)
+                                   study_name=study.name, prepared=_local_prepared(inputs, slot_regions, [], None),
+                                   affine=np.asarray(study.affine, dtype=np.float64))
             finish_result(r, study, inputs, list(slot_regions.values()), (self._info or {}).get("orientation"))
-            r.cache.update({"affine": np.asarray(study.affine, dtype=np.float64), "remote": self.url})
             return r
 
         def watch() -> None:             # Stop while the server encodes (no event arrives then) still cancels
@@ -269,11 +285,11 @@ class RemoteEngine:
         timings = dict(data.get("timings") or {})
         timings["round_trip_s"] = time.perf_counter() - t0
         result = result_from_tokens(data["text"], tokens, slot_regions, settings, data["stop_reason"],
-                                    seed=data.get("seed"), study_name=study.name, inputs=inputs,
-                                    prompt_ids=list(data.get("prompt_ids") or []), timings=timings)
-        result.cache.update({"affine": np.asarray(study.affine, dtype=np.float64), "remote": self.url,
-                             "remote_draft": draft_id,
-                             "finding_probabilities": data.get("finding_probabilities")})
+                                    seed=data.get("seed"), study_name=study.name,
+                                    prompt_ids=list(data.get("prompt_ids") or []), timings=timings,
+                                    prepared=_local_prepared(inputs, slot_regions, data.get("prompt_ids") or [],
+                                                             data.get("finding_probabilities")),
+                                    affine=np.asarray(study.affine, dtype=np.float64), remote_draft=draft_id)
         return result
 
     def draft(self, study, regions: Sequence[str] | None = None,
@@ -297,7 +313,7 @@ class RemoteEngine:
         onto its own CT (the geometry never left it)."""
         import httpx
 
-        draft_id = result.cache.get("remote_draft")
+        draft_id = result.remote_draft
         if draft_id is None or result.geometry is None:
             raise GenerationError("this result carries no server draft; attention maps need a finished draft of this server")
         idx = [int(token_indices)] if isinstance(token_indices, int) else [int(i) for i in token_indices]
@@ -318,7 +334,7 @@ class RemoteEngine:
         return AttentionMap(token_indices=tuple(d["token_indices"]), layers=tuple(d["layers"]),
                             heads=d["heads"] if isinstance(d["heads"], str) else tuple(d["heads"]),
                             shares={k: float(v) for k, v in d["shares"].items()}, other_share=float(d["other_share"]),
-                            heatmap=heatmap, affine=result.cache.get("affine", np.eye(4)),
+                            heatmap=heatmap, affine=result.affine if result.affine is not None else np.eye(4),
                             visual_weights={g: np.asarray(w, dtype=np.float32) for g, w in d["visual_weights"].items()})
 
 

@@ -304,7 +304,7 @@ def finished_payload(result) -> dict:
     d.pop("study", None)                      # the server never knows the study's name
     d["token_ids"] = list(result.token_ids)
     d["prompt_ids"] = list(result.prompt_ids)
-    prepared = result.cache.get("prepared")
+    prepared = result.prepared
     d["finding_probabilities"] = getattr(prepared, "finding_probabilities", None)
     return d
 
@@ -313,10 +313,8 @@ def _slim(result) -> None:
     """Drop the model-grid tensors from a kept result: attention needs only the prompt's encoding."""
     import dataclasses
 
-    prepared = result.cache.get("prepared")
-    if prepared is not None:
-        result.cache["prepared"] = dataclasses.replace(prepared, inputs=None)
-    result.inputs = None
+    if result.prepared is not None:
+        result.prepared = dataclasses.replace(result.prepared, inputs=None)
 
 
 def _b64(arr) -> dict:
@@ -500,7 +498,7 @@ def create_app(engine, token: str, *, max_body_bytes: int = 256 << 20, read_time
             am = engine.attention_map(d.result, body.token_indices, body.layers, body.heads)
         except (GenerationError, IndexError) as err:
             raise HTTPException(422, str(err)) from None
-        prepared = d.result.cache["prepared"]
+        prepared = d.result.prepared
         latent = {g: t.float().cpu().numpy() for g, t in prepared.latent_patch.items()}
         maps = group_grid_maps(am.visual_weights, latent, prepared.patch_grid)
         return {"token_indices": list(am.token_indices), "layers": list(am.layers),

@@ -192,7 +192,7 @@ def test_cancel_over_the_network(remote, local, study):
     prefix = local.draft(study, None, GenerationSettings(max_new_tokens=len(result.tokens)))
     assert result.token_ids == prefix.token_ids
     # the finished draft can be fetched by id
-    fetched = remote.fetch(result.cache["remote_draft"])
+    fetched = remote.fetch(result.remote_draft)
     assert fetched["state"] == "finished" and fetched["result"]["stop_reason"] == "cancelled"
 
 
