@@ -276,6 +276,7 @@ class DraftPanel(QWidget):
         session.restoreOffered.connect(self._offer_restore)
         session.reviewerNeeded.connect(self._ask_reviewer)
         session.maskCheckNeeded.connect(self._ask_mask_check)
+        session.engineUnavailable.connect(self._offer_retry)
         self._show_model()
         self._show_regions()
         self._show_review()
@@ -298,6 +299,7 @@ class DraftPanel(QWidget):
         menu.addAction("Embedded demo model", lambda: self.session.set_model(ModelChoice()))
         menu.addAction("Model folder…", self._choose_model)
         menu.addAction("Published checkpoint + LLaMA folder…", self._choose_published)
+        menu.addAction("Engine server (URL + token)…", self._choose_server)
         self.model_button.setMenu(menu)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
@@ -531,6 +533,30 @@ class DraftPanel(QWidget):
         llm = QFileDialog.getExistingDirectory(self, "Local LLaMA-2-7B-chat folder (tokenizer and weights)")
         if llm:
             self.session.set_model(ModelChoice("published", checkpoint=ckpt, llm_path=llm))
+
+    def _choose_server(self) -> None:
+        """Draft on a reg2rg-serve: its URL, then its token file (Cancel: REG2RG_SERVER_TOKEN or the file a
+        local reg2rg-serve writes)."""
+        url, ok = QInputDialog.getText(self, "Engine server", "reg2rg-serve URL (http(s)://host:port):",
+                                       QLineEdit.Normal, "http://127.0.0.1:8765")
+        if not ok or not url.strip():
+            return
+        token_file, _ = QFileDialog.getOpenFileName(self, "Token file of the engine server (Cancel: the default)")
+        self.session.set_model(ModelChoice("server", url=url.strip(), token_file=token_file or None))
+
+    def _offer_retry(self, message: str, retry: bool) -> None:
+        """The engine server failed: say so (the draft so far is kept, marked stopped) and offer Retry."""
+        box = QMessageBox(QMessageBox.Warning, "Engine server", message, QMessageBox.Close, self)
+        if retry:
+            box.addButton("Retry", QMessageBox.AcceptRole)
+        box.setWindowModality(Qt.WindowModal)
+
+        def answered(_code, box=box):
+            if box.clickedButton() is not None and box.buttonRole(box.clickedButton()) == QMessageBox.AcceptRole:
+                self.session.retry()
+        box.finished.connect(answered)
+        self.retry_box = box
+        box.open()
 
     def _show_model(self) -> None:
         """"Model: embedded demo · not validated (demonstration model)", the status coloured."""

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
+from reg2rg.engine.interface import EngineUnavailable
+
 logger = logging.getLogger("reg2rg.app.generation")
 
 
@@ -48,7 +50,8 @@ def describe_engine_error(exc: BaseException) -> str:
         return f"Out of memory: {text}"
     # our own errors already name the file and the problem in the reader's words
     return text if type(exc).__name__ in ("ModelFolderError", "GenerationError", "CheckpointError", "TokenizerError",
-                                          "ConfigError", "StudyError", "OutputError") \
+                                          "ConfigError", "StudyError", "OutputError", "EngineUnavailable",
+                                          "TokenError") \
         else f"{type(exc).__name__}: {text}"
 
 
@@ -56,11 +59,13 @@ def describe_engine_error(exc: BaseException) -> str:
 class ModelChoice:
     """Which model drafts: the embedded demo model, a model folder, or the published checkpoint + LLaMA."""
 
-    kind: str = "demo"                       # demo | folder | published
+    kind: str = "demo"                       # demo | folder | published | server
     path: str | None = None                  # the model folder (kind "folder")
     checkpoint: str | None = None            # the published checkpoint file (kind "published")
     llm_path: str | None = None              # the local LLaMA folder (kind "published")
     strict: bool = True                      # kind "published": refuse a checkpoint whose keys do not match
+    url: str | None = None                   # kind "server": the reg2rg-serve URL
+    token_file: str | None = None            # kind "server": the token file (None: REG2RG_SERVER_TOKEN / default)
 
     def describe(self, full: bool = False) -> str:
         def name(p) -> str:
@@ -70,10 +75,14 @@ class ModelChoice:
             return name(self.path)
         if self.kind == "published":
             return f"{name(self.checkpoint)} + {name(self.llm_path)}"
+        if self.kind == "server":
+            return f"server {self.url}"
         return "embedded demo"
 
     def where(self) -> str:
         """What to name in an error message: the folder or files that failed to load."""
+        if self.kind == "server":
+            return f"the engine server {self.url}"
         if self.kind == "folder":
             return str(self.path)
         if self.kind == "published":
@@ -84,12 +93,19 @@ class ModelChoice:
         """The LLaMA folder this model decodes with (its generation_config.json drives the published preset)."""
         from reg2rg.engine.presets import llm_folder_of
 
+        if self.kind == "server":
+            return None                      # the LLaMA folder is on the server
         if self.kind == "published":
             return llm_folder_of(llm_path=self.llm_path)
         return llm_folder_of(self.path if self.kind == "folder" else None)
 
     def load(self, device: str = "auto"):
         from reg2rg.engine.generation import ReportEngine
+
+        if self.kind == "server":             # the same engine interface, the model on a reg2rg-serve
+            from reg2rg.engine.service.client import connect
+
+            return connect(self.url, self.token_file)
 
         if self.kind == "published":
             return ReportEngine.from_published(self.checkpoint, self.llm_path, device=device, strict=self.strict)
@@ -119,7 +135,8 @@ class EngineLoader(QObject):
             where = self.model.where()
             if self.model.kind == "folder" and str(Path(self.model.path).name) not in message:
                 message = f"{where}: {message}"
-            self.failed.emit(f"Could not load the model ({where}):\n{message}")
+            what = "Could not connect to" if self.model.kind == "server" else "Could not load the model"
+            self.failed.emit(f"{what} ({where}):\n{message}")
         else:
             self.loaded.emit(engine)
         finally:
@@ -137,6 +154,7 @@ class GenerationWorker(QObject):
     tokenGenerated = Signal(object)       # engine TokenEvent
     finished = Signal(object)             # engine DraftResult (result.cancelled after Stop)
     failed = Signal(str)
+    unavailable = Signal(str, bool)       # a remote engine failed: message, whether a retry can help
     done = Signal()
 
     def __init__(self, engine, study, regions=None, settings=None) -> None:
@@ -157,6 +175,12 @@ class GenerationWorker(QObject):
         try:
             with engine_lock(self.engine):
                 self._consume()
+        except EngineUnavailable as exc:
+            # network loss, a server restart, 401/4xx/5xx: the draft so far is kept (marked stopped)
+            if exc.partial is not None:
+                self.finished.emit(exc.partial)
+            self.unavailable.emit(str(exc), bool(exc.retry))
+            self.failed.emit(str(exc))
         except Exception as exc:  # noqa: BLE001 - the draft and the study stay open
             logger.debug("generation failed:\n%s", traceback.format_exc())
             self.failed.emit(describe_engine_error(exc))

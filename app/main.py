@@ -9,6 +9,7 @@ import sys
 
 USAGE_EXAMPLES = """examples:
   reg2rg-viewer --demo --generate
+  reg2rg-viewer --server http://127.0.0.1:8765 --demo --generate
   reg2rg-viewer ct.nii.gz --masks seg_ct/
   reg2rg-viewer dicom_folder/ --screenshot view.png
 """
@@ -25,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--non-strict", action="store_true",
                    help="with --published: load a checkpoint whose keys do not match the model (missing weights "
                         "stay random; for inspection only)")
+    p.add_argument("--server", metavar="URL", help="draft on a reg2rg-serve at URL instead of in this app")
+    p.add_argument("--token-file", metavar="F", help="with --server: the token file (default: $REG2RG_SERVER_TOKEN, "
+                                                     "else the file a local reg2rg-serve writes)")
     p.add_argument("--demo", action="store_true", help="open the embedded demo study")
     p.add_argument("--generate", action="store_true", help="draft a report as soon as the study is open")
     p.add_argument("--screenshot", metavar="PNG", help="save a picture of the window once ready, then exit")
@@ -37,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.masks and not args.volume:
         print("reg2rg-viewer: --masks needs a VOLUME", file=sys.stderr)
+        return 2
+    if args.server and (args.model or args.published):
+        print("reg2rg-viewer: --server drafts with the server's model; leave out --model/--published", file=sys.stderr)
+        return 2
+    if args.token_file and not args.server:
+        print("reg2rg-viewer: --token-file goes with --server", file=sys.stderr)
         return 2
     if args.non_strict and not args.published:
         print("reg2rg-viewer: --non-strict applies to --published only", file=sys.stderr)
@@ -70,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
         window.session.set_model(ModelChoice(kind="published", checkpoint=args.published, llm_path=args.llm,
                                              strict=not args.non_strict))
+    elif args.server:
+        from .generation import ModelChoice
+
+        window.session.set_model(ModelChoice(kind="server", url=args.server, token_file=args.token_file))
     elif args.model:
         window.session.set_model_dir(args.model)
     window.show()

@@ -158,6 +158,7 @@ class DraftingSession(QObject):
     maskCheckNeeded = Signal(list)          # the masks may not belong to this CT: a view asks, then
                                             # draft_despite_masks() or nothing
     errorOccurred = Signal(str)
+    engineUnavailable = Signal(str, bool)   # the engine server failed: message, retry offered (then retry())
     selectionChanged = Signal()             # the attention selection
     attentionStarted = Signal(str)          # an attention map is being computed for this label
     attentionFailed = Signal(str)
@@ -188,6 +189,8 @@ class DraftingSession(QObject):
         self._jobs = WorkerJobs(self)
         self._worker: GenerationWorker | None = None
         self._loading = False
+        self._unavailable = False          # the current failure was said by engineUnavailable
+        self._last_request: tuple = (None, None)
         self._after_load: tuple | None = None
         self._regenerating: str | None = None
         self._pending_review: tuple | None = None
@@ -262,6 +265,8 @@ class DraftingSession(QObject):
         """The folder of the model in use (or chosen): the loaded engine's, else the choice's."""
         from reg2rg.engine.generation import default_model_dir
 
+        if self.model_choice.kind == "server":
+            return None                     # the model folder is on the engine server
         if self.engine is not None and getattr(self.engine, "model_dir", None) is not None:
             return Path(self.engine.model_dir)
         if self.engine is not None:
@@ -276,6 +281,8 @@ class DraftingSession(QObject):
         """A short name for the panel: "embedded demo", a folder's name, or checkpoint + LLaMA."""
         from reg2rg.engine.generation import default_model_dir
 
+        if self.model_choice.kind == "server":
+            return self.engine.describe() if self.engine is not None else self.model_choice.describe()
         if self.engine is not None:
             where = getattr(self.engine, "model_dir", None)
             if where is None:
@@ -292,6 +299,10 @@ class DraftingSession(QObject):
         """(validated, what to show): a model is validated only with a ``validation.json`` record."""
         from reg2rg.engine.generation import default_model_dir
 
+        if self.model_choice.kind == "server":
+            ident = self.engine.model_identity() if self.engine is not None else {}
+            return (True, f"validated ({ident.get('validation', '')})") if ident.get("validated") else \
+                (False, "not validated" + (" (model on the engine server)" if not ident else ""))
         folder = self.model_dir()
         if folder is None:
             return False, "not validated (built in memory)"
@@ -333,8 +344,10 @@ class DraftingSession(QObject):
         worker.tokenGenerated.connect(self._on_token)
         worker.finished.connect(self._on_finished)
         worker.failed.connect(self._on_failed)
+        worker.unavailable.connect(self._on_unavailable)
         worker.done.connect(self._on_done)
         self._worker = worker
+        self._last_request = (regions if not regenerate else None, regenerate)
         self.busyChanged.emit(True)
         self._set_status("Starting…")
         self._jobs.start(worker)
@@ -404,13 +417,29 @@ class DraftingSession(QObject):
             self._clear_heat()
             self.resultReady.emit(result)
             self.draftReplaced.emit()
-        how = "stopped" if result.cancelled else f"{len(result.tokens)} tokens"
+        how = f"{len(result.tokens)} tokens" if getattr(result, "complete", True) else "stopped"
         self._set_status(f"Draft ready ({how})")
         self._changed()
 
     def _on_failed(self, message: str) -> None:
+        if self._unavailable:                 # said by engineUnavailable (with a retry), not twice
+            self._unavailable = False
+            return
         self._set_status("Generation failed")
         self.errorOccurred.emit(message)
+
+    def _on_unavailable(self, message: str, retry: bool) -> None:
+        """The engine server failed (network, restart, 401, 4xx/5xx): the draft so far is already kept,
+        marked stopped; a view shows the message and offers `retry` when it can help."""
+        self._unavailable = True
+        self._set_status("Engine server unavailable — draft so far kept" if self.draft is not None
+                         else "Engine server unavailable")
+        self.engineUnavailable.emit(message, retry)
+
+    def retry(self) -> None:
+        """Draft again what the last generation asked for (after the engine server failed)."""
+        regions, regenerate = getattr(self, "_last_request", (None, None))
+        self.generate(regions, regenerate)
 
     def _on_done(self) -> None:
         self._worker = None

@@ -66,7 +66,6 @@ class RemoteEngine:
 
     def __init__(self, url: str, token: str | None = None, token_file: str | None = None, timeout: float = 120.0,
                  verify=True) -> None:
-        import httpx
 
         self.url = url.rstrip("/")
         if not self.url.startswith(("http://", "https://")):
@@ -152,7 +151,7 @@ class RemoteEngine:
         import httpx
 
         try:
-            return httpx.get(f"{self.url}/health", timeout=5.0, verify=self._verify).status_code == 200
+            return self._http.get("/health", timeout=5.0).status_code == 200
         except httpx.HTTPError:
             return False
 
