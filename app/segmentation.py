@@ -20,6 +20,7 @@ from reg2rg.engine.segment import (
     INSTALL_HINT,
     SegmentationCancelled,
     SegmentationError,
+    region_masks_folder,
     segment_study,
     totalsegmentator_available,
 )
@@ -38,7 +39,7 @@ class SegmentationWorker(QObject):
 
     progress = Signal(int, str)          # percent, what is happening
     taskDone = Signal(str, str)          # task, folder of label maps so far (a task run now, not from the cache)
-    finished = Signal(str)               # folder of label maps
+    finished = Signal(str)               # folder of the ten region masks (RadGenome layout, in the cache)
     failed = Signal(str)
     cancelled = Signal()
     done = Signal()
@@ -66,7 +67,10 @@ class SegmentationWorker(QObject):
             logger.debug("segmentation failed:\n%s", traceback.format_exc())
             self.failed.emit(f"segmentation failed: {type(exc).__name__}: {exc}")
         else:
-            self.finished.emit(str(result.folder))
+            try:
+                self.finished.emit(str(region_masks_folder(self.study, result)))
+            except Exception as exc:  # noqa: BLE001 - writing the region masks can fail like any output
+                self.failed.emit(f"segmentation done, but its region masks could not be written: {exc}")
         finally:
             self.done.emit()
 

@@ -428,21 +428,30 @@ class _RegionAssembly:
             for n in names:
                 m = self.masks.get(n) if n in REGIONS else self.inputs.get(n)
                 if m is not None:
-                    out = m.copy() if out is None else (out | m)
+                    if out is None:
+                        out = m.copy()
+                    else:
+                        np.logical_or(out, m, out=out)      # in place: these are whole-CT masks
             return out
 
         own = union(("heart", "esophagus", "trachea and bronchie"))
         med = self.inputs.get("mediastinum")
         if med is not None and "mediastinum" not in self.masks:
-            self.add("mediastinum", med & ~own if own is not None else med,
+            if own is not None:                              # own is a fresh union: reuse it in place
+                med = np.logical_and(med, np.logical_not(own, out=own), out=own)
+            self.add("mediastinum", med,
                      f"{where}: TotalSegmentator trunk_cavities mediastinum minus heart, esophagus, trachea")
         cavity = self.inputs.get("thoracic_cavity")
         if cavity is not None and "pleura" not in self.masks:
             taken = union(("lung", "heart", "esophagus", "trachea and bronchie", "mediastinum", "pericardium"))
-            pleura = cavity & ~taken if taken is not None else cavity.copy()
+            if taken is not None:
+                pleura = np.logical_not(taken, out=taken)
+                np.logical_and(pleura, cavity, out=pleura)
+            else:
+                pleura = cavity.copy()
             how = f"{where}: TotalSegmentator trunk_cavities thoracic cavity minus lungs, mediastinum, heart, airways"
             if "pleural_effusion" in self.inputs:
-                pleura |= self.inputs["pleural_effusion"]
+                np.logical_or(pleura, self.inputs["pleural_effusion"], out=pleura)
                 how += " + pleural_pericard_effusion: pleural effusion"
             self.add("pleura", pleura, how)
         elif "pleural_effusion" in self.inputs and "pleura" not in self.masks and self.inputs["pleural_effusion"].any():
@@ -524,7 +533,11 @@ def _read_label_map(path: Path, label_table, ct_shape, ct_affine, messages: list
     totalseg = _is_totalseg_table(table.values()) or table == TOTALSEG_V2_CLASSES
     asm.totalseg |= totalseg
     data = _onto_ct_grid(data, affine, path, ct_shape, ct_affine, messages, problems, what="label-map")
-    present = set(int(v) for v in np.unique(data)) - {0}
+    if np.issubdtype(data.dtype, np.integer) and data.size and 0 <= int(data.min()) and int(data.max()) < 65536:
+        counts = np.bincount(data.ravel())               # one O(n) pass; np.unique sorts the whole volume
+        present = set(int(v) for v in np.flatnonzero(counts)) - {0}
+    else:
+        present = set(int(v) for v in np.unique(data)) - {0}
     targets: dict[str, list[int]] = {}            # region, or "input:<structure>"
     for value, name in table.items():
         key = name.strip().lower()

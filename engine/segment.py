@@ -297,6 +297,7 @@ def segment_study(study, tasks: Sequence[str] = DEFAULT_TASKS, fast: bool = Fals
                 if not out.is_file():
                     raise SegmentationError(f"TotalSegmentator's '{task}' task wrote no output file")
                 os.replace(out, folder / f"{task}.nii.gz")          # a cached task is always a whole file
+                shutil.rmtree(folder / "regions", ignore_errors=True)  # region masks made from older maps
                 done_s += est
                 progress(share[1], f"'{task}' done")
                 if on_task_done is not None:
@@ -348,13 +349,23 @@ def write_region_masks(study, result: SegmentationResult, out: str | os.PathLike
     return masked
 
 
+def region_masks_folder(study, result: SegmentationResult) -> Path:
+    """The ten region masks of ``result`` in the RadGenome layout, made once beside its label maps in the
+    cache (`write_region_masks`) and reused: a second open reads ten masks, not the label maps again."""
+    folder = result.folder / "regions" / "+".join(result.tasks)
+    if not (folder / "segmentation.json").is_file():
+        write_region_masks(study, result, folder)      # segmentation.json last: its presence means complete
+    return folder
+
+
 def segment_and_read(study, tasks: Sequence[str] = DEFAULT_TASKS, fast: bool = False, device: str = "cpu",
                      progress: Progress | None = None, cancel: threading.Event | None = None):
-    """`segment_study` then the study with the region masks read from the label maps (for reg2rg-generate)."""
+    """`segment_study` then the study with its region masks (warnings and plausibility included), read
+    from the cached region folder (for reg2rg-generate --segment)."""
     from .studyio import with_masks
 
     result = segment_study(study, tasks, fast, device, progress, cancel)
-    return with_masks(study, result.folder)
+    return with_masks(study, region_masks_folder(study, result))
 
 
 __all__ = ["DEFAULT_TASKS", "KNOWN_TASKS", "SegmentationError", "SegmentationCancelled", "SegmentationResult",

@@ -28,6 +28,7 @@ from reg2rg.engine.segment import (
     TASK_WEIGHTS,
     SegmentationCancelled,
     SegmentationError,
+    segment_and_read,
     segment_study,
     totalsegmentator_available,
 )
@@ -126,6 +127,12 @@ def test_the_call_outputs_and_cache(env, phantom, stand_in, capsys):
     copy.write_bytes(ct.read_bytes())
     result = segment_study(read_volume(copy))
     assert len(_calls(env)) == 4 and result.cached_tasks == list(DEFAULT_TASKS)
+    # reg2rg-generate --segment: the ten region masks are made once beside the label maps and reused
+    again = segment_and_read(read_volume(copy))
+    regions = result.folder / "regions" / "+".join(DEFAULT_TASKS)
+    assert (regions / "segmentation.json").is_file() and len(list(regions.glob("*.nii.gz"))) == 10
+    assert all(src.startswith(str(regions)) for src in again.mask_sources.values())
+    assert all(np.array_equal(again.masks[r], study.masks[r]) for r in REGIONS) and len(_calls(env)) == 4
     # --fast is passed to 'total' only (TotalSegmentator has no fast model of the other tasks)
     _weights(env, fast=True)
     segment_study(read_volume(ct), tasks=["total", "breasts"], fast=True, device="gpu")
