@@ -318,3 +318,15 @@ def test_a_region_the_model_cannot_read_is_not_dropped_silently(model_dir, tmp_p
     result = engine.draft(study, ["abdomen", "heart"], GenerationSettings(max_new_tokens=4))
     assert "abdomen" not in result.slot_regions.values()
     assert result.not_drafted["abdomen"].startswith("its mask could not be prepared for the model")
+
+
+def test_allow_no_masks_note_reaches_the_report_document(model_dir, tmp_path):
+    """With --export the report document carries the note too (its technique line, printed by every format)."""
+    write_study(box_study(), tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--allow-no-masks", "--model", str(model_dir),
+                 "--out", str(out), "--export", "txt,json", *ARGS]) == 0
+    assert "outside the model's training distribution" in (out / "report.txt").read_text()
+    data = json.loads((out / "report.json").read_text())
+    assert "outside the model's training distribution" in json.dumps(data["technique"])
+    assert data["engine_result"]["outside_training_distribution"] is True
