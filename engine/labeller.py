@@ -340,6 +340,24 @@ def label_report(text: str, uncertain_as: int = 0) -> dict[str, int]:
     return labels
 
 
+#: Pseudo-labels of the side of a region's findings (for a model's finding head; not CT-RATE labels).
+SIDE_LABELS: tuple[str, ...] = ("Left side", "Right side")
+_SIDE_WORDS = {"Left side": re.compile(r"\b(?:left|both|bilateral(?:ly)?)\b", re.I),
+               "Right side": re.compile(r"\b(?:right|both|bilateral(?:ly)?)\b", re.I)}
+
+
+def finding_sides(text: str) -> dict[str, int]:
+    """0/1 for each of :data:`SIDE_LABELS`: whether a sentence that affirms an abnormality names that
+    side ("both"/"bilateral" name both). Normal sentences ("both lungs are clear") do not count."""
+    sides = dict.fromkeys(SIDE_LABELS, 0)
+    for sent in _report_sentences(text):
+        affirmed = any(status == AFFIRMED for name in ABNORMALITIES for _, _, status in find_mentions(sent, name))
+        if affirmed:
+            for name, pattern in _SIDE_WORDS.items():
+                sides[name] |= int(bool(pattern.search(sent)))
+    return sides
+
+
 def clinical_efficacy(
     refs: Sequence[str], preds: Sequence[str], uncertain_as: int = 0
 ) -> dict[str, dict[str, float]]:

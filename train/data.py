@@ -29,7 +29,7 @@ from reg2rg.engine.dataset import (DatasetError, find_mask_folder, read_reports,
                                    volume_key)
 from reg2rg.engine.regions import REGIONS
 
-from .labeller import ABNORMALITIES, label_report
+from .labeller import ABNORMALITIES, SIDE_LABELS, finding_sides, label_report
 
 logger = logging.getLogger("reg2rg.train.data")
 
@@ -191,7 +191,7 @@ class RegionReportDataset(torch.utils.data.Dataset):
     A region is usable when it has both a report and a non-empty mask. A study with none is skipped
     (see ``__getitem__``). Call `set_epoch` before each epoch.
 
-    With ``finding_labels`` (names among the labeller's `ABNORMALITIES`), each sample also carries the
+    With ``finding_labels`` (names among the labeller's `ABNORMALITIES` and `SIDE_LABELS`), each sample also carries the
     targets of the model's finding head: per region, the labels `label_report` reads in that region's
     own report sentence, and for the global image their union over the study's regions.
     """
@@ -207,9 +207,9 @@ class RegionReportDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.shuffle_regions = shuffle_regions
         self.finding_labels = tuple(finding_labels)
-        unknown = [n for n in self.finding_labels if n not in ABNORMALITIES]
+        unknown = [n for n in self.finding_labels if n not in ABNORMALITIES and n not in SIDE_LABELS]
         if unknown:
-            raise ValueError(f"finding labels {unknown} are not labeller abnormalities")
+            raise ValueError(f"finding labels {unknown} are not labeller abnormalities or side labels")
         self._targets: dict[str, dict[str, torch.Tensor]] = {}
 
     def finding_targets(self, record: StudyRecord) -> dict[str, torch.Tensor]:
@@ -218,6 +218,8 @@ class RegionReportDataset(torch.utils.data.Dataset):
             targets = {}
             for region, sentence in record.reports.items():
                 labels = label_report(sentence)
+                if any(n in SIDE_LABELS for n in self.finding_labels):
+                    labels.update(finding_sides(sentence))
                 targets[region] = torch.tensor([float(labels[n]) for n in self.finding_labels])
             union = torch.stack(list(targets.values())).amax(dim=0) if targets else torch.zeros(len(self.finding_labels))
             targets[""] = union

@@ -6,10 +6,12 @@ from reg2rg.engine.labeller import (  # noqa: F401
     AFFIRMED,
     NEGATED,
     RULES,
+    SIDE_LABELS,
     UNCERTAIN,
     AbnormalityRule,
     clinical_efficacy,
     find_mentions,
+    finding_sides,
     label_report,
     split_sentences,
 )

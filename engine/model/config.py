@@ -120,6 +120,15 @@ class Reg2RGConfig:
     mapped back exactly by `preprocess.Geometry`), so a RAS copy of an LPS study reaches the model as
     the same volume instead of mirrored. The published checkpoint's value and how it was established:
     docs/reproduction.md ("Orientation of the published training volumes").
+    ``finding_conditioning`` (not published; needs ``finding_labels``) gives the LLM the head's calls: each
+    region's tokens get ``sum_k p_k e_k`` added, with ``p_k`` the head's probability of label k for that
+    region (read from the region's own visual tokens) and ``e_k`` a learned vector per label. The small
+    within-region differences a finding makes in the visual tokens are thus turned into a large, explicit
+    signal in the tokens the LLM reads (the LLM otherwise reads only the region's identity; see the demo
+    model card). In training, ``finding_teacher_forcing`` is the share of regions whose calls are their true
+    labels instead of the head's (the head's probabilities are detached: its calls are learned by its own
+    loss from the image only). Label names may include ``"Left side"`` / ``"Right side"``: the side named by
+    the region's abnormal sentences.
     """
 
     name: str = "custom"
@@ -143,6 +152,8 @@ class Reg2RGConfig:
     finding_loss_weight: float = 0.0
     token_focal_gamma: float = 0.0          # > 0: focal language-model loss in training (published: 0)
     lm_loss_weight: float = 1.0             # weight of the LM loss; 0: visual-only stage (LLM not run)
+    finding_conditioning: bool = False      # the head's calls added to each region's tokens (not published)
+    finding_teacher_forcing: float = 0.0    # training: share of regions conditioned on their true labels
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]
@@ -182,6 +193,10 @@ class Reg2RGConfig:
             raise ConfigError(f"'orientation' is {self.orientation!r}: the config must name the orientation of the "
                               "volumes the model was trained on, as an axis code such as \"LPS\" (axis 0 towards the "
                               "patient's Left, 1 Posterior, 2 Superior; one letter of L/R, A/P and S/I each)")
+        if self.finding_conditioning and not self.finding_labels:
+            raise ConfigError("finding_conditioning needs finding_labels (the head whose calls it passes on)")
+        if not 0.0 <= self.finding_teacher_forcing <= 1.0:
+            raise ConfigError(f"finding_teacher_forcing must lie in [0, 1], got {self.finding_teacher_forcing}")
         if require_llm and self.llm_path is None and self.llm_config is None:
             raise ConfigError(f"preset {self.name!r}: set llm_path (a local LLaMA folder) or llm_config")
 

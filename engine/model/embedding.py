@@ -9,6 +9,7 @@ perceiver in one batched pass.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,10 @@ class RegionFusionEmbedding(nn.Module):
         self.mask_fc = nn.Linear(config.mask_encoder.dim, hidden_size)
         # Optional (not published): linear finding head on the projected tokens, see Reg2RGConfig.
         self.finding_head = nn.Linear(hidden_size, len(config.finding_labels)) if config.finding_labels else None
+        # Optional (not published): one learned vector per label, added to a region's tokens in proportion
+        # to the head's probability of that label (see Reg2RGConfig.finding_conditioning).
+        self.finding_embedding = (nn.Parameter(torch.randn(len(config.finding_labels), hidden_size))
+                                  if config.finding_conditioning else None)
         if config.freeze_vision_encoder:
             self.vision_encoder.requires_grad_(False)
         self.weight: nn.Parameter | None = None
@@ -115,6 +120,19 @@ class RegionFusionEmbedding(nn.Module):
         head = self.finding_head
         dtype = head.weight.dtype
         return head(pooled(visual.global_tokens).to(dtype)).float(), head(pooled(visual.region_tokens).to(dtype)).float()
+
+    def condition_on_findings(self, visual: VisualTokens, region_calls: torch.Tensor | None = None) -> VisualTokens:
+        """Region tokens + ``calls @ finding_embedding`` (each region's calls added to all its tokens).
+
+        ``region_calls`` (N, K) in [0, 1]; None: the head's own probabilities (detached). Without
+        ``finding_conditioning`` the tokens are returned unchanged."""
+        if self.finding_embedding is None or visual.region_tokens.shape[0] == 0:
+            return visual
+        if region_calls is None:
+            region_calls = self.finding_logits(visual)[1].sigmoid().detach()
+        dtype = visual.region_tokens.dtype
+        shift = region_calls.to(self.finding_embedding.dtype) @ self.finding_embedding        # (N, hidden)
+        return dataclasses.replace(visual, region_tokens=visual.region_tokens + shift[:, None, :].to(dtype))
 
     # ---- the per-sample special table and the gather ---------------------------------------------
     def special_table(self, visual: VisualTokens, region_sample: torch.Tensor,

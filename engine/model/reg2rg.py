@@ -75,10 +75,13 @@ class Reg2RG(nn.Module):
 
     def embed_inputs(self, input_ids: torch.Tensor, images: torch.Tensor, region_images: torch.Tensor,
                      region_masks: torch.Tensor, region_sample: torch.Tensor, region_slot: torch.Tensor,
-                     visual: VisualTokens | None = None) -> torch.Tensor:
-        """``inputs_embeds`` (B, T, hidden); pass ``visual`` to reuse an encoding."""
+                     visual: VisualTokens | None = None, region_calls: torch.Tensor | None = None) -> torch.Tensor:
+        """``inputs_embeds`` (B, T, hidden); pass ``visual`` to reuse an encoding. With
+        ``config.finding_conditioning`` the regions' tokens carry the finding head's calls (or
+        ``region_calls`` (N, K), given in training for teacher forcing)."""
         if visual is None:
             visual = self.encode_visual(images, region_images, region_masks)
+        visual = self.embedding_layer.condition_on_findings(visual, region_calls)
         table = self.embedding_layer.special_table(visual, region_sample, region_slot)
         # the LLM takes its inputs in its own dtype (it differs from the vision path's in mixed precision)
         return self.embedding_layer.embed(input_ids, table).to(self.lang_model.get_input_embeddings().weight.dtype)
@@ -126,7 +129,8 @@ class Reg2RG(nn.Module):
             loss = visual.global_tokens.new_zeros((), dtype=torch.float32)
         else:
             embeds = self.embed_inputs(input_ids, images, region_images, region_masks, region_sample,
-                                       region_slot, visual=visual)
+                                       region_slot, visual=visual,
+                                       region_calls=self._teacher_forced_calls(visual, finding_targets))
             # The training/scoring pass never reuses a KV cache (and caching clashes with checkpointing).
             out = self.lang_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
                                   use_cache=False)
@@ -147,6 +151,16 @@ class Reg2RG(nn.Module):
             nan = torch.tensor(float("nan"))
             return Reg2RGOutput(loss, None, nan, nan, nan, finding_loss, finding_logits)
         return Reg2RGOutput(loss, out.logits, token_acc, seq_acc, out.loss, finding_loss, finding_logits)
+
+    def _teacher_forced_calls(self, visual: VisualTokens, finding_targets: torch.Tensor | None) -> torch.Tensor | None:
+        """Training with finding conditioning: each region's calls are its true labels with probability
+        ``finding_teacher_forcing``, else the head's detached probabilities. None (the head's own) otherwise."""
+        share = self.config.finding_teacher_forcing
+        if not (self.training and self.config.finding_conditioning and share > 0 and finding_targets is not None):
+            return None
+        head = self.embedding_layer.finding_logits(visual)[1].sigmoid().detach()
+        forced = torch.rand(head.shape[0], 1, device=head.device) < share
+        return torch.where(forced, finding_targets.to(head), head)
 
     @torch.no_grad()
     def finding_probabilities(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:

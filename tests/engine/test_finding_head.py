@@ -178,3 +178,78 @@ def test_lm_loss_weight_scales_the_language_part_only(tokenizer):
         a, b = full(**batch, **targets), half(**batch, **targets)
     assert b.lm_loss.item() == pytest.approx(a.lm_loss.item(), rel=1e-6)          # logged unweighted
     assert b.loss.item() == pytest.approx(0.5 * a.lm_loss.item() + 2.0 * a.finding_loss.item(), rel=1e-5)
+
+
+def test_finding_conditioning_adds_each_regions_calls_to_its_tokens(tokenizer):
+    """With finding_conditioning the LLM's region tokens are the visual tokens + calls @ finding_embedding,
+    the calls being the head's own probabilities at inference (computed by hand here)."""
+    torch.manual_seed(0)
+    model = Reg2RG.from_config(_config(finding_labels=LABELS, finding_conditioning=True), tokenizer).eval()
+    batch = _batch(model, tokenizer)
+    args = [batch[k] for k in ("input_ids", "images", "region_images", "region_masks", "region_sample", "region_slot")]
+    layer = model.embedding_layer
+    with torch.no_grad():
+        visual = model.encode_visual(*args[1:4])
+        probs = layer.finding_logits(visual)[1].sigmoid()                      # (N, K)
+        embeds = model.embed_inputs(*args, visual=visual)
+        calls = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+        given = model.embed_inputs(*args, visual=visual, region_calls=calls)
+    ids = batch["input_ids"][0]
+    start = model.special.first_image_token
+    for n, slot in enumerate(batch["region_slot"].tolist()):
+        rows = (ids >= start).nonzero()[:, 0]
+        table_rows = ids[rows] - model.special.vocab_size
+        first = 4 + model.config.num_latents + slot * model.config.tokens_per_region
+        in_slot = rows[(table_rows >= first) & (table_rows < first + model.config.tokens_per_region)]
+        assert len(in_slot) == model.config.tokens_per_region
+        token = table_rows[(table_rows >= first) & (table_rows < first + model.config.tokens_per_region)] - first
+        expected = visual.region_tokens[n, token] + probs[n] @ layer.finding_embedding
+        torch.testing.assert_close(embeds[0, in_slot], expected)
+        forced = visual.region_tokens[n, token] + calls[n] @ layer.finding_embedding
+        torch.testing.assert_close(given[0, in_slot], forced)
+    # the global image's tokens are left as they are
+    table_rows = ids - model.special.vocab_size
+    global_rows = (ids >= start) & (table_rows >= 4) & (table_rows < 4 + model.config.num_latents)
+    assert global_rows.sum() == model.config.num_latents
+    torch.testing.assert_close(embeds[0, global_rows], visual.global_tokens[0, table_rows[global_rows] - 4])
+
+
+def test_finding_conditioning_is_off_by_default_and_needs_labels(tokenizer):
+    model = Reg2RG.from_config(_config(), tokenizer)
+    assert model.embedding_layer.finding_embedding is None
+    assert not any("finding_embedding" in name for name in model.state_dict())
+    with pytest.raises(ConfigError, match="needs finding_labels"):
+        _config(finding_conditioning=True).validate(require_llm=False)
+    with pytest.raises(ConfigError, match="teacher_forcing"):
+        _config(finding_labels=LABELS, finding_teacher_forcing=1.5).validate(require_llm=False)
+    assert not Reg2RGConfig.preset("reg2rg-7b").finding_conditioning
+
+
+def test_teacher_forcing_conditions_training_on_the_true_labels_only(tokenizer):
+    """finding_teacher_forcing 1: in training the LLM reads the true labels (the loss differs from the one
+    with the head's calls); in eval mode the head's calls are used whatever the targets."""
+    torch.manual_seed(0)
+    config = _config(finding_labels=LABELS, finding_conditioning=True, finding_teacher_forcing=1.0)
+    model = Reg2RG.from_config(config, tokenizer)
+    model.lang_model.config.attention_dropout = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = _batch(model, tokenizer)
+    targets = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    glob = torch.tensor([[1.0, 1.0, 1.0]])
+    with torch.no_grad():
+        model.train()
+        forced = model(**batch, finding_targets=targets, global_finding_targets=glob).lm_loss
+        model.eval()
+        own = model(**batch, finding_targets=targets, global_finding_targets=glob).lm_loss
+        own_no_targets = model(**batch).lm_loss
+        # the reference: the same embeddings built from the given calls
+        visual = model.encode_visual(batch["images"], batch["region_images"], batch["region_masks"])
+        embeds = model.embed_inputs(batch["input_ids"], batch["images"], batch["region_images"], batch["region_masks"],
+                                    batch["region_sample"], batch["region_slot"], visual=visual, region_calls=targets)
+        reference = model.lang_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                     labels=batch["labels"]).loss
+    assert forced.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert own.item() == pytest.approx(own_no_targets.item(), rel=1e-6)
+    assert abs(forced.item() - own.item()) > 1e-4

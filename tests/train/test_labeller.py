@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reg2rg.train.labeller import ABNORMALITIES, clinical_efficacy, label_report
+from reg2rg.train.labeller import ABNORMALITIES, clinical_efficacy, finding_sides, label_report
 
 # abnormality -> (affirming sentence, negating sentence), written by hand
 CASES = {
@@ -128,3 +128,13 @@ def test_phantom_reports_label_correctly():
         for findings in cases:
             text = study_report(region_reports(findings, rng))
             assert _positives(text) == {f["type"] for f in findings}, text
+
+
+@pytest.mark.parametrize("text,left,right", [
+    ("A small left pleural effusion is present.", 1, 0),
+    ("A 12 mm nodule is seen in the right upper lobe. The left lung is clear.", 0, 1),
+    ("Bilateral pleural effusions are seen.", 1, 1),
+    ("Both lungs are clear. No pleural effusion on the right or the left.", 0, 0),
+])
+def test_finding_sides_come_from_abnormal_sentences_only(text, left, right):
+    assert finding_sides(text) == {"Left side": left, "Right side": right}

@@ -308,6 +308,13 @@ def test_finding_head_targets_come_from_each_regions_own_sentence(phantoms, tmp_
     batch = collate_regions([ds[0], ds[1]])
     n = sum(len(r) for r in batch["regions"])
     assert batch["finding_targets"].shape == (n, 3) and batch["global_finding_targets"].shape == (2, 3)
+    # the side pseudo-labels: the sides named by the region's abnormal sentences only
+    sided = RegionReportDataset([record], trainer.tokenizer, trainer.model.special, trainer.loader, 1024,
+                                finding_labels=FINDINGS + ["Left side", "Right side"])
+    sample = sided[0]
+    expected = {"lung": [1, 0, 0, 0, 1], "pleura": [0, 1, 0, 1, 0]}
+    for slot, region in enumerate(sample["regions"]):
+        assert sample["finding_targets"][slot].tolist() == expected.get(region, [0] * 5), region
 
 
 @pytest.mark.slow
