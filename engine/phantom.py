@@ -1000,7 +1000,7 @@ def _complete(f: Finding, rng: np.random.Generator) -> Finding:
         g.lobe = g.lobe or str(rng.choice(lobes))
         if g.lobe not in _LOBES[g.side]:
             raise PhantomError(f"{t}: the {g.side} lung has no {g.lobe!r} lobe")
-        lo, hi = {LUNG_NODULE: (5, 25), LUNG_OPACITY: (20, 50), CONSOLIDATION: (25, 55), ATELECTASIS: (25, 50)}[t]
+        lo, hi = {LUNG_NODULE: (6, 30), LUNG_OPACITY: (20, 50), CONSOLIDATION: (25, 55), ATELECTASIS: (25, 50)}[t]
         g.size_mm = g.size_mm or float(rng.integers(lo, hi + 1))
         if t == LUNG_OPACITY:
             g.kind = g.kind or "ground-glass"

@@ -25,9 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from reg2rg.engine.checkpoint import load_pretrained
+from reg2rg.engine.preprocess import preprocess
 from reg2rg.engine.generation import GenerationSettings, ReportEngine
 from reg2rg.engine.sections import parse_sections
 from reg2rg.engine.studyio import read_study
@@ -93,19 +95,77 @@ def size_right(finding: dict, sections: dict[str, str]) -> bool | None:
     if not size:
         return None
     stated = [float(x) for x in re.findall(r"(\d+(?:\.\d+)?)\s*mm", sections.get(finding["region"], ""))]
-    return any(abs(s - size) <= max(3.0, 0.25 * size) for s in stated)
+    return any(abs(s - size) <= max(3.0, 0.30 * size) for s in stated)
 
 
-def finding_scores(studies: list[dict], preds: dict[str, str]) -> dict:
-    """Micro P/R/F1 of planted findings (by abnormality type per study), side and size correctness."""
+# Extent (mm) of a planted finding along the crop's three axes, from the manifest and the phantom's shapes
+# (engine/phantom.py): None means the finding fills its region (always visible).
+LEAD_MM = 2.8           # pacemaker lead / port catheter diameter (the device itself lies outside every mask)
+PLAQUE_MM = 6.4         # largest calcified plaque diameter (radius 1.6-3.2 mm)
+MIN_VOXELS = 3
+
+
+def finding_extent(finding: dict) -> tuple[float, float, float] | str | None:
+    kind, size = finding["type"], finding.get("size_mm")
+    if kind in ("Cardiomegaly", "Emphysema"):
+        return None
+    if kind in ("Pleural effusion", "Pericardial effusion"):
+        return "thickness"
+    if kind == "Atelectasis":
+        return (size, 7.0, 14.0)                    # a plate: length x 7 mm x 14 mm (tilted)
+    if kind in ("Arterial wall calcification", "Coronary artery wall calcification"):
+        return (PLAQUE_MM,) * 3
+    if kind == "Medical material":
+        return (LEAD_MM,) * 3
+    return (size,) * 3                                # round lesions: nodule, node, opacity, hernia, bone
+
+
+def visible_at_input(finding: dict, crop_voxel_mm: tuple[float, float, float] | None) -> bool:
+    """The rule of the module docstring; ``crop_voxel_mm``: the region crop's voxel size (None: the region
+    was not read, so nothing in it is visible)."""
+    if crop_voxel_mm is None:
+        return False
+    extent = finding_extent(finding)
+    if extent is None:
+        return True
+    if extent == "thickness":                         # across the in-plane axes of the crop
+        return finding["size_mm"] / max(crop_voxel_mm[:2]) >= MIN_VOXELS
+    return all(e / v >= MIN_VOXELS for e, v in zip(extent, crop_voxel_mm))
+
+
+def crop_voxel_sizes(study, input_size, orientation) -> dict[str, tuple[float, float, float]]:
+    """Region -> voxel size (mm) of its crop at the model's input, from the pre-processing geometry."""
+    inputs = preprocess(study, input_size, orientation)
+    geometry = inputs.geometry
+    spacing = np.asarray(study.spacing, dtype=float)[np.asarray(geometry.ornt)[:, 0].astype(int)]
+    out = {}
+    for region, (lo, hi) in geometry.region_boxes.items():
+        extent_mm = (np.asarray(hi) - np.asarray(lo)) * spacing
+        out[region] = tuple(float(e / n) for e, n in zip(extent_mm, geometry.input_size))
+    return out
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict:
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
+def finding_scores(studies: list[dict], preds: dict[str, str], visible: dict[str, set[str]] | None = None) -> dict:
+    """Micro P/R/F1 of planted findings (by abnormality type per study) over all of them and over the
+    visible ones (``visible``: volume -> the visible planted types), per type, side and size correctness."""
     kinds = list(ABNORMALITIES) + [BONE_LESION]
-    per_type = {k: {"tp": 0, "fp": 0, "fn": 0} for k in kinds}
+    zero = {"tp": 0, "fp": 0, "fn": 0}
+    per_type = {k: dict(zero, side_hits=0, side_checked=0, size_hits=0, size_checked=0) for k in kinds}
+    vis = {k: dict(zero) for k in kinds}
     side_hits = side_total = size_hits = size_total = 0
     for study in studies:
         pred = preds[study["volume"]]
         labels = label_report(pred)
         sections = _section_texts(pred)
         planted = {f["type"] for f in study["findings"]}
+        shown = visible.get(study["volume"], set()) if visible is not None else planted
         predicted = {k for k in ABNORMALITIES if labels[k]}
         if "lesion" in sections.get("bone", "").lower():
             predicted.add(BONE_LESION)
@@ -114,33 +174,42 @@ def finding_scores(studies: list[dict], preds: dict[str, str]) -> dict:
             per_type[kind]["tp"] += p and t
             per_type[kind]["fp"] += p and not t
             per_type[kind]["fn"] += t and not p
+            if t and kind not in shown:
+                continue                              # planted but invisible: neither way
+            vis[kind]["tp"] += p and t
+            vis[kind]["fp"] += p and not t
+            vis[kind]["fn"] += t and not p
         for finding in study["findings"]:
             if not finding_found(finding, labels, sections):
                 continue
+            t = per_type[finding["type"]]
             s = side_right(finding, sections)
             if s is not None:
                 side_total += 1
                 side_hits += s
+                t["side_checked"] += 1
+                t["side_hits"] += s
             z = size_right(finding, sections)
             if z is not None:
                 size_total += 1
                 size_hits += z
-    tp = sum(v["tp"] for v in per_type.values())
-    fp = sum(v["fp"] for v in per_type.values())
-    fn = sum(v["fn"] for v in per_type.values())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn,
-            "side_correct": side_hits / side_total if side_total else None, "side_checked": side_total,
-            "size_correct": size_hits / size_total if size_total else None, "size_checked": size_total,
-            "per_type": {k: v for k, v in per_type.items() if any(v.values())}}
+                t["size_checked"] += 1
+                t["size_hits"] += z
+    total = lambda table, key: sum(v[key] for v in table.values())  # noqa: E731
+    out = _prf(total(per_type, "tp"), total(per_type, "fp"), total(per_type, "fn"))
+    out["visible"] = _prf(total(vis, "tp"), total(vis, "fp"), total(vis, "fn"))
+    out.update({"side_correct": side_hits / side_total if side_total else None, "side_checked": side_total,
+                "size_correct": size_hits / size_total if size_total else None, "size_checked": size_total,
+                "per_type": {k: {**v, **{f"{m}_visible": vis[k][m] for m in ("tp", "fp", "fn")}}
+                             for k, v in per_type.items() if any(v[m] for m in ("tp", "fp", "fn"))}})
+    return out
 
 
 def head_scores(labels: tuple[str, ...], studies: list[dict], probs: dict[str, dict]) -> dict | None:
     """What the image encoder itself detects: the finding head's study-level calls (a label is called when
     any volume's probability passes 0.5) against the planted findings — micro P/R/F1 and per label.
     ``probs``: volume -> the draft's `PreparedStudy.finding_probabilities`."""
+    labels = tuple(k for k in labels if k in ABNORMALITIES)          # not the side pseudo-labels
     if not labels:
         return None
     per_type = {k: {"tp": 0, "fp": 0, "fn": 0} for k in labels}
@@ -155,6 +224,24 @@ def head_scores(labels: tuple[str, ...], studies: list[dict], probs: dict[str, d
     tp, fp, fn = (sum(v[x] for v in per_type.values()) for x in ("tp", "fp", "fn"))
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
     return {"tp": tp, "fp": fp, "fn": fn, "f1": f1, "per_type": per_type}
+
+
+def visible_findings(model, studies: list[dict], test: Path) -> tuple[dict[str, set[str]], dict]:
+    """Volume -> the planted types visible at the model's input, and the counts of the rule by type."""
+    visible: dict[str, set[str]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for info in studies:
+        study = read_study(test / info["path"], test / info["masks"])
+        voxel = crop_voxel_sizes(study, model.config.input_size, model.config.orientation)
+        visible[info["volume"]] = set()
+        for finding in info["findings"]:
+            seen = visible_at_input(finding, voxel.get(finding["region"]))
+            c = counts.setdefault(finding["type"], {"planted": 0, "visible": 0})
+            c["planted"] += 1
+            c["visible"] += seen
+            if seen:
+                visible[info["volume"]].add(finding["type"])
+    return visible, counts
 
 
 def run(engine: ReportEngine, studies: list[dict], test: Path, reports: dict,
@@ -201,6 +288,11 @@ def main() -> int:
     reports = read_reports(test / "reports.csv")
     model, tokenizer = load_pretrained(args.model)
     summary = {"model_dir": args.model, "test": str(test), "n_studies": len(studies)}  # "model": its scores
+    visible, counts = visible_findings(model, studies, test)
+    summary["visibility"] = {"rule": f">= {MIN_VOXELS} voxels of the region crop along every axis (see the script)",
+                             "planted": sum(c["planted"] for c in counts.values()),
+                             "visible": sum(c["visible"] for c in counts.values()), "by_type": counts}
+    print("visibility", json.dumps(summary["visibility"]), flush=True)
     for name, engine_cls in (("model", ReportEngine), ("blind_control", BlindReportEngine)):
         t0 = time.perf_counter()
         preds, probs = run(engine_cls(model, tokenizer), studies, test, reports, out / f"{name}_predictions.csv")
@@ -212,7 +304,7 @@ def main() -> int:
         summary[name] = {
             "seconds_per_report": (time.perf_counter() - t0) / max(len(studies), 1),
             "region_prediction_accuracy": metrics.get("region_prediction_accuracy"),
-            "findings": finding_scores(studies, preds),
+            "findings": finding_scores(studies, preds, visible),
             "nlg": {k: metrics[k] for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-1", "ROUGE-2",
                                             "ROUGE-L", "CIDEr") if k in metrics},
             "clinical_efficacy": metrics.get("clinical_efficacy"),

@@ -36,7 +36,7 @@ TRAIN_CHUNKS=${TRAIN_CHUNKS:-"1000:160 1160:40 1200:40 1280:40"}
 # stage-1 chunks in FT_MIX (normal sentences stay right)
 FT_CHUNKS=${FT_CHUNKS:-"2000:180 2180:180"}
 FT_ABNORMAL=${FT_ABNORMAL:-0.85}
-FT_MIX=${FT_MIX:-"1000"}
+FT_MIX=${FT_MIX-"1000"}     # (set it empty for no stage-1 chunks)
 VIS_STEPS=${VIS_STEPS:-0}          # stage 4a (0: skipped); the measured experiment: 3000
 VIS_LR=${VIS_LR:-1e-3}              # 4a: ViT and mask encoder lr
 PROJ_LR=${PROJ_LR:-3e-3}            # 4a: perceiver, fc and mask_fc lr
@@ -48,7 +48,9 @@ FT_FOCAL=${FT_FOCAL:-2}             # focal language-model loss (0: the publishe
 FT_SCHEDULER=${FT_SCHEDULER:-cosine_with_warmup}
 FT_WARMUP=${FT_WARMUP:-30}
 FT_FINDING_WEIGHT=${FT_FINDING_WEIGHT:-10}
-FT_FINDINGS=${FT_FINDINGS:-'["Lung nodule","Lung opacity","Consolidation","Emphysema","Atelectasis","Pleural effusion","Pericardial effusion","Cardiomegaly","Arterial wall calcification","Coronary artery wall calcification","Lymphadenopathy","Hiatal hernia","Medical material"]'}
+FT_FINDINGS=${FT_FINDINGS:-'["Lung nodule","Lung opacity","Consolidation","Emphysema","Atelectasis","Pleural effusion","Pericardial effusion","Cardiomegaly","Arterial wall calcification","Coronary artery wall calcification","Lymphadenopathy","Hiatal hernia","Medical material","Left side","Right side"]'}
+FT_CONDITION=${FT_CONDITION:-true}  # 4b: the head's calls condition the LLM (model.finding_conditioning)
+FT_TF=${FT_TF:-0.5}                 # 4b: share of regions conditioned on their true labels in training
 N_VAL=${N_VAL:-16}
 N_TEST=${N_TEST:-40}
 SEED=${SEED:-42}                 # training seed (init, data order, region shuffles)
@@ -71,8 +73,16 @@ phantoms() {  # folder (under $WORK) n seed0 [more reg2rg-phantom options]
 }
 echo "== 1/6 phantom studies"
 mkdir -p "$WORK/data"
+STAGE1_DONE=0
+[ -d "$WORK/run/final" ] && [ -f "$WORK/tokenizer/tokenizer.json" ] && STAGE1_DONE=1
+S1_CHUNKS=$TRAIN_CHUNKS
+mixed_chunks() {  # the stage-1 chunks whose first seed is in FT_MIX
+  local c m
+  for c in $TRAIN_CHUNKS; do for m in $FT_MIX; do if [ "${c%%:*}" = "$m" ]; then echo "$c"; fi; done; done
+}
+[ "$STAGE1_DONE" = 1 ] && S1_CHUNKS=$(mixed_chunks)
 running=0
-for chunk in $TRAIN_CHUNKS; do
+for chunk in $S1_CHUNKS; do
   phantoms "data/train_${chunk%%:*}" "${chunk##*:}" "${chunk%%:*}" &
   running=$((running + 1))
   if [ $running -ge 2 ]; then wait; running=0; fi
@@ -90,7 +100,8 @@ csv_list() {  # prefix chunks... -> comma-separated reports.csv paths, validatio
   for c in "$@"; do echo "$WORK/data/${prefix}${c%%:*}/reports.csv"; done | paste -sd, -
 }
 REPORTS="$(csv_list train_ $TRAIN_CHUNKS),$WORK/data/val/reports.csv"
-FT_REPORTS="$(csv_list ft_ $FT_CHUNKS),$(csv_list train_ $FT_MIX),$WORK/data/val/reports.csv"
+MIX_CHUNKS=$(mixed_chunks)
+FT_REPORTS=$( (csv_list ft_ $FT_CHUNKS; if [ -n "$MIX_CHUNKS" ]; then csv_list train_ $MIX_CHUNKS; fi; echo "$WORK/data/val/reports.csv") | paste -sd, -)
 
 echo "== 2/6 tokenizer"
 if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
@@ -113,6 +124,9 @@ EOF
 fi
 
 echo "== 3/6 stage 1: reg2rg-train --config demo (from scratch)"
+if [ "$STAGE1_DONE" = 1 ]; then
+  echo "stage 1 is done ($WORK/run/final and $WORK/tokenizer exist): skipped"
+else
 "$BIN/reg2rg-train" --config demo --resume \
   --tokenizer "$WORK/tokenizer" \
   --data.root "$WORK/data" \
@@ -121,6 +135,7 @@ echo "== 3/6 stage 1: reg2rg-train --config demo (from scratch)"
   --data.cache_dir "$WORK/cache" \
   --output.dir "$WORK/run" \
   --train.seed "$SEED" --train.max_steps "$STEPS" --train.threads "$THREADS" ${EXTRA:-}
+fi
 
 echo "== 4/6 stage 2 (opt-in): a. visual-only (VIS_STEPS=$VIS_STEPS), b. whole model (FT_STEPS=$FT_STEPS)"
 STAGE2_DATA=(--tokenizer "$WORK/tokenizer" --data.root "$WORK/data" --data.reports "[$FT_REPORTS]"
@@ -137,7 +152,7 @@ else
   FT_INIT="$WORK/run/final"
 fi
 FT_MODEL='{"lm_loss_weight": 1.0, "finding_loss_weight": 0.0, "token_focal_gamma": 0.0}'   # (init_from's config is the base: reset the objective)
-[ "$FT_FINDING_WEIGHT" != 0 ] && FT_MODEL="{\"finding_labels\": $FT_FINDINGS, \"finding_loss_weight\": $FT_FINDING_WEIGHT, \"token_focal_gamma\": $FT_FOCAL, \"lm_loss_weight\": 1.0}"
+[ "$FT_FINDING_WEIGHT" != 0 ] && FT_MODEL="{\"finding_labels\": $FT_FINDINGS, \"finding_loss_weight\": $FT_FINDING_WEIGHT, \"token_focal_gamma\": $FT_FOCAL, \"lm_loss_weight\": 1.0, \"finding_conditioning\": $FT_CONDITION, \"finding_teacher_forcing\": $FT_TF}"
 [ "$FT_STEPS" -gt 0 ] && "$BIN/reg2rg-train" --config demo --resume \
   --model.overrides "$FT_MODEL" \
   --model.init_from "$FT_INIT" \
