@@ -29,27 +29,15 @@ import numpy as np
 import torch
 
 from reg2rg.engine.checkpoint import load_pretrained
-from reg2rg.engine.preprocess import preprocess
+from reg2rg.engine.controls import BlindReportEngine
 from reg2rg.engine.generation import GenerationSettings, ReportEngine
+from reg2rg.engine.preprocess import preprocess
 from reg2rg.engine.sections import parse_sections
 from reg2rg.engine.studyio import read_study
 from reg2rg.train.labeller import ABNORMALITIES, label_report
 
 BONE_LESION = "Bone lesion"
 SIDE_WORDS = {"right": ("right",), "left": ("left",), "bilateral": ("both", "bilateral")}
-
-
-class BlindReportEngine(ReportEngine):
-    """The same model with the visual tokens (global image and every region slot) zeroed in the prompt."""
-
-    def prepare(self, study, regions=None):
-        prepared = super().prepare(study, regions)
-        ids = torch.tensor(prepared.prompt_ids)
-        visual = ids >= self.special.first_image_token                   # <image{k}> and <region{n}> rows
-        embeds = prepared.prompt_embeds.clone()                            # (1, P, hidden)
-        embeds[0, visual.to(embeds.device)] = 0.0
-        prepared.prompt_embeds = embeds
-        return prepared
 
 
 def reference_report(reports: dict[str, str], slots: dict[int, str]) -> str:

@@ -1,0 +1,26 @@
+"""Controls for measuring whether a model's words come from the image.
+
+The **blind control** is the same model with every global-image and region token of the prompt replaced
+by zeros (the text, the markers and the slot structure stay): what it writes, it writes from the text
+alone. A finding the model names and its blind control does not is one the model read from the image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .generation import ReportEngine
+
+
+class BlindReportEngine(ReportEngine):
+    """`ReportEngine` whose prompt embeddings have the visual rows (``<image{k}>`` and ``<region{n}>``
+    tokens, after any finding conditioning) zeroed."""
+
+    def prepare(self, study, regions=None):
+        prepared = super().prepare(study, regions)
+        ids = torch.tensor(prepared.prompt_ids)
+        visual = ids >= self.special.first_image_token                   # <image{k}> and <region{n}> rows
+        embeds = prepared.prompt_embeds.clone()                            # (1, P, hidden)
+        embeds[0, visual.to(embeds.device)] = 0.0
+        prepared.prompt_embeds = embeds
+        return prepared
