@@ -90,13 +90,16 @@ def size_right(finding: dict, sections: dict[str, str]) -> bool | None:
 # (engine/phantom.py): None means the finding fills its region (always visible).
 LEAD_MM = 2.8           # pacemaker lead / port catheter diameter (the device itself lies outside every mask)
 PLAQUE_MM = 6.4         # largest calcified plaque diameter (radius 1.6-3.2 mm)
+HOLE_MM = 6.0           # emphysema: centrilobular holes of the phantom's 2.6 mm-scale texture, each a few mm
 MIN_VOXELS = 3
 
 
 def finding_extent(finding: dict) -> tuple[float, float, float] | str | None:
     kind, size = finding["type"], finding.get("size_mm")
-    if kind in ("Cardiomegaly", "Emphysema"):
+    if kind == "Cardiomegaly":
         return None
+    if kind == "Emphysema":                           # many small holes: each must be seen
+        return (HOLE_MM,) * 3
     if kind in ("Pleural effusion", "Pericardial effusion"):
         return "thickness"
     if kind == "Atelectasis":

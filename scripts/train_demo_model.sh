@@ -49,6 +49,11 @@ FT_SCHEDULER=${FT_SCHEDULER:-cosine_with_warmup}
 FT_WARMUP=${FT_WARMUP:-30}
 FT_FINDING_WEIGHT=${FT_FINDING_WEIGHT:-10}
 FT_FINDINGS=${FT_FINDINGS:-'["Lung nodule","Lung opacity","Consolidation","Emphysema","Atelectasis","Pleural effusion","Pericardial effusion","Cardiomegaly","Arterial wall calcification","Coronary artery wall calcification","Lymphadenopathy","Hiatal hernia","Medical material","Left side","Right side"]'}
+HEAD_STEPS=${HEAD_STEPS:-0}        # stage 4c (0: skipped)
+HEAD_INPUT=${HEAD_INPUT:-patches}   # 4c: what the re-fitted finding head reads
+HEAD_LR=${HEAD_LR:-0.01}
+READ_STEPS=${READ_STEPS:-0}        # stage 4d (0: skipped)
+READ_LR=${READ_LR:-1e-3}
 FT_CONDITION=${FT_CONDITION:-true}  # 4b: the head's calls condition the LLM (model.finding_conditioning)
 FT_TF=${FT_TF:-0.5}                 # 4b: share of regions conditioned on their true labels in training
 N_VAL=${N_VAL:-16}
@@ -165,12 +170,32 @@ FT_MODEL='{"lm_loss_weight": 1.0, "finding_loss_weight": 0.0, "token_focal_gamma
   --train.lr "$FT_LR" --train.finding_head_lr "$FT_HEAD_LR" --train.scheduler "$FT_SCHEDULER" --train.warmup_steps "$FT_WARMUP" \
   --train.seed "$SEED" --train.max_steps "$FT_STEPS" --train.threads "$THREADS" ${FT_EXTRA:-}
 
+#   c. HEAD_STEPS > 0: the finding head re-fitted alone on the final encoder (everything else frozen: lr 0,
+#      ViT frozen, the LLM not run), reading the ViT patches (HEAD_INPUT=patches: max over patches) -> WORK/run_head
+if [ "$HEAD_STEPS" -gt 0 ]; then
+  "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
+    --model.overrides "{\"finding_head_input\": \"$HEAD_INPUT\", \"finding_loss_weight\": 1.0, \"lm_loss_weight\": 0.0}" \
+    --model.init_from "$WORK/$FT_DIR/final" --model.train_vit false --output.dir "$WORK/run_head" --output.save_steps 250 \
+    --train.lr 0.0 --train.finding_head_lr "$HEAD_LR" --train.scheduler cosine_with_warmup --train.warmup_steps 30 \
+    --train.max_steps "$HEAD_STEPS"
+fi
+
+#   d. READ_STEPS > 0: the LLM taught to read the calls: every region conditioned on its true labels (teacher
+#      forcing 1), the finding head fixed (finding loss 0), the ViT frozen, lr READ_LR -> WORK/run_read
+if [ "$READ_STEPS" -gt 0 ]; then
+  "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
+    --model.overrides '{"finding_loss_weight": 0.0, "lm_loss_weight": 1.0, "finding_teacher_forcing": 1.0}' \
+    --model.init_from "$WORK/run_head/final" --model.train_vit false --output.dir "$WORK/run_read" \
+    --train.lr "$READ_LR" --train.scheduler constant_with_warmup --train.warmup_steps 20 --train.max_steps "$READ_STEPS"
+fi
+
 echo "== 5/6 export to $OUT"
 "$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" \
-  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" "$VIS_STEPS" <<'EOF'
+  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" "$VIS_STEPS" "$HEAD_STEPS" "$READ_STEPS" <<'EOF'
 import json, os, shutil, sys
-work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps = sys.argv[1:]
-last = ft_dir if int(ft_steps) > 0 else "run_vis" if int(vis_steps) > 0 else "run"
+work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps, head_steps, read_steps = sys.argv[1:]
+last = ("run_read" if int(read_steps) > 0 else "run_head" if int(head_steps) > 0 else ft_dir if int(ft_steps) > 0
+        else "run_vis" if int(vis_steps) > 0 else "run")
 final = f"{work}/{last}/final"
 if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint in the engine's format
     import subprocess
@@ -186,13 +211,16 @@ for keep in ("MODEL_CARD.md", "eval_summary_stage2_experiment.json",   # hand-wr
 shutil.copy(f"{work}/{last}/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
 shutil.copy(f"{work}/{last}/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
 if last != "run":
-    shutil.copy(f"{work}/run/train_config.yaml", os.path.join(tmp, "train_config_stage1.yaml"))
-    shutil.copy(f"{work}/run/train_log.jsonl", os.path.join(tmp, "train_log_stage1.jsonl"))
+    for stage, folder in (("stage1", "run"), ("stage2a", "run_vis"), ("stage2b", ft_dir), ("stage2c", "run_head")):
+        if folder != last and os.path.isfile(f"{work}/{folder}/train_log.jsonl"):
+            shutil.copy(f"{work}/{folder}/train_config.yaml", os.path.join(tmp, f"train_config_{stage}.yaml"))
+            shutil.copy(f"{work}/{folder}/train_log.jsonl", os.path.join(tmp, f"train_log_{stage}.jsonl"))
 span = lambda c: [int(c.split(":")[0]), int(c.split(":")[0]) + int(c.split(":")[1]) - 1]
 mix = [span(c) for c in chunks.split() if c.split(":")[0] in ft_mix.split()]
 seeds = {"train_seed": int(seed),
          "phantom_splits": {"train": [span(c) for c in chunks.split()],
                             **({"finetune": {"abnormal_fraction": float(ft_abnormal), "steps": int(ft_steps), "visual_only_steps": int(vis_steps),
+                                             "head_refit_steps": int(head_steps), "reading_steps": int(read_steps),
                                              "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix}}
                                if last != "run" else {}),
                             "validation": [int(s_val), int(s_val) + int(n_val) - 1],

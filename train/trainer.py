@@ -335,7 +335,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     # Parameter groups with their own lr (as VLM recipes give the projector its own): the fresh finding
     # head, and the projector between the ViT and the LLM. Everything else trains at train.lr.
     group_lr = {"finding_head": config.train.finding_head_lr, "projector": config.train.projector_lr}
-    part_group = {"finding_head": "finding_head", "perceiver": "projector", "fc": "projector", "mask_fc": "projector",
+    part_group = {"finding_head": "finding_head", "finding_patch_head": "finding_head", "perceiver": "projector", "fc": "projector", "mask_fc": "projector",
                   "finding_embedding": "projector"}
 
     def group_of(name: str) -> str | None:
@@ -459,7 +459,10 @@ class Trainer:
         self.model = build_model(cfg, self.model_config, self.tokenizer)
         special = self.model.special
         max_length = min(cfg.data.max_length, self.model_config.max_length)
-        findings = self.model_config.finding_labels if self.model_config.finding_loss_weight else ()
+        # the head's targets: for its loss, and for teacher-forced finding conditioning
+        wanted = self.model_config.finding_loss_weight or (self.model_config.finding_conditioning
+                                                           and self.model_config.finding_teacher_forcing)
+        findings = self.model_config.finding_labels if wanted else ()
         self.train_set = RegionReportDataset(self.splits.train, self.tokenizer, special, self.loader,
                                              max_length, seed=cfg.train.seed, finding_labels=findings)
         self.val_set = RegionReportDataset(self.splits.val[: cfg.data.val_samples], self.tokenizer, special,

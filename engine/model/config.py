@@ -120,6 +120,11 @@ class Reg2RGConfig:
     mapped back exactly by `preprocess.Geometry`), so a RAS copy of an LPS study reaches the model as
     the same volume instead of mirrored. The published checkpoint's value and how it was established:
     docs/reproduction.md ("Orientation of the published training volumes").
+    ``finding_head_input`` chooses what the head reads: ``"tokens"`` (above) or ``"patches"``: each of the
+    volume's ViT patch features, RMS-normalised, through the linear head, then the maximum over patches (a
+    multiple-instance detector: a lesion that fills a few patches is not averaged away by the rest of the
+    region; the head is then named ``finding_patch_head``).
+
     ``finding_conditioning`` (not published; needs ``finding_labels``) gives the LLM the head's calls: each
     region's tokens get ``sum_k p_k e_k`` added, with ``p_k`` the head's probability of label k for that
     region (read from the region's own visual tokens) and ``e_k`` a learned vector per label. The small
@@ -152,6 +157,7 @@ class Reg2RGConfig:
     finding_loss_weight: float = 0.0
     token_focal_gamma: float = 0.0          # > 0: focal language-model loss in training (published: 0)
     lm_loss_weight: float = 1.0             # weight of the LM loss; 0: visual-only stage (LLM not run)
+    finding_head_input: str = "tokens"      # "tokens" (projected tokens, mean) or "patches" (ViT patches, max)
     finding_conditioning: bool = False      # the head's calls added to each region's tokens (not published)
     finding_teacher_forcing: float = 0.0    # training: share of regions conditioned on their true labels
 
@@ -193,6 +199,8 @@ class Reg2RGConfig:
             raise ConfigError(f"'orientation' is {self.orientation!r}: the config must name the orientation of the "
                               "volumes the model was trained on, as an axis code such as \"LPS\" (axis 0 towards the "
                               "patient's Left, 1 Posterior, 2 Superior; one letter of L/R, A/P and S/I each)")
+        if self.finding_head_input not in ("tokens", "patches"):
+            raise ConfigError(f"finding_head_input must be 'tokens' or 'patches', got {self.finding_head_input!r}")
         if self.finding_conditioning and not self.finding_labels:
             raise ConfigError("finding_conditioning needs finding_labels (the head whose calls it passes on)")
         if not 0.0 <= self.finding_teacher_forcing <= 1.0:

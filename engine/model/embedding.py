@@ -31,6 +31,7 @@ class VisualTokens:
     region_tokens: torch.Tensor                  # (N, L+1, hidden); token L is the mask token
     perceiver_attention: tuple[torch.Tensor, ...] | None = None  # per layer (B+N, heads, L, P)
     patch_grid: tuple[int, int, int] | None = None               # ViT grid (h, w, d) of the P patches
+    patch_tokens: torch.Tensor | None = None     # (B+N, P, vision dim), kept when the finding head reads them
 
 
 class RegionFusionEmbedding(nn.Module):
@@ -56,7 +57,10 @@ class RegionFusionEmbedding(nn.Module):
         self.fc = nn.Linear(config.vision.dim, hidden_size)
         self.mask_fc = nn.Linear(config.mask_encoder.dim, hidden_size)
         # Optional (not published): linear finding head on the projected tokens, see Reg2RGConfig.
-        self.finding_head = nn.Linear(hidden_size, len(config.finding_labels)) if config.finding_labels else None
+        K = len(config.finding_labels)
+        on_patches = config.finding_head_input == "patches"
+        self.finding_head = nn.Linear(hidden_size, K) if K and not on_patches else None
+        self.finding_patch_head = nn.Linear(config.vision.dim, K) if K and on_patches else None
         # Optional (not published): one learned vector per label, added to a region's tokens in proportion
         # to the head's probability of that label (see Reg2RGConfig.finding_conditioning).
         self.finding_embedding = (nn.Parameter(torch.randn(len(config.finding_labels), hidden_size))
@@ -105,12 +109,22 @@ class RegionFusionEmbedding(nn.Module):
         else:
             region_tokens = tokens.new_zeros(0, self.num_latents + 1, self.hidden_size)
         grid = self.config.vision.grid(tuple(images.shape[-3:]))
-        return VisualTokens(global_tokens, region_tokens, attention, grid)
+        kept = patches if self.finding_patch_head is not None else None
+        return VisualTokens(global_tokens, region_tokens, attention, grid, kept)
 
     def finding_logits(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
         """(global (B, K), regions (N, K)) float32 finding-head logits of each volume: the linear head on
         the mean of its tokens (a region's latents and its mask token), each RMS-normalised as the LLM's
-        first layer sees it."""
+        first layer sees it; or, with ``finding_head_input="patches"``, the maximum over the volume's ViT
+        patches of the linear head on each RMS-normalised patch feature."""
+        if self.finding_patch_head is not None:
+            if visual.patch_tokens is None:
+                raise RuntimeError("the finding head reads the ViT patches: encode with this model's encode_visual")
+            patch_head = self.finding_patch_head
+            normed = nn.functional.rms_norm(visual.patch_tokens.float(), (visual.patch_tokens.shape[-1],), eps=1e-6)
+            logits = patch_head(normed.to(patch_head.weight.dtype)).float().amax(dim=1)   # (B+N, K)
+            B = visual.global_tokens.shape[0]
+            return logits[:B], logits[B:]
         if self.finding_head is None:
             raise RuntimeError("this model has no finding head (its config has no finding_labels)")
 

@@ -253,3 +253,25 @@ def test_teacher_forcing_conditions_training_on_the_true_labels_only(tokenizer):
     assert forced.item() == pytest.approx(reference.item(), rel=1e-5)
     assert own.item() == pytest.approx(own_no_targets.item(), rel=1e-6)
     assert abs(forced.item() - own.item()) > 1e-4
+
+
+def test_patch_head_is_the_maximum_over_each_volumes_vit_patches(tokenizer):
+    """finding_head_input "patches": per volume, max over its ViT patches of the linear head on each
+    RMS-normalised patch feature (checked against a loop over volumes and patches)."""
+    torch.manual_seed(0)
+    model = Reg2RG.from_config(_config(finding_labels=LABELS, finding_head_input="patches"), tokenizer).eval()
+    layer = model.embedding_layer
+    assert layer.finding_head is None and layer.finding_patch_head is not None
+    batch = _batch(model, tokenizer)
+    with torch.no_grad():
+        visual = model.encode_visual(batch["images"], batch["region_images"], batch["region_masks"])
+        global_logits, region_logits = layer.finding_logits(visual)
+        volumes = torch.cat([batch["images"], batch["region_images"]])
+        expected = []
+        for v in volumes:
+            patches = layer.vision_encoder.transformer(layer.vision_encoder.embed_patches(v[None]))[0]  # (P, dim)
+            per_patch = [layer.finding_patch_head(p / (p.pow(2).mean() + 1e-6).sqrt()) for p in patches]
+            expected.append(torch.stack(per_patch).amax(dim=0))
+    torch.testing.assert_close(torch.cat([global_logits, region_logits]), torch.stack(expected), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="finding_head_input"):
+        _config(finding_labels=LABELS, finding_head_input="voxels").validate(require_llm=False)
