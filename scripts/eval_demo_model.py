@@ -251,7 +251,7 @@ def run(engine: ReportEngine, studies: list[dict], test: Path, reports: dict,
             if slots is None:
                 slots = dict(enumerate(engine.select_regions(study)))
             preds[study_info["volume"]] = result.text
-            probs[study_info["volume"]] = result.cache["prepared"].finding_probabilities
+            probs[study_info["volume"]] = result.prepared.finding_probabilities
             writer.writerow([study_info["volume"], reference_report(reports[study_info["volume"]], slots), result.text,
                              json.dumps({str(k): v for k, v in slots.items()})])
     return preds, probs

@@ -13,7 +13,7 @@ import torch
 from reg2rg.engine.controls import BlindReportEngine
 from reg2rg.engine.generation import GenerationSettings, ReportEngine, default_model_dir
 from reg2rg.engine.phantom import Finding, make_study
-from reg2rg.train.labeller import label_report
+from reg2rg.engine.labeller import label_report
 
 pytestmark = pytest.mark.skipif(not (default_model_dir() / "config.json").is_file(),
                                 reason="the embedded demo model (resources/demo_model) is not built yet")
