@@ -170,23 +170,25 @@ FT_MODEL='{"lm_loss_weight": 1.0, "finding_loss_weight": 0.0, "token_focal_gamma
   --train.lr "$FT_LR" --train.finding_head_lr "$FT_HEAD_LR" --train.scheduler "$FT_SCHEDULER" --train.warmup_steps "$FT_WARMUP" \
   --train.seed "$SEED" --train.max_steps "$FT_STEPS" --train.threads "$THREADS" ${FT_EXTRA:-}
 
-#   c. HEAD_STEPS > 0: the finding head re-fitted alone on the final encoder (everything else frozen: lr 0,
-#      ViT frozen, the LLM not run), reading the ViT patches (HEAD_INPUT=patches: max over patches) -> WORK/run_head
-if [ "$HEAD_STEPS" -gt 0 ]; then
-  "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
-    --model.overrides "{\"finding_head_input\": \"$HEAD_INPUT\", \"finding_loss_weight\": 1.0, \"lm_loss_weight\": 0.0}" \
-    --model.init_from "$WORK/$FT_DIR/final" --model.train_vit false --output.dir "$WORK/run_head" --output.save_steps 250 \
-    --train.lr 0.0 --train.finding_head_lr "$HEAD_LR" --train.scheduler cosine_with_warmup --train.warmup_steps 30 \
-    --train.max_steps "$HEAD_STEPS"
-fi
-
-#   d. READ_STEPS > 0: the LLM taught to read the calls: every region conditioned on its true labels (teacher
+#   c. READ_STEPS > 0: the LLM taught to read the calls: every region conditioned on its true labels (teacher
 #      forcing 1), the finding head fixed (finding loss 0), the ViT frozen, lr READ_LR -> WORK/run_read
 if [ "$READ_STEPS" -gt 0 ]; then
   "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
     --model.overrides '{"finding_loss_weight": 0.0, "lm_loss_weight": 1.0, "finding_teacher_forcing": 1.0}' \
-    --model.init_from "$WORK/run_head/final" --model.train_vit false --output.dir "$WORK/run_read" \
+    --model.init_from "$WORK/$FT_DIR/final" --model.train_vit false --output.dir "$WORK/run_read" \
     --train.lr "$READ_LR" --train.scheduler constant_with_warmup --train.warmup_steps 20 --train.max_steps "$READ_STEPS"
+fi
+
+#   d. HEAD_STEPS > 0: the finding head re-fitted alone on the final encoder (everything else frozen: lr 0,
+#      ViT frozen, the LLM not run), reading the ViT patches (HEAD_INPUT=patches: max over patches) -> WORK/run_head
+HEAD_INIT="$WORK/$FT_DIR/final"
+[ "$READ_STEPS" -gt 0 ] && HEAD_INIT="$WORK/run_read/final"
+if [ "$HEAD_STEPS" -gt 0 ]; then
+  "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
+    --model.overrides "{\"finding_head_input\": \"$HEAD_INPUT\", \"finding_loss_weight\": 1.0, \"lm_loss_weight\": 0.0}" \
+    --model.init_from "$HEAD_INIT" --model.train_vit false --output.dir "$WORK/run_head" --output.save_steps 250 \
+    --train.lr 0.0 --train.finding_head_lr "$HEAD_LR" --train.scheduler cosine_with_warmup --train.warmup_steps 30 \
+    --train.max_steps "$HEAD_STEPS"
 fi
 
 echo "== 5/6 export to $OUT"
@@ -194,7 +196,7 @@ echo "== 5/6 export to $OUT"
   "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" "$VIS_STEPS" "$HEAD_STEPS" "$READ_STEPS" <<'EOF'
 import json, os, shutil, sys
 work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps, head_steps, read_steps = sys.argv[1:]
-last = ("run_read" if int(read_steps) > 0 else "run_head" if int(head_steps) > 0 else ft_dir if int(ft_steps) > 0
+last = ("run_head" if int(head_steps) > 0 else "run_read" if int(read_steps) > 0 else ft_dir if int(ft_steps) > 0
         else "run_vis" if int(vis_steps) > 0 else "run")
 final = f"{work}/{last}/final"
 if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint in the engine's format
@@ -211,7 +213,7 @@ for keep in ("MODEL_CARD.md", "eval_summary_stage2_experiment.json",   # hand-wr
 shutil.copy(f"{work}/{last}/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
 shutil.copy(f"{work}/{last}/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
 if last != "run":
-    for stage, folder in (("stage1", "run"), ("stage2a", "run_vis"), ("stage2b", ft_dir), ("stage2c", "run_head")):
+    for stage, folder in (("stage1", "run"), ("stage2a", "run_vis"), ("stage2b", ft_dir), ("stage2c", "run_read")):
         if folder != last and os.path.isfile(f"{work}/{folder}/train_log.jsonl"):
             shutil.copy(f"{work}/{folder}/train_config.yaml", os.path.join(tmp, f"train_config_{stage}.yaml"))
             shutil.copy(f"{work}/{folder}/train_log.jsonl", os.path.join(tmp, f"train_log_{stage}.jsonl"))
