@@ -1417,12 +1417,10 @@ def _scan(cv: _Canvas, pt: Patient, rng: np.random.Generator, coarse: np.ndarray
 # The embedded demo study.
 
 DEMO_SEED = 20250
-# Findings large enough to be visible at the demo model's 64x64x32 input (see its model card): three
-# abnormal regions (pleura, heart, lung), the seven others normal.
 DEMO_FINDINGS = (
-    Finding(PLEURAL_EFFUSION, side="left", size_mm=32.0),
-    Finding(CARDIOMEGALY, amount="moderate"),
-    Finding(CONSOLIDATION, side="right", lobe="lower", size_mm=45.0),
+    Finding(LUNG_NODULE, side="right", lobe="upper", size_mm=14.0),
+    Finding(PLEURAL_EFFUSION, side="left", size_mm=28.0),
+    Finding(CORONARY_CALCIFICATION, amount="moderate", location="LAD and RCA"),
 )
 
 

@@ -4,7 +4,7 @@
         --out runs/demo_model/eval
 
 For every test phantom (written by ``reg2rg-phantom``, with its manifest of planted findings) the model
-drafts a report through the engine (`ReportEngine.draft`, greedy as published) twice: normally, and as a
+drafts a report through the engine (`ReportEngine.draft`, greedy, the project's default decoding) twice: normally, and as a
 **blind control** whose global-image and region tokens are replaced by zeros in the prompt embeddings
 (the text, the markers and the slot structure stay). Both go through ``reg2rg-eval`` (NLG metrics, region
 prediction accuracy, CT-RATE clinical efficacy) and through a planted-finding check: a planted finding

@@ -3,8 +3,8 @@
 
     .venv/bin/python scripts/make_demo_study.py [--out resources/demo_study]
 
-One phantom study (seed `DEMO_SEED`, default grid) with visible findings (`DEMO_FINDINGS`: a left pleural
-effusion, moderate cardiomegaly, a right lower lobe consolidation): the volume as NIfTI, masks/<region>.nii.gz
+One phantom study (seed `DEMO_SEED`, default grid) with visible findings (`DEMO_FINDINGS`: a right upper
+lobe nodule, a left pleural effusion, coronary calcification): the volume as NIfTI, masks/<region>.nii.gz
 for the ten regions, report.txt (the whole report, then one paragraph per region) and manifest.json.
 """
 

@@ -43,6 +43,8 @@ def test_the_held_out_seeds_were_never_trained_on():
         assert not any(lo <= seed <= hi for lo, hi in spans), seed
 
 
+@pytest.mark.xfail(strict=True, reason="issue 12 is open: the shipped demo model (stage 1) names no finding; "
+                   "this turns into a failure, to drop the marker, the day a shipped model passes")
 @pytest.mark.parametrize("seed,finding,region", CASES, ids=[f"{c[0]}-{c[1].type}" for c in CASES])
 def test_the_draft_names_the_planted_finding_and_the_blind_control_does_not(engines, seed, finding, region):
     model, blind = engines
