@@ -335,8 +335,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     # Parameter groups with their own lr (as VLM recipes give the projector its own): the fresh finding
     # head, and the projector between the ViT and the LLM. Everything else trains at train.lr.
     group_lr = {"finding_head": config.train.finding_head_lr, "projector": config.train.projector_lr}
-    part_group = {"finding_head": "finding_head", "finding_patch_head": "finding_head", "perceiver": "projector", "fc": "projector", "mask_fc": "projector",
-                  "finding_embedding": "projector"}
+    part_group = {"finding_head": "finding_head", "finding_patch_head": "finding_head", "perceiver": "projector",
+                  "fc": "projector", "mask_fc": "projector", "finding_embedding": "projector"}
 
     def group_of(name: str) -> str | None:
         group = next((part_group[p] for p in name.split(".") if p in part_group), None)
