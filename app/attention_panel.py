@@ -1,16 +1,19 @@
-"""The attention panel: where in the scan the model looked while writing a selected word, sentence or section.
+"""The explanation panel: the evidence in the scan for a selected word, sentence or section.
 
-A view of the drafting session's attention selection and heat layer (`session.DraftingSession`): a
-selection in the draft becomes ``engine.attention_map(result, token_indices, layers, heads)``, computed by
-the session on a worker thread. The resulting `AttentionMap` is shown as
+A view of the drafting session's selection and heat layer (`session.DraftingSession`): a selection in
+the draft becomes, computed by the session on a worker thread (`heat.AttentionWorker`),
 
-- a heatmap over the CT in every slice view (its own layer in each view's image stack; colour map and
-  opacity adjustable; low attention is transparent so the anatomy stays readable),
-- a bar chart of how the attention split between the global image, each region slot and the rest
-  of the prompt (text, markers),
+- a heatmap over the CT in every view — by default the **relevance map** (``engine.relevance_map``:
+  gradient × input on the ViT and mask patches, the evidence for exactly the selected words), or, as a
+  clearly named option, **raw attention** (``engine.attention_map``, with its layer/head aggregation:
+  all layers, the last or chosen layers; mean of heads or chosen heads); colour map and opacity
+  adjustable, low values transparent so the anatomy stays readable; the status line says where the
+  peak is and **Go to peak** moves the crosshair there;
+- the **region dependence** chart (``engine.region_dependence``): how many nats the selected words'
+  log-probability loses when the global image or each region slot is masked out of the prompt — what
+  the words causally needed (it replaces the attention shares, which were flat whatever was selected);
 
-and can be saved as NIfTI on the CT grid. Layer/head aggregation is selectable: all layers, the last
-layer or chosen layers; mean of heads or chosen heads.
+and can be saved as NIfTI on the CT grid.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from .heat import (  # noqa: F401 - the heat layer's data helpers, re-exported f
 )
 from .style import REGION_COLORS
 
+METHOD_CHOICES = ("Relevance (evidence)", "Raw attention")
+
 logger = logging.getLogger("reg2rg.app.attention")
 
 class SharesChart(QWidget):
@@ -78,6 +83,11 @@ class SharesChart(QWidget):
         self.updateGeometry()
         self.update()
 
+    min_scale = 0.0          # the value a full bar stands for at least
+
+    def value_text(self, value: float) -> str:
+        return f"{value:.1%}"
+
     def sizeHint(self) -> QSize:  # noqa: N802
         return QSize(360, max(2, len(self.rows)) * self.ROW + 6)
 
@@ -93,11 +103,11 @@ class SharesChart(QWidget):
         p.setFont(font)
         if not self.rows:
             p.setPen(QColor(140, 146, 156))
-            p.drawText(self.rect(), Qt.AlignCenter, "Select words in the draft to see where the model looked")
+            p.drawText(self.rect(), Qt.AlignCenter, "Select words in the draft to see what they needed")
             return
         label_w, pct_w = 150, 52
         bar_w = max(20, self.width() - label_w - pct_w - 12)
-        peak = max(r[1] for r in self.rows) or 1.0
+        peak = max(max(r[1] for r in self.rows), self.min_scale) or 1.0
         row = self.row_height()
         pad = max(2.0, row * 0.2)
         for i, (name, share, color) in enumerate(self.rows):
@@ -108,9 +118,33 @@ class SharesChart(QWidget):
             p.setBrush(QColor(44, 49, 57))
             p.drawRoundedRect(QRectF(label_w, y + pad, bar_w, row - 2 * pad), 2, 2)
             p.setBrush(color)
-            p.drawRoundedRect(QRectF(label_w, y + pad, max(1.0, bar_w * share / peak), row - 2 * pad), 2, 2)
+            p.drawRoundedRect(QRectF(label_w, y + pad, max(1.0, bar_w * max(share, 0.0) / peak), row - 2 * pad), 2, 2)
             p.setPen(QColor(216, 220, 226))
-            p.drawText(QRectF(label_w + bar_w + 6, y, pct_w, row), Qt.AlignVCenter | Qt.AlignLeft, f"{share:.1%}")
+            p.drawText(QRectF(label_w + bar_w + 6, y, pct_w, row), Qt.AlignVCenter | Qt.AlignLeft,
+                       self.value_text(share))
+
+
+class DependenceChart(SharesChart):
+    """Horizontal bars: how many nats the selection's log-probability loses without the global image or
+    each region slot (`RegionDependence.drops`); a negative value (the words became likelier) has no bar."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setObjectName("dependence_chart")
+        self.setToolTip("Region dependence: the drop of the selected words' log-probability (nats) when the "
+                        "global image or that region slot is masked out of the prompt")
+
+    # a full bar is at least 1 nat (the words' probability divided by e): hundredths of a nat, which is
+    # what a model that ignores the image shows, stay visibly negligible instead of filling the chart
+    min_scale = 1.0
+
+    def set_dependence(self, dependence) -> None:
+        self.set_shares(None if dependence is None else dict(dependence.drops))
+        self.rows = self.rows[:-1]            # no "text / prompt" row: nothing of the text was removed
+        self.update()
+
+    def value_text(self, value: float) -> str:
+        return f"{value:+.2f}"
 
 
 class AttentionPanel(QWidget):
@@ -121,6 +155,8 @@ class AttentionPanel(QWidget):
         self.setObjectName("attention_panel")
         self.session = session
         self._build()
+        for w in (self.layers, self.heads):          # the aggregation is for raw attention only
+            w.setEnabled(session.explanation_method == "raw")
         session.attentionStarted.connect(self._on_started)
         session.attentionFailed.connect(self._on_failed)
         session.heatLayerChanged.connect(self._show_layer)
@@ -131,6 +167,12 @@ class AttentionPanel(QWidget):
         self.selection_label = QLabel("No selection")
         self.selection_label.setWordWrap(True)
         self.selection_label.setStyleSheet("color: #c8ccd4;")
+        self.method = QComboBox()
+        self.method.setObjectName("explanation_method")
+        self.method.addItems(METHOD_CHOICES)
+        self.method.setToolTip("Relevance: the evidence in the CT for exactly the selected words (gradient × input)\n"
+                               "Raw attention: where the model's attention weights went (not evidence; layers/heads)")
+        self.method.activated.connect(lambda _i: self.set_method(self.method_name()))
         self.layers = QComboBox()
         self.layers.addItems(LAYER_CHOICES)
         self.layer_ids = QLineEdit()
@@ -167,7 +209,9 @@ class AttentionPanel(QWidget):
         self.peak_button.clicked.connect(self.go_to_peak)
         self.status = QLabel("")
         self.status.setStyleSheet("color: #9aa3ad;")
-        self.chart = SharesChart()
+        self.chart = DependenceChart()
+        self.chart_title = QLabel("Region dependence: log-probability lost without each (nats)")
+        self.chart_title.setStyleSheet("color: #9aa3ad; font-size: 11px;")
 
         form = QFormLayout()
         form.setContentsMargins(0, 0, 0, 0)
@@ -188,6 +232,7 @@ class AttentionPanel(QWidget):
         row_lh.addLayout(row_l, 1)
         row_lh.addWidget(QLabel("Heads"))
         row_lh.addLayout(row_h, 1)
+        form.addRow("Map", self.method)
         form.addRow("Layers", row_lh)
         form.addRow("Overlay", row_c)
         buttons = QHBoxLayout()
@@ -199,6 +244,7 @@ class AttentionPanel(QWidget):
         lay.setSpacing(4)
         lay.addWidget(self.selection_label)
         lay.addLayout(form)
+        lay.addWidget(self.chart_title)
         lay.addWidget(self.chart)
         lay.addLayout(buttons)
         lay.addStretch(1)
@@ -233,11 +279,23 @@ class AttentionPanel(QWidget):
             return
         self.session.set_attention_aggregation(layers, heads)
 
+    def method_name(self) -> str:
+        """``"relevance"`` or ``"raw"``: the map chosen in the panel."""
+        return "relevance" if self.method.currentIndex() == 0 else "raw"
+
+    def set_method(self, method: str) -> None:
+        """Show the relevance map or raw attention; the layer/head choices only apply to raw attention."""
+        self.method.setCurrentIndex(0 if method == "relevance" else 1)
+        for w in (self.layers, self.heads):
+            w.setEnabled(method == "raw")
+        self.session.set_explanation_method(method)
+
     # -- display -----------------------------------------------------------------------------
     def _on_started(self, label: str) -> None:
         sel = self.session.selection
         n = len(sel.token_indices) if sel is not None else 0
-        self.status.setText(f"Computing attention of {n} token(s)…")
+        what = "relevance" if self.session.explanation_method == "relevance" else "attention"
+        self.status.setText(f"Computing the {what} of {n} token(s)…")
         self.selection_label.setText(f"<b>Selection:</b> {label}")
 
     def _on_failed(self, message: str) -> None:
@@ -251,22 +309,26 @@ class AttentionPanel(QWidget):
         self.save_button.setEnabled(amap is not None)
         self.peak_button.setEnabled(amap is not None)
         if amap is None:
-            self.chart.set_shares(None)
+            self.chart.set_dependence(None)
             if self.session.selection is None:
                 self.selection_label.setText("No selection — select a word, a sentence (Ctrl+click) or use a "
                                              "section's “Attention” button in the draft")
                 self.status.setText("")
             return
         self.selection_label.setText(f"<b>Selection:</b> {heat.label}")
-        self.chart.set_shares(amap.shares, amap.other_share)
-        try:
-            n_layers = self.session.attention_layout()[0]
-        except AttentionRequestError:
-            n_layers = 0
-        layers = "all layers" if len(amap.layers) == n_layers else \
-            "layer" + ("s " if len(amap.layers) > 1 else " ") + ", ".join(map(str, amap.layers))
-        heads = "mean of heads" if amap.heads == "mean" else "heads " + ", ".join(map(str, amap.heads))
-        self.status.setText(f"{len(amap.token_indices)} token(s) · {layers} · {heads}")
+        self.chart.set_dependence(heat.dependence)
+        if hasattr(amap, "layers"):                 # raw attention: how layers and heads were combined
+            try:
+                n_layers = self.session.attention_layout()[0]
+            except AttentionRequestError:
+                n_layers = 0
+            layers = "all layers" if len(amap.layers) == n_layers else \
+                "layer" + ("s " if len(amap.layers) > 1 else " ") + ", ".join(map(str, amap.layers))
+            heads = "mean of heads" if amap.heads == "mean" else "heads " + ", ".join(map(str, amap.heads))
+            how = f"raw attention · {layers} · {heads}"
+        else:
+            how = "relevance"
+        self.status.setText(f"{len(amap.token_indices)} token(s) · {how} · peak {self.session.peak_description()}")
 
     @property
     def current(self):

@@ -47,6 +47,7 @@ from reg2rg.engine.regions import REGIONS
 from reg2rg.engine.report.txt import state_label
 
 from .draft import ACCEPTED, EDITED, NOT_DRAFTED, REJECTED, STOPPED, DraftSection
+from .findings_check import findings_html
 from .generation import ModelChoice
 from .session import DraftingSession
 
@@ -151,9 +152,25 @@ class SectionEditor(QFrame):
         lay.addLayout(top)
         lay.addWidget(self.editor)
         lay.addWidget(self.low_label)
+        self.findings_label = QLabel()                    # the section's Findings check (session.findings)
+        self.findings_label.setObjectName("findings_check")
+        self.findings_label.setTextFormat(Qt.RichText)
+        self.findings_label.setWordWrap(True)
+        self.findings_label.setStyleSheet("color: #b8bec8; font-size: 11px;")
+        self.findings_label.setVisible(False)
+        lay.addWidget(self.findings_label)
+        self.findings = None
         self.threshold = 0.5
         self.colour_on = False
         self.refresh()
+
+    def set_findings(self, section_findings) -> None:
+        """Show the section's Findings check (`SectionFindings`; None hides it)."""
+        self.findings = section_findings
+        html, tip = findings_html(section_findings) if section_findings is not None else ("", "")
+        self.findings_label.setText(html)
+        self.findings_label.setToolTip(tip)
+        self.findings_label.setVisible(bool(html))
 
     def _fit_height(self) -> None:
         doc_h = self.editor.document().size().height()
@@ -277,6 +294,7 @@ class DraftPanel(QWidget):
         session.reviewerNeeded.connect(self._ask_reviewer)
         session.maskCheckNeeded.connect(self._ask_mask_check)
         session.engineUnavailable.connect(self._offer_retry)
+        session.findingsChanged.connect(self._show_findings)
         self._show_model()
         self._show_regions()
         self._show_review()
@@ -434,9 +452,16 @@ class DraftPanel(QWidget):
         grid.setContentsMargins(6, 4, 6, 4)
         grid.setHorizontalSpacing(6)
         grid.setVerticalSpacing(3)
+        self.omission_threshold = QSpinBox()
+        self.omission_threshold.setRange(1, 100)
+        self.omission_threshold.setSuffix(" %")
+        self.omission_threshold.setValue(int(round(100 * self.session.omission_threshold)))
+        self.omission_threshold.setToolTip("Findings check: flag a finding the draft does not report when the model "
+                                           "itself rates it at least this likely (default chosen on validation phantoms)")
+        self.omission_threshold.valueChanged.connect(lambda v: self.session.set_omission_threshold(v / 100.0))
         cells = (("Preset", self.decoding_preset), ("Decoding", self.strategy), ("Max new tokens", self.max_tokens),
                  ("Temperature", self.temperature), ("Top-k", self.top_k), ("Top-p", self.top_p), ("Seed", self.seed),
-                 ("Beams", self.num_beams))
+                 ("Beams", self.num_beams), ("Omission alert ≥", self.omission_threshold))
         for n, (label, w) in enumerate(cells):
             r, c = divmod(n, 2)
             grid.addWidget(QLabel(label), r, 2 * c, Qt.AlignRight)
@@ -604,6 +629,10 @@ class DraftPanel(QWidget):
         self.session.set_regions(None)
         self._update_generate_button()
 
+    def _show_findings(self) -> None:
+        for ed in self._editors:
+            ed.set_findings(self.session.findings.get(ed.section.key))
+
     # -- the draft ---------------------------------------------------------------------------
     def _rebuild_sections(self) -> None:
         for ed in self._editors:
@@ -624,6 +653,7 @@ class DraftPanel(QWidget):
             ed.regenerateRequested.connect(self.session.regenerate)
             ed.spanSelected.connect(self.session.select_span)
             ed.attentionRequested.connect(self.session.request_attention)
+            ed.set_findings(self.session.findings.get(s.key))
             self.sections_layout.insertWidget(len(self._editors), ed)
             self._editors.append(ed)
         if draft is not None:               # the draft's threshold (a restored draft keeps its own)

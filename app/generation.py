@@ -24,7 +24,7 @@ logger = logging.getLogger("reg2rg.app.generation")
 _LOCKS_GUARD = threading.Lock()
 
 
-def engine_lock(engine) -> threading.Lock:
+def engine_lock(engine):
     """The lock serialising one engine's work (a generation, an attention pass) across worker threads.
 
     Attention passes switch the model to eager attention; they must not overlap a generation. An engine

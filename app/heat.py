@@ -100,26 +100,36 @@ def model_layout(engine) -> tuple[int, int]:
 
 
 class AttentionWorker(QObject):
-    """One ``engine.attention_map`` call on a worker thread; ``finished`` or ``failed``, then ``done``."""
+    """One explanation on a worker thread: the heatmap — ``engine.relevance_map`` (``method``
+    ``"relevance"``, the default) or ``engine.attention_map`` (``"raw"``) — and, when the engine offers it,
+    ``engine.region_dependence`` of the same selection; ``finished(map, dependence)`` or ``failed``, then
+    ``done``. An engine without relevance maps (e.g. an older remote one) gets raw attention."""
 
-    finished = Signal(object)         # AttentionMap
+    finished = Signal(object, object)   # RelevanceMap | AttentionMap, RegionDependence | None
     failed = Signal(str)
     done = Signal()
 
-    def __init__(self, engine, result, token_indices, layers, heads) -> None:
+    def __init__(self, engine, result, token_indices, layers, heads, method: str = "relevance") -> None:
         super().__init__()
         self.engine, self.result, self.token_indices = engine, result, list(token_indices)
-        self.layers, self.heads = layers, heads
+        self.layers, self.heads, self.method = layers, heads, method
 
     @Slot()
     def run(self) -> None:
         try:
             with engine_lock(self.engine):
-                amap = self.engine.attention_map(self.result, self.token_indices, layers=self.layers, heads=self.heads)
+                if self.method == "relevance" and hasattr(self.engine, "relevance_map"):
+                    amap = self.engine.relevance_map(self.result, self.token_indices)
+                else:
+                    amap = self.engine.attention_map(self.result, self.token_indices, layers=self.layers,
+                                                     heads=self.heads)
+                dependence = None
+                if hasattr(self.engine, "region_dependence"):
+                    dependence = self.engine.region_dependence(self.result, self.token_indices)
         except Exception as exc:  # noqa: BLE001 - shown to the user; the draft stays
-            logger.debug("attention map failed:\n%s", traceback.format_exc())
+            logger.debug("explanation failed:\n%s", traceback.format_exc())
             self.failed.emit(describe_engine_error(exc))
         else:
-            self.finished.emit(amap)
+            self.finished.emit(amap, dependence)
         finally:
             self.done.emit()

@@ -6,7 +6,9 @@
   settings (loading the model off the GUI thread when a draft is asked for);
 - the `ReportDraft` (the engine's report document) with the per-section review state, the model runs
   (`results`) its sections came from, the impression and the reviewer (asked once, remembered);
-- the attention selection and the heat layer drawn over the CT;
+- the attention selection, the explanation method (relevance or raw attention), the heat layer drawn
+  over the CT with the selection's region dependence, and each section's Findings check (with the
+  omission threshold);
 - autosave and restore (`DraftStore`).
 
 It has no widgets. Panels and views observe its signals and send requests through its methods; it
@@ -63,7 +65,8 @@ class NoDraftError(ValueError):
 class HeatLayer:
     """The attention map shown over the CT, and how it is drawn."""
 
-    amap: Any = None                       # engine AttentionMap (None: nothing to show)
+    amap: Any = None                       # engine RelevanceMap or AttentionMap (None: nothing to show)
+    dependence: Any = None                 # engine RegionDependence of the same selection (None: not known)
     label: str = ""                        # what was selected ("Heart: “enlarged”")
     codes: np.ndarray | None = None        # uint8 heat codes in display order (see `heat.heatmap_to_display`)
     colormap: str = "Hot"
@@ -163,6 +166,7 @@ class DraftingSession(QObject):
     attentionStarted = Signal(str)          # an attention map is being computed for this label
     attentionFailed = Signal(str)
     heatLayerChanged = Signal()             # the heat layer (map, colour map, opacity, visibility)
+    findingsChanged = Signal()              # a Findings check arrived (or was cleared)
 
     def __init__(self, document: ViewerDocument, parent: QObject | None = None, store: DraftStore | None = None,
                  reviewer_settings: ReviewerSettings | None = None) -> None:
@@ -184,6 +188,12 @@ class DraftingSession(QObject):
         self.heat = HeatLayer()
         self.attention_layers: str | list[int] = "all"
         self.attention_heads: str | list[int] = "mean"
+        self.explanation_method = "relevance"   # "relevance" (evidence, default) | "raw" (attention weights)
+        from reg2rg.engine.explain.findings import DEFAULT_OMISSION_THRESHOLD
+
+        self.omission_threshold = DEFAULT_OMISSION_THRESHOLD
+        self.findings: dict = {}            # section key -> its Findings check (explain.findings.SectionFindings)
+        self._findings_jobs = WorkerJobs(self)
         self.status = "Open a study to draft a report"
         self.confidence_threshold = 0.5
         self._jobs = WorkerJobs(self)
@@ -414,12 +424,14 @@ class DraftingSession(QObject):
                 self.draft.reviewer = self.reviewer
             self.draft.confidence_threshold = self.confidence_threshold
             self.results = {sec.key: result for sec in self.draft.sections if sec.tokens}
+            self.findings = {}
             self._clear_heat()
             self.resultReady.emit(result)
             self.draftReplaced.emit()
         how = f"{len(result.tokens)} tokens" if getattr(result, "complete", True) else "stopped"
         self._set_status(f"Draft ready ({how})")
         self._changed()
+        self.check_findings(result)
 
     def _on_failed(self, message: str) -> None:
         if self._unavailable:                 # said by engineUnavailable (with a retry), not twice
@@ -550,6 +562,7 @@ class DraftingSession(QObject):
         """Open a saved draft (it has no model run behind it: attention needs a new draft)."""
         self.draft = draft
         self.results = {}
+        self.findings = {}
         self.confidence_threshold = draft.confidence_threshold
         if self.reviewer and not draft.reviewer:
             draft.reviewer = self.reviewer
@@ -567,6 +580,7 @@ class DraftingSession(QObject):
             self.close_study_cleanly()
         self.draft = None
         self.results = {}
+        self.findings = {}
         self.selection = None
         self._clear_heat()
         self.draftReplaced.emit()
@@ -652,8 +666,17 @@ class DraftingSession(QObject):
             self._start_attention(*job)
         return idx
 
+    def set_explanation_method(self, method: str) -> None:
+        """``"relevance"`` (gradient × input, the evidence) or ``"raw"`` (attention weights); the current
+        selection is computed again."""
+        if method not in ("relevance", "raw"):
+            raise AttentionRequestError(f"unknown explanation {method!r}; use 'relevance' or 'raw'")
+        self.explanation_method = method
+        if self.selection is not None:
+            self.request_attention(self.selection.key, self.selection.start, self.selection.end)
+
     def _start_attention(self, engine, result, idx, label, layers, heads) -> None:
-        worker = AttentionWorker(engine, result, idx, layers, heads)
+        worker = AttentionWorker(engine, result, idx, layers, heads, self.explanation_method)
         worker.finished.connect(self._on_attention_map)     # bound: runs on the GUI thread
         worker.failed.connect(self.attentionFailed)
         worker.done.connect(self._on_attention_done)
@@ -671,7 +694,7 @@ class DraftingSession(QObject):
             job, self._attention_pending = self._attention_pending, None
             self._start_attention(*job)
 
-    def _on_attention_map(self, amap) -> None:
+    def _on_attention_map(self, amap, dependence=None) -> None:
         vol = self.document.volume
         if vol is None:
             return
@@ -681,6 +704,7 @@ class DraftingSession(QObject):
             self.attentionFailed.emit(str(exc))
             return
         self.heat.amap, self.heat.label, self.heat.codes = amap, self._attention_label, codes
+        self.heat.dependence = dependence
         self.heatLayerChanged.emit()
 
     def set_heat_style(self, colormap: str | None = None, opacity: float | None = None,
@@ -696,6 +720,7 @@ class DraftingSession(QObject):
 
     def _clear_heat(self) -> None:
         self.heat.amap, self.heat.label, self.heat.codes = None, "", None
+        self.heat.dependence = None
         self.selection = None
         self.heatLayerChanged.emit()
 
@@ -715,6 +740,46 @@ class DraftingSession(QObject):
         if self.heat.amap is None or vol is None:
             return None
         return vol.from_stored(self.heat.amap.peak_voxel)
+
+
+    def peak_description(self) -> str:
+        """Where the current map peaks, in the reader's words: the region mask(s) holding its maximum, or
+        'outside the region masks' ("" without a map)."""
+        study = self.document.study
+        if self.heat.amap is None or study is None:
+            return ""
+        peak = self.heat.amap.peak_voxel
+        inside = [r for r, m in (study.masks or {}).items() if m is not None and m.shape == study.shape and m[peak]]
+        return f"in {', '.join(inside)}" if inside else "outside the region masks"
+
+    # -- findings check ----------------------------------------------------------------------
+    def check_findings(self, result) -> None:
+        """The Findings check of ``result`` (`engine.finding_check`), off the GUI thread; the sections it
+        belongs to get it when it arrives (``findingsChanged``)."""
+        from .findings_check import FindingsWorker
+
+        if (self.engine is None or result is None or not result.tokens or not hasattr(self.engine, "finding_check")
+                or getattr(result, "prepared", None) is None):
+            return
+        worker = FindingsWorker(self.engine, result, self.omission_threshold)
+        worker.finished.connect(self._on_findings)           # bound: runs on the GUI thread
+        worker.failed.connect(lambda msg: self._set_status(f"Findings check failed: {msg}"))
+        self._findings_jobs.start(worker)
+
+    def _on_findings(self, result, check) -> None:
+        if self.draft is None:
+            return
+        for sec in check.sections:
+            for s in self.draft.sections:
+                if self.results.get(s.key) is result and s.region == sec.region:
+                    self.findings[s.key] = sec
+        self.findingsChanged.emit()
+
+    def set_omission_threshold(self, threshold: float) -> None:
+        """Flag unreported findings the model rates at least this likely; the draft is checked again."""
+        self.omission_threshold = float(threshold)
+        for result in {id(r): r for r in self.results.values()}.values():
+            self.check_findings(result)
 
 
 __all__ = ["DraftingSession", "HeatLayer", "AttentionSelection", "NoDraftError", "ExportError", "ReviewerSettings",

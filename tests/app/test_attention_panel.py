@@ -1,4 +1,5 @@
-"""Checking a draft: attention maps of a selection (heatmap over the CT, shares chart, NIfTI), with a
+"""Checking a draft: relevance maps (and raw attention) of a selection (heatmap over the CT, region
+dependence chart, NIfTI), with a
 real tiny engine and real rendering; the panel's pure helpers with known answers."""
 
 from __future__ import annotations
@@ -105,11 +106,15 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
     expected = [t.index for t in section.tokens if t.start < end and t.text.strip()]
     assert list(amap.token_indices) == expected
     assert amap.heatmap.shape == study.shape and amap.heatmap.max() > 0
-    # the shares chart lists the global image, every region slot and the rest, summing to one
+    assert att.method_name() == "relevance" and amap.method == "gradient_x_input"   # the default map
+    assert not att.layers.isEnabled()                 # layer/head choices are for raw attention only
+    # the chart is the region dependence of the same selection: the global image and every region slot
     names = [r[0] for r in att.chart.rows]
-    assert names[0] == "global image" and names[-1] == "text / prompt"
-    assert set(names[1:-1]) == set(win.session.results[section.key].slot_regions.values())
-    assert sum(r[1] for r in att.chart.rows) == pytest.approx(1.0, abs=1e-4)
+    assert names[0] == "global image"
+    assert set(names[1:]) == set(win.session.results[section.key].slot_regions.values())
+    drops = win.session.heat.dependence.drops
+    assert [r[1] for r in att.chart.rows] == list(drops.values())
+    assert "peak" in att.status.text()
     # the heatmap is drawn over the CT: the frame changes where the map is strong
     win.document.set_cursor(win.document.volume.from_stored(amap.peak_voxel))
     QApplication.processEvents()
@@ -133,7 +138,11 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
     assert np.abs(before).sum() > 0
     win.save_screenshot(screenshot_dir / "attention_selection.png")
 
-    # layer aggregation: the last layer alone is another map, computed again off the GUI thread
+    # raw attention stays an option, clearly named; its layer aggregation: the last layer alone
+    with qtbot.waitSignal(win.session.heatLayerChanged, timeout=60000):
+        att.set_method("raw")
+    assert att.layers.isEnabled() and hasattr(att.current, "shares")
+    assert "raw attention" in att.status.text()
     att.layers.setCurrentText("Last layer")
     with qtbot.waitSignal(win.session.heatLayerChanged, timeout=60000):
         att.recompute()

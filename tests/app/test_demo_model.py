@@ -97,3 +97,75 @@ def test_cli_demo_generate_screenshot_with_the_demo_model(screenshot_dir):
     assert named and set(named) <= set(REGIONS), summary
     img = QImage(str(out))
     assert not img.isNull() and img.width() >= 1500
+
+
+def _heat_pixels(att, view) -> np.ndarray:
+    """Pixels of ``view`` that the heat layer changes (the frame with the map vs without it)."""
+    QApplication.processEvents()
+    shown = frame_pixels(view).astype(int)
+    att.show_box.setChecked(True)
+    hidden = frame_pixels(view).astype(int)
+    att.show_box.setChecked(False)
+    return np.abs(shown - hidden).sum(axis=2) > 30
+
+
+def test_demo_two_sections_paint_different_places_and_each_shows_its_findings_check(qtbot, screenshot_dir):
+    """The relevance maps of the pleura and the heart sections light up different pixels (on the slice of
+    either map's peak), the chart is each selection's region dependence, Go to peak goes there, and every
+    checked section shows its Findings check."""
+    win = MainWindow()
+    win.resize(1600, 1000)
+    qtbot.addWidget(win)
+    win.show()
+    qtbot.waitExposed(win)
+    session = win.session
+    try:
+        with qtbot.waitSignal(win.studyLoaded, timeout=120000):
+            win.open_request(LoadRequest(demo=True))
+        panel, att = win.draft_panel, win.attention_panel
+        with qtbot.waitSignal(session.findingsChanged, timeout=400000):
+            session.generate()
+        by_region = {s.region: s for s in session.draft.sections if s.region and s.grounding_ok}
+        for region in ("pleura", "heart", "lung"):
+            ed = panel.section_editor(by_region[region].key)
+            assert ed.findings is not None and not ed.findings_label.isHidden()
+            text = ed.findings_label.text()
+            assert "Findings check" in text
+            for f in ed.findings.findings:
+                assert f"{f.finding.lower()} {f.probability:.0%}" in text
+        assert "pleural effusion" in panel.section_editor(by_region["pleura"].key).findings_label.text()
+        axial = win.views[AXIS_AXIAL]
+        vol = win.document.volume
+        peaks, painted = {}, {}            # painted[(map, slice of which peak)]: heat pixels of the axial view
+
+        def show(region):
+            with qtbot.waitSignal(session.heatLayerChanged, timeout=120000):
+                panel.section_editor(by_region[region].key).attention_button.click()
+            assert att.method_name() == "relevance"
+            drops = session.heat.dependence.drops                     # the chart is the region dependence
+            assert [r[1] for r in att.chart.rows] == list(drops.values()) and att.chart.rows[0][0] == "global image"
+            assert "peak" in att.status.text()
+            peaks[region] = session.heat.amap.peak_voxel
+
+        def paint(region, at):
+            win.document.set_cursor(vol.from_stored(peaks[at]))
+            painted[(region, at)] = _heat_pixels(att, axial)
+
+        show("pleura")
+        att.go_to_peak()                                              # the crosshair at the map's maximum
+        assert tuple(win.document.cursor) == tuple(vol.from_stored(peaks["pleura"]))
+        paint("pleura", "pleura")
+        win.save_screenshot(screenshot_dir / "demo_relevance_pleura.png")
+        show("heart")
+        paint("heart", "heart")
+        win.save_screenshot(screenshot_dir / "demo_relevance_heart.png")
+        paint("heart", "pleura")
+        show("pleura")
+        paint("pleura", "heart")
+        assert peaks["pleura"] != peaks["heart"]
+        for at in ("pleura", "heart"):                 # on each peak's slice the two maps light other pixels
+            a, b = painted[("pleura", at)], painted[("heart", at)]
+            assert painted[(at, at)].sum() > 50
+            assert (a & b).sum() / max((a | b).sum(), 1) < 0.5, f"both maps paint the same pixels at the {at} peak"
+    finally:
+        win.close()
