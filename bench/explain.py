@@ -223,10 +223,41 @@ def summarise(run: dict, threshold: float) -> dict:
     }
 
 
+def demo_cost(engine, sentences: int = 8) -> dict:
+    """Seconds of a relevance map per sentence of the demo study's draft, against the draft itself in the
+    same run (the baseline) and the 2-s budget; the region dependence and the findings check too."""
+    import statistics
+
+    from reg2rg.engine.phantom import demo_study
+
+    study = demo_study()
+    result = engine.draft(study)                            # warm-up
+    t = time.perf_counter()
+    engine.draft(study)
+    draft_s = time.perf_counter() - t
+    rel, dep = [], []
+    for st in [s for s in result.sentences if s.token_indices][:sentences]:
+        t = time.perf_counter()
+        engine.relevance_map(result, list(st.token_indices))
+        rel.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        engine.region_dependence(result, list(st.token_indices))
+        dep.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    engine.finding_check(result)
+    check_s = time.perf_counter() - t
+    med = statistics.median(rel)
+    return {"sentences": len(rel), "draft_s": draft_s, "relevance_map_s_median": med,
+            "ratio_vs_draft": med / draft_s, "ratio_vs_budget": med / BUDGET_S,
+            "region_dependence_s_median": statistics.median(dep), "findings_check_s": check_s}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
-    p.add_argument("--test", required=True, type=Path, help="reg2rg-phantom folder of test phantoms")
+    p.add_argument("--test", type=Path, help="reg2rg-phantom folder of test phantoms")
+    p.add_argument("--cost-only", action="store_true",
+                   help="only time the maps on the demo study's draft (ratio vs the draft and the 2-s budget)")
     p.add_argument("--val", type=Path, help="reg2rg-phantom folder of validation phantoms (chooses the threshold)")
     p.add_argument("--threshold", type=float, default=None, help="omission threshold (default: chosen on --val, "
                                                                    "else the engine's default)")
@@ -239,6 +270,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
     engine = ReportEngine.load(args.model, args.device)
+    if args.cost_only:
+        cost = demo_cost(engine)
+        args.out.write_text(json.dumps({"model": str(engine.model_dir), "demo_cost": cost}, indent=1))
+        print(json.dumps(cost, indent=1))
+        return 0
+    if args.test is None:
+        p.error("--test is required (a reg2rg-phantom folder) unless --cost-only")
     rng = np.random.default_rng(0)
     summary: dict = {"model": str(engine.model_dir), "test": str(args.test), "val": str(args.val) if args.val else None}
     threshold = args.threshold

@@ -71,7 +71,9 @@ def test_one_study_writes_report_json_and_attention(model_dir, tmp_path):
     assert set(entry["region_dependence"]["drops_nats"]) == {"global", "heart", "lung"}
     # the findings check is in report.json: one entry per checked region section (the tiny model may
     # name none), each with the threshold it was flagged at
-    assert data["findings_check"]["threshold"] == pytest.approx(0.5)
+    from reg2rg.engine.explain.findings import DEFAULT_OMISSION_THRESHOLD
+
+    assert data["findings_check"]["threshold"] == pytest.approx(DEFAULT_OMISSION_THRESHOLD)
     # raw attention stays an option, clearly named
     raw = tmp_path / "raw"
     assert main(["--volume", str(tmp_path / "ct.nii.gz"), "--masks", str(tmp_path / "masks"), "--model", str(model_dir),
