@@ -119,19 +119,23 @@ def main(argv=None) -> int:
           f"load average before {os.getloadavg()[0]:.1f}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for max_batch in (8, 1):
-            srv = ServerProcess(Path(tmp) / f"b{max_batch}", "--max-batch", str(max_batch), "--log-level", "warning")
-            srv.start()
-            try:
+        # both servers up, measured in turns at each client count: load changes on a shared machine hit both
+        servers = {b: ServerProcess(Path(tmp) / f"b{b}", "--max-batch", str(b), "--log-level", "warning")
+                   for b in (8, 1)}
+        try:
+            for srv in servers.values():
+                srv.start()
                 run_clients(srv.url, srv.token, body, 1, 1)           # warm-up
-                for n in args.clients:
+            for n in args.clients:
+                for max_batch, srv in servers.items():
                     r = run_clients(srv.url, srv.token, body, n, args.drafts)
                     results[(max_batch, n)] = r
                     print(f"max-batch {max_batch}  clients {n}: {r['tokens_s']:7.1f} tokens/s  "
                           f"{r['drafts_min']:6.1f} drafts/min  TTFT p50 {r['p50']:.2f} s  p95 {r['p95']:.2f} s  "
-                          f"({r['tokens']} tokens in {r['wall']:.1f} s{', errors ' + str(r['errors']) if r['errors'] else ''})",
-                          flush=True)
-            finally:
+                          f"({r['tokens']} tokens in {r['wall']:.1f} s, load {os.getloadavg()[0]:.1f}"
+                          f"{', errors ' + str(r['errors']) if r['errors'] else ''})", flush=True)
+        finally:
+            for srv in servers.values():
                 srv.stop()
     print(f"load average after {os.getloadavg()[0]:.1f}")
     for n in args.clients:

@@ -221,15 +221,24 @@ class DecodeScheduler:
         if joined:
             self._merge(joined)
 
-    def _emit(self, req: _Request, logits: torch.Tensor, stats: StepDistribution | None = None) -> bool:
-        """Choose ``req``'s next token from its (1, V) logits and send it; True when it goes on."""
+    @staticmethod
+    def _choose(req: _Request, logits: torch.Tensor) -> torch.Tensor:
+        """``req``'s next token (1,) from its (1, V) logits: argmax, or a draw from its own generator."""
         s = req.settings
         if s.strategy == "sample":
             probs = _warp_logits(logits, s).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=req.generator).view(1)
-        else:
-            token = logits.argmax(-1)                                           # (1,)
-        step = distribution_stats(logits, token, TOP_ALTERNATIVES)[0]
+            return torch.multinomial(probs, 1, generator=req.generator).view(1)
+        return logits.argmax(-1)
+
+    def _emit(self, req: _Request, logits: torch.Tensor, token: torch.Tensor | None = None,
+              step: StepDistribution | None = None) -> bool:
+        """Send ``req``'s next token (chosen from its (1, V) logits unless given, with its statistics);
+        True when the draft goes on."""
+        s = req.settings
+        if token is None:
+            token = self._choose(req, logits)
+        if step is None:
+            step = distribution_stats(logits, token, TOP_ALTERNATIVES)[0]
         req.out.put(("step", step))
         req.n_tokens += 1
         if self.eos is not None and step.token_id == self.eos:
@@ -309,10 +318,12 @@ class DecodeScheduler:
                           logits_to_keep=1, **{self._cache_kw: self._cache})
         logits = out.logits[:, -1, :]                                                    # (N, V)
         self._mask = mask
+        chosen = torch.cat([self._choose(r, logits[i:i + 1]) for i, r in enumerate(reqs)])      # (N,)
+        steps = distribution_stats(logits, chosen, TOP_ALTERNATIVES)       # one pass over the batch's rows
         keep = []
         for i, req in enumerate(reqs):
             req.length += 1
-            if self._emit(req, logits[i:i + 1]):
+            if self._emit(req, logits[i:i + 1], chosen[i:i + 1], steps[i]):
                 keep.append(i)
         if self.on_step is not None:
             self.on_step(len(reqs), time.perf_counter() - t0)
