@@ -36,6 +36,7 @@ if [ $full = 1 ]; then
   run bench/viewer.py --shape 512x512x300 --steps 60
   phantoms 40 16
   run bench/explain.py --test "$work/test" --val "$work/val" --out "$work/explain.json"
+  run bench/serve.py --drafts 3 --tokens 64
 else
   run bench/preprocess.py --shape 256 256 100
   run bench/embed.py --repeats 1
@@ -45,4 +46,5 @@ else
   run bench/viewer.py --shape 256x256x100 --steps 30
   phantoms 3 3
   run bench/explain.py --test "$work/test" --val "$work/val" --limit 3 --deletion 2 --out "$work/explain.json"
+  run bench/serve.py --clients 1 8 --drafts 1 --tokens 32
 fi
