@@ -250,5 +250,17 @@ class WorkerJobs(QObject):
                 alive.append((thread, worker))
         self.jobs = alive
 
+    def wait(self, timeout_ms: int = 120_000) -> bool:
+        """Block until every running job's thread has finished (or ``timeout_ms`` passed for one of
+        them); True when none is left running. Their queued signals arrive at the next event loop turn."""
+        done = True
+        for thread, _ in list(self.jobs):
+            try:
+                if not thread.isFinished():
+                    done = thread.wait(timeout_ms) and done
+            except RuntimeError:            # already deleted by deleteLater: it has finished
+                pass
+        return done
+
     def __len__(self) -> int:
         return len(self.jobs)

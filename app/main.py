@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     status = {"code": 0}
     if args.screenshot:
         def finish() -> None:
+            window.session.wait_for_background()     # e.g. the findings check that follows a draft
             draft = window.session.draft
             if draft is not None:   # what a remote check can read without opening the picture
                 regions = ", ".join(s.region for s in draft.sections if s.region and s.text.strip())

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from PySide6.QtCore import QObject, QTimer, Signal
+from PySide6.QtCore import QCoreApplication, QObject, QTimer, Signal
 
 from reg2rg.engine.report import (ACCEPTED, REJECTED, ExportError, ReportDraft, section_from_result,
                                   write_report)
@@ -751,6 +751,14 @@ class DraftingSession(QObject):
         peak = self.heat.amap.peak_voxel
         inside = [r for r, m in (study.masks or {}).items() if m is not None and m.shape == study.shape and m[peak]]
         return f"in {', '.join(inside)}" if inside else "outside the region masks"
+
+    def wait_for_background(self, timeout_ms: int = 120_000) -> bool:
+        """Wait for the session's worker threads (loading, drafting, attention, findings check) to end,
+        then deliver their results; True when none is still running. For a headless run that must not
+        exit (or take its screenshot) while a thread still works."""
+        done = self._jobs.wait(timeout_ms) and self._findings_jobs.wait(timeout_ms)
+        QCoreApplication.processEvents()
+        return done
 
     # -- findings check ----------------------------------------------------------------------
     def check_findings(self, result) -> None:

@@ -37,6 +37,7 @@ if [ $full = 1 ]; then
   phantoms 40 16
   run bench/explain.py --test "$work/test" --val "$work/val" --out "$work/explain.json"
   run bench/serve.py --drafts 3 --tokens 64
+  run bench/segment.py
 else
   run bench/preprocess.py --shape 256 256 100
   run bench/embed.py --repeats 1
@@ -47,4 +48,5 @@ else
   phantoms 3 3
   run bench/explain.py --test "$work/test" --val "$work/val" --limit 3 --deletion 2 --out "$work/explain.json"
   run bench/serve.py --clients 1 8 --drafts 1 --tokens 32
+  run bench/segment.py --shape 160 160 80 --repeats 1
 fi
