@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from .confidence import StepDistribution, distribution_stats
 from .generation import (TOP_ALTERNATIVES, Decoder, DraftResult, EncodingStarted, Finished, GenerationError,
                          GenerationEvent, GenerationSettings, ReportEngine, _base_config, _cache_kwarg,
-                         _is_oom, _new_cache, _warp_logits, finish_result, study_orientation_for)
+                         _is_oom, _new_cache, _warp_logits, run_to_draft, finish_result, study_orientation_for)
 from .preprocess import preprocess
 
 logger = logging.getLogger("reg2rg.engine.batching")
@@ -412,12 +412,7 @@ class BatchingEngine:
 
     def draft(self, study, regions: Sequence[str] | None = None,
               settings: GenerationSettings = GenerationSettings()) -> DraftResult:
-        result = None
-        for event in self.generate(study, regions, settings):
-            if isinstance(event, Finished):
-                result = event.result
-        assert result is not None
-        return result
+        return run_to_draft(self.generate(study, regions, settings))
 
     def attention_map(self, result: DraftResult, token_indices, layers="all", heads="mean"):
         """`ReportEngine.attention_map` under the model lock (it switches attention to eager)."""

@@ -150,6 +150,18 @@ class Finished:
     result: "DraftResult"
 
 
+def run_to_draft(events) -> "DraftResult":
+    """Run a ``generate`` event stream to its end; its `Finished` event's `DraftResult` (the non-streaming
+    ``draft`` of every engine)."""
+    result = None
+    for event in events:
+        if isinstance(event, Finished):
+            result = event.result
+    if result is None:
+        raise RuntimeError("the engine's event stream ended without a finished draft")
+    return result
+
+
 GenerationEvent = EncodingStarted | EncodingDone | TokenEvent | Finished
 
 
@@ -923,12 +935,7 @@ class ReportEngine:
     def draft(self, study, regions: Sequence[str] | None = None,
               settings: GenerationSettings = GenerationSettings()) -> DraftResult:
         """Generate without streaming; returns the `DraftResult`."""
-        result = None
-        for event in self.generate(study, regions, settings):
-            if isinstance(event, Finished):
-                result = event.result
-        assert result is not None
-        return result
+        return run_to_draft(self.generate(study, regions, settings))
 
     # ---- explanations (engine/attention.py, engine/explain/) ------------------------------------
     @property

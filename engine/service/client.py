@@ -25,7 +25,7 @@ import numpy as np
 from ..attention import AttentionMap, grid_maps_to_ct
 from ..confidence import TokenConfidence
 from ..generation import (DraftResult, EncodingDone, EncodingStarted, Finished, GenerationError, GenerationEvent,
-                          GenerationSettings, PreparedStudy, TokenEvent, finish_result, result_from_tokens, select_regions,
+                          GenerationSettings, PreparedStudy, TokenEvent, run_to_draft, finish_result, result_from_tokens, select_regions,
                           study_orientation_for)
 from ..interface import EngineUnavailable
 from ..preprocess import preprocess
@@ -294,12 +294,7 @@ class RemoteEngine:
     def draft(self, study, regions: Sequence[str] | None = None,
               settings: GenerationSettings = GenerationSettings()) -> DraftResult:
         """Generate without streaming; returns the `DraftResult`."""
-        result = None
-        for event in self.generate(study, regions, settings):
-            if isinstance(event, Finished):
-                result = event.result
-        assert result is not None
-        return result
+        return run_to_draft(self.generate(study, regions, settings))
 
     def fetch(self, draft_id: str) -> dict:
         """``GET /v1/drafts/{id}``: the state of a draft and, once finished, its data."""
