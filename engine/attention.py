@@ -43,8 +43,33 @@ if TYPE_CHECKING:
 GLOBAL = "global"
 
 
+class HeatmapOnCT:
+    """What every map overlaid on the CT offers: ``heatmap`` (the study's shape, stored voxel order) with
+    the CT's ``affine``, its peak and a NIfTI copy. Subclasses name their ``nifti_intent``."""
+
+    heatmap: np.ndarray
+    affine: np.ndarray
+    nifti_intent = "heatmap"
+
+    @property
+    def peak_voxel(self) -> tuple[int, int, int]:
+        """Voxel index (stored order) of the heatmap maximum."""
+        return tuple(int(i) for i in np.unravel_index(int(np.argmax(self.heatmap)), self.heatmap.shape))  # type: ignore[return-value]
+
+    def save_nifti(self, path: str | os.PathLike) -> str:
+        """Write the heatmap as a float32 NIfTI with the CT's affine; returns the path."""
+        import nibabel as nib
+
+        path = os.fspath(path)
+        img = nib.Nifti1Image(np.asarray(self.heatmap, dtype=np.float32), np.asarray(self.affine, dtype=np.float64))
+        img.header.set_intent("estimate", name=self.nifti_intent)
+        with atomic_path(path) as tmp:
+            nib.save(img, tmp)
+        return path
+
+
 @dataclass
-class AttentionMap:
+class AttentionMap(HeatmapOnCT):
     """Attention of a selection of generated tokens, as shares and as a heatmap on the original CT.
 
     ``shares``: ``'global'`` and each region name (slot order) -> fraction of the total attention
@@ -62,21 +87,7 @@ class AttentionMap:
     affine: np.ndarray
     visual_weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
-    @property
-    def peak_voxel(self) -> tuple[int, int, int]:
-        """Voxel index (stored order) of the heatmap maximum."""
-        return tuple(int(i) for i in np.unravel_index(int(np.argmax(self.heatmap)), self.heatmap.shape))  # type: ignore[return-value]
-
-    def save_nifti(self, path: str | os.PathLike) -> str:
-        """Write the heatmap as a float32 NIfTI with the CT's affine; returns the path."""
-        import nibabel as nib
-
-        path = os.fspath(path)
-        img = nib.Nifti1Image(np.asarray(self.heatmap, dtype=np.float32), np.asarray(self.affine, dtype=np.float64))
-        img.header.set_intent("estimate", name="attention")
-        with atomic_path(path) as tmp:
-            nib.save(img, tmp)
-        return path
+    nifti_intent = "attention"
 
 
 # ------------------------------------------------------------------------------------------------

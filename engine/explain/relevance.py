@@ -30,7 +30,6 @@ than deleting the one the answer came from; masking names the right slot).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
@@ -38,15 +37,14 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from ..attention import GLOBAL, patches_to_voxels, visual_positions
-from ..fileio import atomic_path
+from ..attention import GLOBAL, HeatmapOnCT, patches_to_voxels, visual_positions
 
 if TYPE_CHECKING:
     from ..generation import DraftResult, ReportEngine
 
 
 @dataclass
-class RelevanceMap:
+class RelevanceMap(HeatmapOnCT):
     """Relevance of a selection of generated tokens, as a heatmap on the original CT.
 
     ``heatmap`` has the study's shape (stored voxel order), ``affine`` is the CT's. ``patch_relevance``:
@@ -64,21 +62,7 @@ class RelevanceMap:
     seconds: float = 0.0
     method: str = "gradient_x_input"
 
-    @property
-    def peak_voxel(self) -> tuple[int, int, int]:
-        """Voxel index (stored order) of the heatmap maximum."""
-        return tuple(int(i) for i in np.unravel_index(int(np.argmax(self.heatmap)), self.heatmap.shape))  # type: ignore[return-value]
-
-    def save_nifti(self, path: str | os.PathLike) -> str:
-        """Write the heatmap as a float32 NIfTI with the CT's affine; returns the path."""
-        import nibabel as nib
-
-        path = os.fspath(path)
-        img = nib.Nifti1Image(np.asarray(self.heatmap, dtype=np.float32), np.asarray(self.affine, dtype=np.float64))
-        img.header.set_intent("estimate", name="relevance")
-        with atomic_path(path) as tmp:
-            nib.save(img, tmp)
-        return path
+    nifti_intent = "relevance"
 
 
 @dataclass
