@@ -207,6 +207,18 @@ class GenerationWorker(QObject):
         """Work on the finished result before it is handed over (still on the worker thread)."""
 
 
+def wired_thread(worker: QObject, parent: QObject) -> QThread:
+    """A thread for ``worker`` (with ``run`` and ``done``) that quits when it is done and then deletes
+    both; not started yet, so the caller can connect the worker's signals first."""
+    thread = QThread(parent)
+    worker.moveToThread(thread)
+    thread.started.connect(worker.run)
+    worker.done.connect(thread.quit)
+    thread.finished.connect(worker.deleteLater)
+    thread.finished.connect(thread.deleteLater)
+    return thread
+
+
 def start_in_thread(worker: QObject, parent: QObject) -> QThread:
     """Move ``worker`` (with ``run`` and ``done``) to a new thread that ends and cleans up when done.
 

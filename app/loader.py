@@ -22,6 +22,7 @@ from reg2rg.engine.study import Study
 from reg2rg.engine.studyio import read_study, with_masks
 
 from .display import DisplayVolume, build_display_volume
+from .generation import wired_thread
 from .view3d import region_surfaces
 
 logger = logging.getLogger("reg2rg.app.loader")
@@ -113,11 +114,5 @@ def _describe_error(request: LoadRequest, exc: Exception) -> str:
 
 def start_loader(request: LoadRequest, parent: QObject) -> tuple[QThread, StudyLoader]:
     """Create the thread + worker pair, wired to clean themselves up; the caller connects and starts."""
-    thread = QThread(parent)
     worker = StudyLoader(request)
-    worker.moveToThread(thread)
-    thread.started.connect(worker.run)
-    worker.done.connect(thread.quit)
-    thread.finished.connect(worker.deleteLater)
-    thread.finished.connect(thread.deleteLater)
-    return thread, worker
+    return wired_thread(worker, parent), worker

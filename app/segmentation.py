@@ -26,6 +26,8 @@ from reg2rg.engine.segment import (
 )
 from reg2rg.engine.study import Study
 
+from .generation import wired_thread
+
 logger = logging.getLogger("reg2rg.app.segmentation")
 
 NOT_INSTALLED = ("Segment regions needs TotalSegmentator, which is not installed.\n\n"
@@ -77,14 +79,8 @@ class SegmentationWorker(QObject):
 
 def start_segmentation(study: Study, parent: QObject, **options) -> tuple[QThread, SegmentationWorker]:
     """The thread + worker pair, wired to clean themselves up; the caller connects and starts the thread."""
-    thread = QThread(parent)
     worker = SegmentationWorker(study, **options)
-    worker.moveToThread(thread)
-    thread.started.connect(worker.run)
-    worker.done.connect(thread.quit)
-    thread.finished.connect(worker.deleteLater)
-    thread.finished.connect(thread.deleteLater)
-    return thread, worker
+    return wired_thread(worker, parent), worker
 
 
 __all__ = ["NOT_INSTALLED", "SegmentationWorker", "start_segmentation", "totalsegmentator_available"]

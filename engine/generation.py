@@ -19,6 +19,8 @@ passes no ``do_sample``, so the LLaMA folder's ``generation_config.json`` (which
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import logging
 import math
@@ -871,14 +873,8 @@ class ReportEngine:
         Safe to consume from a worker thread (one generation at a time per engine).
         """
         settings.validate()
-        try:
+        with self._out_of_memory_as_error(f"drafting the report of {study.name}"):
             yield from self._generate(study, regions, settings, cancel)
-        except Exception as err:  # noqa: BLE001 - only memory errors are translated
-            if _is_oom(err):
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                raise EngineOutOfMemory(_oom_message(self.device, f"drafting the report of {study.name}")) from err
-            raise
 
     def _generate(self, study, regions, settings, cancel) -> Iterator[GenerationEvent]:
         chosen = self.select_regions(study, regions)
@@ -984,16 +980,21 @@ class ReportEngine:
         result.findings_check = check
         return check
 
-    def _explaining(self, run, what: str):
+    @contextlib.contextmanager
+    def _out_of_memory_as_error(self, what: str):
+        """Memory errors inside become one `EngineOutOfMemory` naming ``what`` (the GPU cache is freed)."""
         try:
-            with self.lock:
-                return run()
+            yield
         except Exception as err:  # noqa: BLE001 - only memory errors are translated
             if _is_oom(err):
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                raise EngineOutOfMemory(_oom_message(self.device, f"computing {what}")) from err
+                raise EngineOutOfMemory(_oom_message(self.device, what)) from err
             raise
+
+    def _explaining(self, run, what: str):
+        with self._out_of_memory_as_error(f"computing {what}"), self.lock:
+            return run()
 
     def check_selection(self, result: DraftResult, token_indices: Sequence[int] | int) -> list[int]:
         """The selection as a list of generated-token indices; `GenerationError` when it cannot be explained."""
