@@ -14,7 +14,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from reg2rg.engine.interface import EngineUnavailable
 
@@ -213,7 +213,7 @@ def wired_thread(worker: QObject, parent: QObject) -> QThread:
     thread = QThread(parent)
     worker.moveToThread(thread)
     thread.started.connect(worker.run)
-    worker.done.connect(thread.quit)
+    worker.done.connect(thread.quit, Qt.DirectConnection)   # thread-safe; works while the GUI thread waits
     thread.finished.connect(worker.deleteLater)
     thread.finished.connect(thread.deleteLater)
     return thread
@@ -227,7 +227,7 @@ def start_in_thread(worker: QObject, parent: QObject) -> QThread:
     thread = QThread(parent)
     worker.moveToThread(thread)
     thread.started.connect(worker.run)
-    worker.done.connect(thread.quit)
+    worker.done.connect(thread.quit, Qt.DirectConnection)   # thread-safe; works while the GUI thread waits
     thread.finished.connect(thread.deleteLater)
     thread.start()
     return thread

@@ -561,7 +561,8 @@ class MainWindow(QMainWindow):
                          Qt.Vertical)
 
     def closeEvent(self, ev) -> None:  # noqa: N802
-        self.session.close_study_cleanly()
+        self.session.close_study_cleanly()              # cancels a running draft
+        self.session.wait_for_background(30_000, deliver=False)   # no thread may outlive the window
         if self.segmentation is not None:
             self.segmentation[1].cancel()             # kills TotalSegmentator's process at once
             self.segmentation[0].wait(10000)

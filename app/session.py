@@ -752,12 +752,13 @@ class DraftingSession(QObject):
         inside = [r for r, m in (study.masks or {}).items() if m is not None and m.shape == study.shape and m[peak]]
         return f"in {', '.join(inside)}" if inside else "outside the region masks"
 
-    def wait_for_background(self, timeout_ms: int = 120_000) -> bool:
+    def wait_for_background(self, timeout_ms: int = 120_000, deliver: bool = True) -> bool:
         """Wait for the session's worker threads (loading, drafting, attention, findings check) to end,
-        then deliver their results; True when none is still running. For a headless run that must not
-        exit (or take its screenshot) while a thread still works."""
+        then (``deliver``) hand over their results; True when none is still running. For a headless run
+        that must not take its screenshot, and a window that must not close, while a thread still works."""
         done = self._jobs.wait(timeout_ms) and self._findings_jobs.wait(timeout_ms)
-        QCoreApplication.processEvents()
+        if deliver:
+            QCoreApplication.processEvents()
         return done
 
     # -- findings check ----------------------------------------------------------------------
