@@ -3,6 +3,11 @@
 The **blind control** is the same model with every global-image and region token of the prompt replaced
 by zeros (the text, the markers and the slot structure stay): what it writes, it writes from the text
 alone. A finding the model names and its blind control does not is one the model read from the image.
+
+For a model whose ``fc`` input is standardised per region (``projector_norm="region"``), zero tokens would be
+far outside what it was trained on (every input it saw was ``fc`` of a standardised feature); its blind control
+gives ``fc`` a zero *standardised* input instead — the average volume of each region's kind, i.e. ``fc``'s bias
+— for the global and region latent tokens, and zeros for the mask tokens, as for any model.
 """
 
 from __future__ import annotations
@@ -22,5 +27,9 @@ class BlindReportEngine(ReportEngine):
         visual = ids >= self.special.first_image_token                   # <image{k}> and <region{n}> rows
         embeds = prepared.prompt_embeds.clone()                            # (1, P, hidden)
         embeds[0, visual.to(embeds.device)] = 0.0
+        if self.config.projector_norm == "region":
+            masks = {self.special.region_tokens(j)[-1] for j in range(self.special.num_regions)}
+            latent = visual & ~torch.tensor([i in masks for i in prepared.prompt_ids])
+            embeds[0, latent.to(embeds.device)] = self.model.embedding_layer.fc.bias.to(embeds)
         prepared.prompt_embeds = embeds
         return prepared

@@ -646,7 +646,8 @@ def _is_oom(err: BaseException) -> bool:
 
 def model_tensors(inputs: ModelInputs, slots: Sequence[str], device, dtype) -> tuple[torch.Tensor, ...]:
     """(images (1,3,H,W,D), region_images (N,3,H,W,D), region_masks (N,1,H,W,D), region_sample (N,),
-    region_slot (N,)) of one study for `Reg2RG.encode_visual`/`embed_inputs`, regions in slot order."""
+    region_slot (N,), region_ids (N,)) of one study for `Reg2RG.encode_visual`/`embed_inputs`, regions in
+    slot order (``region_ids``: each slot's region index in `REGIONS`)."""
     images = inputs.image[None].to(device, dtype)
     if slots:
         region_images = torch.stack([inputs.regions[r] for r in slots]).to(device, dtype)
@@ -656,7 +657,8 @@ def model_tensors(inputs: ModelInputs, slots: Sequence[str], device, dtype) -> t
         region_masks = images.new_zeros(0, 1, *images.shape[2:])
     region_sample = torch.zeros(len(slots), dtype=torch.long, device=device)
     region_slot = torch.arange(len(slots), dtype=torch.long, device=device)
-    return images, region_images, region_masks, region_sample, region_slot
+    region_ids = torch.tensor([REGIONS.index(r) for r in slots], dtype=torch.long, device=device)
+    return images, region_images, region_masks, region_sample, region_slot, region_ids
 
 
 def study_orientation_for(study, model_orientation: str | None) -> str | None:
@@ -843,11 +845,13 @@ class ReportEngine:
         slots = [r for r in chosen if r in inputs.regions]
         slot_regions = {j: r for j, r in enumerate(slots)}
         dev, dt = self.device, self.dtype
-        images, region_images, region_masks, region_sample, region_slot = model_tensors(inputs, slots, dev, dt)
+        images, region_images, region_masks, region_sample, region_slot, region_ids = model_tensors(
+            inputs, slots, dev, dt)
         prompt_ids = build_prompt_ids(self.tokenizer, len(slots), self.special)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=dev)                  # (1, P)
         with torch.inference_mode():
-            visual = self.model.encode_visual(images, region_images, region_masks, return_attention=True)
+            visual = self.model.encode_visual(images, region_images, region_masks, return_attention=True,
+                                              region_ids=region_ids)
             embeds = self.model.embed_inputs(ids, images, region_images, region_masks, region_sample,
                                              region_slot, visual=visual)                  # (1, P, hidden)
         lp = _latent_patch(visual.perceiver_attention)                                    # (1+N, L, P)

@@ -54,6 +54,12 @@ HEAD_INPUT=${HEAD_INPUT:-patches}   # 4c: what the re-fitted finding head reads
 HEAD_LR=${HEAD_LR:-0.01}
 READ_STEPS=${READ_STEPS:-0}        # stage 4d (0: skipped)
 READ_LR=${READ_LR:-1e-3}
+NORM_STEPS=${NORM_STEPS:-0}        # stage n, the shipped model's (0: skipped)
+NORM_LR=${NORM_LR:-5e-4}
+NORM_PROJ_LR=${NORM_PROJ_LR:-2e-3}  # fc / mask_fc: their input changed scale, they learn faster
+NORM_BATCH=${NORM_BATCH:-8}
+NORM_SCHEDULER=${NORM_SCHEDULER:-cosine_with_warmup}
+NORM_VALIDATE=${NORM_VALIDATE:-true}
 FT_CONDITION=${FT_CONDITION:-true}  # 4b: the head's calls condition the LLM (model.finding_conditioning)
 FT_TF=${FT_TF:-0.5}                 # 4b: share of regions conditioned on their true labels in training
 N_VAL=${N_VAL:-16}
@@ -93,7 +99,7 @@ for chunk in $S1_CHUNKS; do
   if [ $running -ge 2 ]; then wait; running=0; fi
 done
 wait
-[ "$FT_STEPS" -gt 0 ] || [ "$VIS_STEPS" -gt 0 ] || FT_CHUNKS=""
+[ "$FT_STEPS" -gt 0 ] || [ "$VIS_STEPS" -gt 0 ] || [ "$NORM_STEPS" -gt 0 ] || FT_CHUNKS=""
 for chunk in $FT_CHUNKS; do     # ft_* (not train_*): stage 1 and the tokenizer never see them
   phantoms "data/ft_${chunk%%:*}" "${chunk##*:}" "${chunk%%:*}" --abnormal-fraction "$FT_ABNORMAL" &
 done
@@ -191,12 +197,24 @@ if [ "$HEAD_STEPS" -gt 0 ]; then
     --train.max_steps "$HEAD_STEPS"
 fi
 
+#   n. NORM_STEPS > 0 (the shipped model, issue 12): from the stage-1 weights, fc's input standardised per region
+#      (model.projector_norm "region": statistics fitted on the training studies, the encoders frozen and run once
+#      per study), then fc, mask_fc, the markers and the LLM trained on the abnormal-rich mix -> WORK/run_norm
+if [ "$NORM_STEPS" -gt 0 ]; then
+  "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
+    --model.overrides '{"projector_norm": "region", "finding_labels": [], "finding_loss_weight": 0.0, "lm_loss_weight": 1.0, "token_focal_gamma": 0.0, "finding_conditioning": false, "finding_teacher_forcing": 0.0}' \
+    --model.init_from "$WORK/run/final" --model.train_vit false --output.dir "$WORK/run_norm" \
+    --output.save_steps 250 --output.save_every_epoch false --train.validate_every_epoch "$NORM_VALIDATE" \
+    --train.micro_batch_size "$NORM_BATCH" --train.lr "$NORM_LR" --train.projector_lr "$NORM_PROJ_LR" \
+    --train.scheduler "$NORM_SCHEDULER" --train.warmup_steps 30 --train.max_steps "$NORM_STEPS" ${NORM_EXTRA:-}
+fi
+
 echo "== 5/6 export to $OUT"
 "$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" \
-  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" "$VIS_STEPS" "$HEAD_STEPS" "$READ_STEPS" <<'EOF'
+  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" "$VIS_STEPS" "$HEAD_STEPS" "$READ_STEPS" "$NORM_STEPS" <<'EOF'
 import json, os, shutil, sys
-work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps, head_steps, read_steps = sys.argv[1:]
-last = ("run_head" if int(head_steps) > 0 else "run_read" if int(read_steps) > 0 else ft_dir if int(ft_steps) > 0
+work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps, head_steps, read_steps, norm_steps = sys.argv[1:]
+last = ("run_norm" if int(norm_steps) > 0 else "run_head" if int(head_steps) > 0 else "run_read" if int(read_steps) > 0 else ft_dir if int(ft_steps) > 0
         else "run_vis" if int(vis_steps) > 0 else "run")
 final = f"{work}/{last}/final"
 if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint in the engine's format
@@ -223,6 +241,7 @@ seeds = {"train_seed": int(seed),
          "phantom_splits": {"train": [span(c) for c in chunks.split()],
                             **({"finetune": {"abnormal_fraction": float(ft_abnormal), "steps": int(ft_steps), "visual_only_steps": int(vis_steps),
                                              "head_refit_steps": int(head_steps), "reading_steps": int(read_steps),
+                                             "projector_norm_steps": int(norm_steps),
                                              "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix}}
                                if last != "run" else {}),
                             "validation": [int(s_val), int(s_val) + int(n_val) - 1],

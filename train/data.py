@@ -20,7 +20,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from reg2rg.engine.dataset import (DatasetError, find_mask_folder, read_reports,
 from reg2rg.engine.regions import REGIONS
 
 from .labeller import ABNORMALITIES, SIDE_LABELS, finding_sides, label_report
+
+if TYPE_CHECKING:
+    from .features import StudyFeatures
 
 logger = logging.getLogger("reg2rg.train.data")
 
@@ -197,8 +200,10 @@ class RegionReportDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: Sequence[StudyRecord], tokenizer, special, load_study, max_length: int,
-                 seed: int = 42, shuffle_regions: bool = True, finding_labels: Sequence[str] = ()):
+                 seed: int = 42, shuffle_regions: bool = True, finding_labels: Sequence[str] = (),
+                 features: Mapping[str, StudyFeatures] | None = None):
         self.records = list(records)
+        self.features = features                  # study name -> its frozen encoders' output (see train.features)
         self.tokenizer = tokenizer
         self.special = special
         self.load_study = load_study              # StudyRecord -> StudyTensors (raises on bad input)
@@ -247,11 +252,15 @@ class RegionReportDataset(torch.utils.data.Dataset):
         from reg2rg.engine.tokens import build_example
 
         record = self.records[index]
-        try:
-            tensors = self.load_study(record)
-        except (StudyError, OSError, ValueError) as err:
-            return {"skipped": record.name, "reason": f"unreadable: {err}"}
-        usable = [r for r in REGIONS if r in record.reports and r in tensors.regions]
+        features = self.features.get(record.name) if self.features is not None else None
+        tensors = None
+        if features is None:
+            try:
+                tensors = self.load_study(record)
+            except (StudyError, OSError, ValueError) as err:
+                return {"skipped": record.name, "reason": f"unreadable: {err}"}
+        present = features.regions if features is not None else tensors.regions
+        usable = [r for r in REGIONS if r in record.reports and r in present]
         if not usable:
             return {"skipped": record.name, "reason": "empty masks: no region has both a report and a non-empty mask"}
         order = self.region_order(index, usable)[: self.special.num_regions]
@@ -262,11 +271,17 @@ class RegionReportDataset(torch.utils.data.Dataset):
             "input_ids": example["input_ids"],
             "labels": example["labels"],
             "attention_mask": example["attention_mask"],
-            "image": tensors.image,                                           # (3, H, W, D)
-            "region_images": torch.stack([tensors.regions[r] for r in order]),  # (n, 3, H, W, D)
-            "region_masks": torch.stack([tensors.masks[r] for r in order]),     # (n, 1, H, W, D)
             "regions": order,
+            "region_ids": torch.tensor([REGIONS.index(r) for r in order], dtype=torch.long),   # (n,)
         }
+        if features is not None:
+            sample["global_latents"] = features.global_latents                                  # (L, dim)
+            sample["region_latents"] = torch.stack([features.regions[r][0] for r in order])   # (n, L, dim)
+            sample["mask_features"] = torch.stack([features.regions[r][1] for r in order])    # (n, mask dim)
+        else:
+            sample["image"] = tensors.image                                                    # (3, H, W, D)
+            sample["region_images"] = torch.stack([tensors.regions[r] for r in order])        # (n, 3, H, W, D)
+            sample["region_masks"] = torch.stack([tensors.masks[r] for r in order])           # (n, 1, H, W, D)
         if self.finding_labels:
             targets = self.finding_targets(record)
             sample["global_finding_targets"] = targets[""]                      # (K,)
@@ -299,22 +314,31 @@ def collate_regions(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[
         "input_ids": pad("input_ids", pad_id),                                 # (B, T)
         "labels": pad("labels", -100),                                         # (B, T)
         "attention_mask": pad("attention_mask", 0),                            # (B, T)
-        "images": torch.stack([s["image"] for s in samples]),                  # (B, 3, H, W, D)
-        "region_images": torch.cat([s["region_images"] for s in samples]),     # (N, 3, H, W, D)
-        "region_masks": torch.cat([s["region_masks"] for s in samples]),       # (N, 1, H, W, D)
         "region_sample": region_sample,                                        # (N,)
         "region_slot": region_slot,                                            # (N,)
+        "region_ids": torch.cat([s["region_ids"] for s in samples]),           # (N,) index in REGIONS
         "names": [s["name"] for s in samples],
         "regions": [s["regions"] for s in samples],
         "skipped": skipped,
     }
+    if all("global_latents" in s for s in samples):        # the frozen encoders' output (train.features)
+        batch["global_latents"] = torch.stack([s["global_latents"] for s in samples])      # (B, L, dim)
+        batch["region_latents"] = torch.cat([s["region_latents"] for s in samples])        # (N, L, dim)
+        batch["mask_features"] = torch.cat([s["mask_features"] for s in samples])          # (N, mask dim)
+    else:
+        if any("global_latents" in s for s in samples):
+            raise ValueError("a batch mixes encoded studies with volumes; give every study's features or none")
+        batch["images"] = torch.stack([s["image"] for s in samples])                       # (B, 3, H, W, D)
+        batch["region_images"] = torch.cat([s["region_images"] for s in samples])          # (N, 3, H, W, D)
+        batch["region_masks"] = torch.cat([s["region_masks"] for s in samples])            # (N, 1, H, W, D)
     if all("finding_targets" in s for s in samples):
         batch["finding_targets"] = torch.cat([s["finding_targets"] for s in samples])               # (N, K)
         batch["global_finding_targets"] = torch.stack([s["global_finding_targets"] for s in samples])  # (B, K)
     return batch
 
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "images", "region_images", "region_masks",
-                    "region_sample", "region_slot")
-#: Inputs passed on to `Reg2RG.forward` when the batch has them (the finding head's targets).
-OPTIONAL_INPUT_KEYS = ("finding_targets", "global_finding_targets")
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "region_sample", "region_slot", "region_ids")
+#: Inputs passed on to `Reg2RG.forward` when the batch has them: the volumes or their frozen encoders' output,
+#: the finding head's targets.
+OPTIONAL_INPUT_KEYS = ("images", "region_images", "region_masks", "global_latents", "region_latents",
+                       "mask_features", "finding_targets", "global_finding_targets")

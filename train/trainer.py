@@ -297,6 +297,24 @@ def build_model(config: TrainConfig, model_config, tokenizer, dtype: torch.dtype
     return model
 
 
+#: Buffers the training fits (not parameters, not recomputed by the model): saved in every checkpoint.
+FITTED_BUFFERS = ("projector_mean", "projector_std")
+
+
+def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a single-process checkpoint holds of the model: its trainable parameters and its fitted buffers."""
+    out = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    out.update({n: b.detach().cpu().contiguous() for n, b in model.named_buffers()
+                if n.rpartition(".")[2] in FITTED_BUFFERS})
+    return out
+
+
+def restorable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> tensor of everything a checkpoint may restore (parameters and fitted buffers)."""
+    return {**dict(model.named_parameters()),
+            **{n: b for n, b in model.named_buffers() if n.rpartition(".")[2] in FITTED_BUFFERS}}
+
+
 def describe_trainable(model: torch.nn.Module) -> dict[str, int]:
     """Trainable parameter counts by top-level part (what the published freezing leaves trainable)."""
     counts: dict[str, int] = {}
@@ -458,16 +476,18 @@ class Trainer:
 
         self.model = build_model(cfg, self.model_config, self.tokenizer)
         special = self.model.special
+        self.features = self._encode_for_projector_norm() if self.model_config.projector_norm == "region" else None
         max_length = min(cfg.data.max_length, self.model_config.max_length)
         # the head's targets: for its loss, and for teacher-forced finding conditioning
         wanted = self.model_config.finding_loss_weight or (self.model_config.finding_conditioning
                                                            and self.model_config.finding_teacher_forcing)
         findings = self.model_config.finding_labels if wanted else ()
         self.train_set = RegionReportDataset(self.splits.train, self.tokenizer, special, self.loader,
-                                             max_length, seed=cfg.train.seed, finding_labels=findings)
+                                             max_length, seed=cfg.train.seed, finding_labels=findings,
+                                             features=self.features)
         self.val_set = RegionReportDataset(self.splits.val[: cfg.data.val_samples], self.tokenizer, special,
                                            self.loader, max_length, seed=cfg.train.seed + 1,
-                                           finding_labels=self.model_config.finding_labels)
+                                           finding_labels=self.model_config.finding_labels, features=self.features)
         per_epoch = self.micro_batches_per_epoch() // cfg.train.grad_accum
         if per_epoch < 1:
             raise DatasetError(
@@ -505,6 +525,22 @@ class Trainer:
 
                 self.writer = SummaryWriter(str(self.output / "tensorboard"))
 
+    def _encode_for_projector_norm(self):
+        """``projector_norm="region"``: the frozen encoders' output of every study, computed once (see
+        train.features), and the statistics fitted on the training studies when the starting model has none."""
+        from .features import encode_studies, fit_projector_statistics
+
+        t0 = time.perf_counter()
+        records = list(self.splits.train) + list(self.splits.val[: self.config.data.val_samples])
+        features = encode_studies(self.model, records, self.loader)
+        if not self.model.embedding_layer.projector_statistics_fitted:
+            volumes = fit_projector_statistics(self.model, features, [r.name for r in self.splits.train])
+            if self.rank == 0:
+                logger.info("projector statistics fitted on %d training volumes", volumes)
+        if self.rank == 0:
+            logger.info("frozen encoders: %d studies encoded once in %.0f s", len(features), time.perf_counter() - t0)
+        return features
+
     def micro_batches_per_epoch(self) -> int:
         n = len(self.splits.train) // self.world
         return math.ceil(n / self.config.train.micro_batch_size)
@@ -525,8 +561,7 @@ class Trainer:
         if self.engine is not None:
             self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
         else:
-            trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-            save_file(trainable, str(tmp / "trainable.safetensors"))
+            save_file(checkpoint_tensors(self.model), str(tmp / "trainable.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(),
@@ -615,9 +650,9 @@ class Trainer:
             if missing:
                 raise TrainConfigError(f"{path}: checkpoint lacks trainable parameters {missing[:5]}")
             with torch.no_grad():
-                params = dict(self.model.named_parameters())
+                tensors = restorable_tensors(self.model)
                 for name, value in weights.items():
-                    params[name].copy_(value)
+                    tensors[name].copy_(value)
             self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
             self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_pt = path / f"rng_rank{self.rank}.pt"
@@ -638,8 +673,9 @@ class Trainer:
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         inputs = {k: batch[k].to(self.device) for k in MODEL_INPUT_KEYS + OPTIONAL_INPUT_KEYS if k in batch}
         if self.use_bf16:
-            for key in ("images", "region_images", "region_masks"):
-                inputs[key] = inputs[key].to(torch.bfloat16)
+            for key in ("images", "region_images", "region_masks", "global_latents", "region_latents", "mask_features"):
+                if key in inputs:
+                    inputs[key] = inputs[key].to(torch.bfloat16)
         return inputs
 
     def _zero_loss(self) -> torch.Tensor:
@@ -706,7 +742,7 @@ class Trainer:
 
     def _loader(self, batches: list[list[int]]):
         cfg = self.config
-        workers = cfg.data.num_workers if cfg.data.num_workers and len(batches) > 1 else 0
+        workers = cfg.data.num_workers if cfg.data.num_workers and len(batches) > 1 and self.features is None else 0
         pad_id = self.tokenizer.pad_token_id or 0
         return torch.utils.data.DataLoader(
             self.train_set, batch_sampler=batches, num_workers=workers,
@@ -922,7 +958,7 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
     tokenizer = load_training_tokenizer(config, model_config)
     model = build_model(config, model_config, tokenizer)
     weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
+    params = restorable_tensors(model)
     unknown = sorted(set(weights) - set(params))
     if unknown:
         raise TrainConfigError(f"{path}: parameters {unknown[:5]} are not in the model of {run_dir}")

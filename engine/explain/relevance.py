@@ -119,7 +119,7 @@ def relevance_map(engine: "ReportEngine", result: "DraftResult", token_indices: 
     prepared = result.prepared
     model, dev = engine.model, engine.device
     slots = prepared.slots
-    images, region_images, region_masks, region_sample, region_slot = model_tensors(
+    images, region_images, region_masks, region_sample, region_slot, region_ids = model_tensors(
         prepared.inputs, slots, dev, engine.dtype)
     upto = max(idx) + 1
     P = len(prepared.prompt_ids)
@@ -135,7 +135,7 @@ def relevance_map(engine: "ReportEngine", result: "DraftResult", token_indices: 
         if xm is not None:
             leaves.append(xm.detach().requires_grad_(True))
         visual = model.encode_visual(images, region_images, region_masks, patch_tokens=leaves[0],
-                                     mask_patch_tokens=leaves[1] if xm is not None else None)
+                                     mask_patch_tokens=leaves[1] if xm is not None else None, region_ids=region_ids)
         embeds = model.embed_inputs(ids, images, region_images, region_masks, region_sample, region_slot,
                                     visual=visual)
         log_prob = selected_log_prob(model.lang_model, embeds, None, positions, targets)[0]

@@ -134,6 +134,15 @@ class Reg2RGConfig:
     labels instead of the head's (the head's probabilities are detached: its calls are learned by its own
     loss from the image only). Label names may include ``"Left side"`` / ``"Right side"``: the side named by
     the region's abnormal sentences.
+
+    ``projector_norm`` (not published: ``"none"``): ``"region"`` standardises ``fc``'s input, the perceiver's
+    latents, per anatomical region: (x - mean) / std with the mean and std of each feature at each latent
+    position over the training volumes of that region (one row for the global image, one per region; buffers
+    saved with the weights, fitted by ``reg2rg-train`` with the encoders frozen). Within-region differences —
+    the findings — are about ten times smaller than the differences between regions, and a from-scratch LLM
+    learns the regions' identity first and then reads nothing else; standardised, each region's tokens are
+    its deviation from the average region of its kind (the identity stays in the mask token and the slot).
+    Every caller then passes each region's index in `REGIONS` (``region_ids``).
     """
 
     name: str = "custom"
@@ -160,6 +169,7 @@ class Reg2RGConfig:
     finding_head_input: str = "tokens"      # "tokens" (projected tokens, mean) or "patches" (ViT patches, max)
     finding_conditioning: bool = False      # the head's calls added to each region's tokens (not published)
     finding_teacher_forcing: float = 0.0    # training: share of regions conditioned on their true labels
+    projector_norm: str = "none"            # "none" (published) or "region": fc's input standardised per region
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]
@@ -203,6 +213,8 @@ class Reg2RGConfig:
             raise ConfigError(f"finding_head_input must be 'tokens' or 'patches', got {self.finding_head_input!r}")
         if self.finding_conditioning and not self.finding_labels:
             raise ConfigError("finding_conditioning needs finding_labels (the head whose calls it passes on)")
+        if self.projector_norm not in ("none", "region"):
+            raise ConfigError(f"projector_norm must be 'none' or 'region', got {self.projector_norm!r}")
         if not 0.0 <= self.finding_teacher_forcing <= 1.0:
             raise ConfigError(f"finding_teacher_forcing must lie in [0, 1], got {self.finding_teacher_forcing}")
         if require_llm and self.llm_path is None and self.llm_config is None:

@@ -34,6 +34,18 @@ class VisualTokens:
     patch_tokens: torch.Tensor | None = None     # (B+N, P, vision dim), kept when the finding head reads them
 
 
+@dataclass
+class EncoderFeatures:
+    """What the encoders give before the projection (``fc`` / ``mask_fc``) of a batch."""
+
+    global_latents: torch.Tensor                 # (B, L, vision dim) perceiver output of the global volumes
+    region_latents: torch.Tensor                 # (N, L, vision dim) of the region volumes
+    mask_features: torch.Tensor                  # (N, mask dim) mean mask-encoder token of each region
+    perceiver_attention: tuple[torch.Tensor, ...] | None = None
+    patch_grid: tuple[int, int, int] | None = None
+    patch_tokens: torch.Tensor | None = None
+
+
 class RegionFusionEmbedding(nn.Module):
     """Children and parameter names follow the published ``embedding_layer``.
 
@@ -67,6 +79,17 @@ class RegionFusionEmbedding(nn.Module):
                                   if config.finding_conditioning else None)
         if config.freeze_vision_encoder:
             self.vision_encoder.requires_grad_(False)
+        # Optional (not published): per-region standardisation of fc's input, see Reg2RGConfig.projector_norm.
+        # Row 0: the global image; row 1 + r: region r of `REGIONS`. Saved with the model (state_dict buffers).
+        if config.projector_norm == "region":
+            rows = (1 + config.num_regions, config.num_latents, config.vision.dim)
+            self.register_buffer("projector_mean", torch.zeros(rows))
+            self.register_buffer("projector_std", torch.ones(rows))
+            # the statistics describe the encoders' output: they stay frozen (ViT, perceiver, mask encoder)
+            for frozen in (self.vision_encoder, self.perceiver, self.mask_encoder):
+                frozen.requires_grad_(False)
+        else:
+            self.projector_mean = self.projector_std = None
         self.weight: nn.Parameter | None = None
 
     # ---- visual side ---------------------------------------------------------------------------
@@ -79,15 +102,11 @@ class RegionFusionEmbedding(nn.Module):
         chunks = [images, *region_images.split(PATCH_EMBED_CHUNK)]
         return torch.cat([self.vision_encoder.embed_patches(c.to(dtype)) for c in chunks if len(c)])
 
-    def encode_visual(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
-                      return_attention: bool = False, patch_tokens: torch.Tensor | None = None,
-                      mask_patch_tokens: torch.Tensor | None = None) -> VisualTokens:
-        """Global volumes (B,C,H,W,D), region volumes (N,C,H,W,D) and region masks (N,1,H,W,D) ->
-        projected tokens, the global and all region volumes in ONE ViT + perceiver pass.
-
-        ``patch_tokens``: the volumes' `embed_volumes` output, ``mask_patch_tokens`` the masks'
-        ``mask_encoder.embed_patches`` output, given when the caller needs them as tensors of its own
-        (relevance maps take the gradient of the output with respect to them)."""
+    def encoder_features(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
+                         return_attention: bool = False, patch_tokens: torch.Tensor | None = None,
+                         mask_patch_tokens: torch.Tensor | None = None) -> EncoderFeatures:
+        """The encoders' part of `encode_visual` (everything before ``fc`` and ``mask_fc``): the global volumes
+        (B,C,H,W,D) and region volumes (N,C,H,W,D) in ONE ViT + perceiver pass, the masks through the mask encoder."""
         B, N = images.shape[0], region_images.shape[0]
         if region_masks.shape[0] != N:
             raise ValueError(f"{N} region volumes but {region_masks.shape[0]} region masks")
@@ -98,19 +117,90 @@ class RegionFusionEmbedding(nn.Module):
             latents, attention = self.perceiver(patches, return_attention=True)
         else:
             latents, attention = self.perceiver(patches), None                 # (B+N, L, dim)
-        tokens = self.fc(latents)                                              # (B+N, L, hidden)
-        global_tokens, region_tokens = tokens[:B], tokens[B:]
         if N:
             if mask_patch_tokens is None:
                 mask_patch_tokens = self.mask_encoder.embed_patches(region_masks.to(images.dtype))
-            mask_tokens = self.mask_encoder.transformer(mask_patch_tokens).mean(dim=1)  # (N, mask_dim)
-            mask_tokens = self.mask_fc(mask_tokens)                            # (N, hidden)
+            mask_features = self.mask_encoder.transformer(mask_patch_tokens).mean(dim=1)  # (N, mask_dim)
+        else:
+            mask_features = latents.new_zeros(0, self.config.mask_encoder.dim)
+        grid = self.config.vision.grid(tuple(images.shape[-3:]))
+        kept = patches if self.finding_patch_head is not None else None
+        return EncoderFeatures(latents[:B], latents[B:], mask_features, attention, grid, kept)
+
+    def normalise_latents(self, latents: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``projector_norm="region"``: (latents - mean) / std of each volume's statistics row (0 global,
+        1 + r region r); unchanged otherwise."""
+        if self.projector_mean is None:
+            return latents
+        mean, std = self.projector_mean[rows], self.projector_std[rows]
+        return ((latents.float() - mean) / std).to(latents.dtype)
+
+    def region_rows(self, batch: int, region_ids: torch.Tensor | None, regions: int) -> torch.Tensor:
+        """Statistics rows of B global volumes then N regions (``region_ids``: each region's index in `REGIONS`)."""
+        if region_ids is None or region_ids.shape[0] != regions:
+            raise ValueError(f"this model standardises each region's features (projector_norm='region'): give the "
+                             f"{regions} regions' indices in REGIONS (region_ids), got "
+                             f"{None if region_ids is None else tuple(region_ids.shape)}")
+        if regions and (int(region_ids.min()) < 0 or int(region_ids.max()) >= self.num_regions):
+            raise ValueError(f"region_ids must lie in 0..{self.num_regions - 1}")
+        return torch.cat([region_ids.new_zeros(batch), 1 + region_ids]).to(self.projector_mean.device)
+
+    def project(self, features: EncoderFeatures, region_ids: torch.Tensor | None = None) -> VisualTokens:
+        """``fc`` on the latents (standardised per region first with ``projector_norm="region"``) and ``mask_fc``
+        on the mask features -> the tokens the LLM reads."""
+        latents = torch.cat([features.global_latents, features.region_latents])
+        B, N = features.global_latents.shape[0], features.region_latents.shape[0]
+        if self.projector_mean is not None:
+            latents = self.normalise_latents(latents, self.region_rows(B, region_ids, N))
+        tokens = self.fc(latents.to(self.fc.weight.dtype))                     # (B+N, L, hidden)
+        global_tokens, region_tokens = tokens[:B], tokens[B:]
+        if N:
+            mask_tokens = self.mask_fc(features.mask_features.to(self.mask_fc.weight.dtype))   # (N, hidden)
             region_tokens = torch.cat([region_tokens, mask_tokens[:, None, :]], dim=1)  # (N, L+1, hidden)
         else:
             region_tokens = tokens.new_zeros(0, self.num_latents + 1, self.hidden_size)
-        grid = self.config.vision.grid(tuple(images.shape[-3:]))
-        kept = patches if self.finding_patch_head is not None else None
-        return VisualTokens(global_tokens, region_tokens, attention, grid, kept)
+        return VisualTokens(global_tokens, region_tokens, features.perceiver_attention, features.patch_grid,
+                            features.patch_tokens)
+
+    def encode_visual(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
+                      return_attention: bool = False, patch_tokens: torch.Tensor | None = None,
+                      mask_patch_tokens: torch.Tensor | None = None,
+                      region_ids: torch.Tensor | None = None) -> VisualTokens:
+        """Global volumes (B,C,H,W,D), region volumes (N,C,H,W,D) and region masks (N,1,H,W,D) ->
+        projected tokens, the global and all region volumes in ONE ViT + perceiver pass.
+
+        ``patch_tokens``: the volumes' `embed_volumes` output, ``mask_patch_tokens`` the masks'
+        ``mask_encoder.embed_patches`` output, given when the caller needs them as tensors of its own
+        (relevance maps take the gradient of the output with respect to them). ``region_ids`` (N,): each
+        region's index in `REGIONS`, needed by a model with ``projector_norm="region"``."""
+        features = self.encoder_features(images, region_images, region_masks, return_attention, patch_tokens,
+                                         mask_patch_tokens)
+        return self.project(features, region_ids)
+
+    @torch.no_grad()
+    def set_projector_statistics(self, latents: torch.Tensor, rows: torch.Tensor, min_std: float = 1e-3) -> list[int]:
+        """Fit ``projector_norm="region"``'s statistics: ``latents`` (M, L, dim) pre-``fc`` features of M
+        training volumes, ``rows`` (M,) their statistics row (0 global, 1 + r region r). Each row's mean and
+        std over its volumes, per latent and feature (std floored at ``min_std`` x the row's mean std). A row
+        with fewer than 2 volumes (a region no training study has) keeps the identity; returns the rows fitted."""
+        if self.projector_mean is None:
+            raise RuntimeError("this model has no projector statistics (projector_norm is 'none')")
+        fitted = []
+        for row in range(self.projector_mean.shape[0]):
+            chosen = latents[rows == row].float()
+            if len(chosen) < 2:
+                continue
+            mean, std = chosen.mean(dim=0), chosen.std(dim=0)
+            self.projector_mean[row] = mean.to(self.projector_mean)
+            self.projector_std[row] = std.clamp(min=float(std.mean()) * min_std).to(self.projector_std)
+            fitted.append(row)
+        return fitted
+
+    @property
+    def projector_statistics_fitted(self) -> bool:
+        """False for a ``projector_norm="region"`` model whose statistics are still the identity."""
+        return self.projector_mean is None or not (bool((self.projector_mean == 0).all())
+                                                   and bool((self.projector_std == 1).all()))
 
     def finding_logits(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
         """(global (B, K), regions (N, K)) float32 finding-head logits of each volume: the linear head on
@@ -180,9 +270,10 @@ class RegionFusionEmbedding(nn.Module):
         return torch.where(is_special[..., None], special, text)
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor, region_images: torch.Tensor,
-                region_masks: torch.Tensor, region_sample: torch.Tensor, region_slot: torch.Tensor) -> torch.Tensor:
+                region_masks: torch.Tensor, region_sample: torch.Tensor, region_slot: torch.Tensor,
+                region_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Inputs embeds (B, T, hidden) for ids and the batch's flat region lists."""
-        visual = self.encode_visual(images, region_images, region_masks)
+        visual = self.encode_visual(images, region_images, region_masks, region_ids=region_ids)
         return self.embed(input_ids, self.special_table(visual, region_sample, region_slot))
 
 

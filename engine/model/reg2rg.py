@@ -12,7 +12,7 @@ from torch import nn
 
 from ..tokens import IGNORE_INDEX, SpecialIds, add_special_tokens
 from .config import ConfigError, Reg2RGConfig
-from .embedding import RegionFusionEmbedding, VisualTokens
+from .embedding import EncoderFeatures, RegionFusionEmbedding, VisualTokens
 from .llm import base_llama, build_language_model
 
 
@@ -67,20 +67,22 @@ class Reg2RG(nn.Module):
     # ---- pieces used by generation and attention maps ----------------------------------------------
     def encode_visual(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
                       return_attention: bool = False, patch_tokens: torch.Tensor | None = None,
-                      mask_patch_tokens: torch.Tensor | None = None) -> VisualTokens:
+                      mask_patch_tokens: torch.Tensor | None = None,
+                      region_ids: torch.Tensor | None = None) -> VisualTokens:
         """Global + all regions in one batched ViT + perceiver pass; masks through the mask encoder.
-        ``patch_tokens``, ``mask_patch_tokens``: see `RegionFusionEmbedding.encode_visual`."""
+        ``patch_tokens``, ``mask_patch_tokens``, ``region_ids``: see `RegionFusionEmbedding.encode_visual`."""
         return self.embedding_layer.encode_visual(images, region_images, region_masks, return_attention,
-                                                  patch_tokens, mask_patch_tokens)
+                                                  patch_tokens, mask_patch_tokens, region_ids)
 
     def embed_inputs(self, input_ids: torch.Tensor, images: torch.Tensor, region_images: torch.Tensor,
                      region_masks: torch.Tensor, region_sample: torch.Tensor, region_slot: torch.Tensor,
-                     visual: VisualTokens | None = None, region_calls: torch.Tensor | None = None) -> torch.Tensor:
+                     visual: VisualTokens | None = None, region_calls: torch.Tensor | None = None,
+                     region_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``inputs_embeds`` (B, T, hidden); pass ``visual`` to reuse an encoding. With
         ``config.finding_conditioning`` the regions' tokens carry the finding head's calls (or
         ``region_calls`` (N, K), given in training for teacher forcing)."""
         if visual is None:
-            visual = self.encode_visual(images, region_images, region_masks)
+            visual = self.encode_visual(images, region_images, region_masks, region_ids=region_ids)
         visual = self.embedding_layer.condition_on_findings(visual, region_calls)
         table = self.embedding_layer.special_table(visual, region_sample, region_slot)
         # the LLM takes its inputs in its own dtype (it differs from the vision path's in mixed precision)
@@ -105,7 +107,9 @@ class Reg2RG(nn.Module):
                 region_images: torch.Tensor | None = None, region_masks: torch.Tensor | None = None,
                 region_sample: torch.Tensor | None = None, region_slot: torch.Tensor | None = None,
                 finding_targets: torch.Tensor | None = None,
-                global_finding_targets: torch.Tensor | None = None) -> Reg2RGOutput:
+                global_finding_targets: torch.Tensor | None = None, region_ids: torch.Tensor | None = None,
+                global_latents: torch.Tensor | None = None, region_latents: torch.Tensor | None = None,
+                mask_features: torch.Tensor | None = None) -> Reg2RGOutput:
         """Causal-LM loss exactly as the reference (HF shift, mean over labels != -100) and accuracies.
 
         With a finding head (``config.finding_labels``) and targets — ``finding_targets`` (N, K) for the
@@ -114,14 +118,23 @@ class Reg2RG(nn.Module):
         With ``config.token_focal_gamma`` > 0 the language-model part of ``loss`` is the focal loss
         (`focal_token_loss`); ``lm_loss`` stays the published cross-entropy. The language-model part is
         weighted by ``config.lm_loss_weight``; at 0 (a visual-only stage) with finding targets the LLM is
-        not run: ``loss`` is the weighted finding loss, ``logits`` None and the language numbers NaN."""
-        if images is None:
-            raise ValueError("Reg2RG.forward needs the global images (B, C, H, W, D)")
-        if region_images is None:
-            region_images = images.new_zeros(0, *images.shape[1:])
-            region_masks = images.new_zeros(0, 1, *images.shape[2:])
-            region_sample = region_slot = torch.zeros(0, dtype=torch.long, device=images.device)
-        visual = self.encode_visual(images, region_images, region_masks)
+        not run: ``loss`` is the weighted finding loss, ``logits`` None and the language numbers NaN.
+
+        ``region_ids`` (N,): each region's index in `REGIONS` (needed with ``config.projector_norm``).
+        ``global_latents`` (B, L, dim), ``region_latents`` (N, L, dim), ``mask_features`` (N, mask dim): the
+        encoders' output (`RegionFusionEmbedding.encoder_features`) computed beforehand, in place of the
+        volumes — training with frozen encoders reuses them instead of encoding every study again."""
+        if global_latents is not None:
+            features = EncoderFeatures(global_latents, region_latents, mask_features)
+            visual = self.embedding_layer.project(features, region_ids)
+        else:
+            if images is None:
+                raise ValueError("Reg2RG.forward needs the global images (B, C, H, W, D) or their encoder features")
+            if region_images is None:
+                region_images = images.new_zeros(0, *images.shape[1:])
+                region_masks = images.new_zeros(0, 1, *images.shape[2:])
+                region_sample = region_slot = torch.zeros(0, dtype=torch.long, device=images.device)
+            visual = self.encode_visual(images, region_images, region_masks, region_ids=region_ids)
         token_acc = seq_acc = finding_loss = finding_logits = None
         if self.config.lm_loss_weight == 0 and finding_targets is not None:
             # visual-only stage: the finding head's loss alone, the LLM is not run
