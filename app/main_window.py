@@ -134,11 +134,13 @@ class MainWindow(QMainWindow):
         self.session.heatLayerChanged.connect(self._show_heat_layer)
 
     def _show_heat_layer(self) -> None:
-        """Draw the session's heat layer in every view (or take it away)."""
+        """Draw the session's heat layer, its peak marked, in every view (or take it away)."""
         heat = self.session.heat
         table = heat.table()
+        peak = self.session.peak_voxel() if heat.shown else None
         for view in self.all_views():
             view.set_heatmap(heat.codes if heat.shown else None, table, heat.opacity)
+            view.set_peak(peak)
 
     def _build_status_bar(self) -> None:
         bar = self.statusBar()

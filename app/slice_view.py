@@ -49,6 +49,11 @@ VIEW_COLORS = {2: (0.86, 0.30, 0.30), 1: (0.35, 0.75, 0.35), 0: (0.90, 0.80, 0.3
 
 N_LABEL_CODES = 1 << len(REGIONS)
 LINKED_VIEW_DELAY_MS = 120             # a linked view's crosshair follows once scrolling pauses this long
+# The heat layer's peak: a ring with four ticks (a target reticle, its centre left open so the anatomy at the
+# peak stays visible) in magenta, which none of the colour maps, the crosshair's yellow or a region colour uses.
+PEAK_COLOR = (1.0, 0.2, 1.0)
+PEAK_RING_PX = 11.0                    # ring radius on screen (kept at any zoom); the ticks reach 1.9x that
+PEAK_RING_SEGMENTS = 32
 
 
 def region_lookup_table(styles: dict[str, RegionStyle], outline: bool) -> np.ndarray:
@@ -199,6 +204,18 @@ class SliceView(RenderWidget):
         self._cross_actor.PickableOff()
         self.renderer.AddActor(self._cross_actor)
 
+        self._peak: tuple[int, int, int] | None = None   # display voxel of the heat layer's maximum
+        self._peak_poly = vtkPolyData()
+        peak_mapper = vtkPolyDataMapper()
+        peak_mapper.SetInputData(self._peak_poly)
+        self._peak_actor = vtkActor()
+        self._peak_actor.SetMapper(peak_mapper)
+        self._peak_actor.GetProperty().SetColor(*PEAK_COLOR)
+        self._peak_actor.GetProperty().SetLineWidth(2.0)
+        self._peak_actor.PickableOff()
+        self._peak_actor.VisibilityOff()
+        self.renderer.AddActor(self._peak_actor)
+
         self._letters = {}
         for edge, pos in {"left": (0.012, 0.5), "right": (0.988, 0.5), "top": (0.5, 0.985), "bottom": (0.5, 0.015)}.items():
             t = vtkTextActor()
@@ -243,6 +260,8 @@ class SliceView(RenderWidget):
         self._cross_actor.SetVisibility(vol is not None)
         self._shown_slice = None
         self._heat_codes = None
+        self._peak = None
+        self._peak_actor.VisibilityOff()
         if vol is None:
             self._corner.SetText(0, "")
             self.request_render()
@@ -284,12 +303,15 @@ class SliceView(RenderWidget):
         w, h = max(self.width(), 1), max(self.height(), 1)
         cam.SetParallelScale(max(size[ya] / 2.0, size[xa] / 2.0 * h / w) * 1.04)
         cam.SetClippingRange(dist * 0.25, dist * 2.0)
+        self._update_peak_marker()
         self.request_render()
 
     def resizeEvent(self, ev) -> None:  # noqa: N802
         super().resizeEvent(ev)
         if self._has_volume and not getattr(self, "_user_zoomed", False):
             self.reset_camera()
+        elif self._has_volume:
+            self._update_peak_marker()           # the same zoom over another height: the ring keeps its size
 
     def _on_window_level(self, window: float, level: float, render: bool = True) -> None:
         self._grey_table = window_table(window, level)
@@ -339,6 +361,7 @@ class SliceView(RenderWidget):
             self._shown_slice = k
             self._compose(k)
             self._corner.SetText(0, f"Slice {k + 1}/{vol.shape[self.axis]}")
+            self._update_peak_marker()
         self._link_timer.stop()
         self.request_render()
 
@@ -381,7 +404,55 @@ class SliceView(RenderWidget):
         self._heat_opacity = float(opacity) if codes is not None else 0.0
         self._refresh_slice()
 
-    # -- rendering ---------------------------------------------------------------------------
+    def set_peak(self, ijk) -> None:
+        """Mark the heat layer's maximum (a display voxel; None removes the mark). The mark is drawn while
+        this view shows the peak's slice."""
+        self._peak = None if ijk is None else tuple(int(v) for v in ijk)
+        self._update_peak_marker()
+        self.request_render()
+
+    def peak_marker_shown(self) -> bool:
+        """Whether the peak's mark is drawn in this view now."""
+        return bool(self._peak_actor.GetVisibility())
+
+    def _update_peak_marker(self) -> None:
+        vol = self.document.volume
+        peak = self._peak
+        if vol is None or peak is None or self._shown_slice != peak[self.axis]:
+            self._peak_actor.VisibilityOff()
+            return
+        sp = np.array(vol.spacing, dtype=np.float64)
+        (xa, _), (ya, _) = SCREEN_AXES[self.axis]
+        # mm per screen pixel (parallel projection: the view's height spans twice the parallel scale)
+        mm_per_px = 2.0 * self.renderer.GetActiveCamera().GetParallelScale() / max(self.height(), 1)
+        radius = PEAK_RING_PX * mm_per_px
+        dop, _ = CAMERA[self.axis]
+        centre = np.array(peak, dtype=np.float64) * sp - np.array(dop) * sp[self.axis] * 0.6   # above the crosshair
+        points = vtkPoints()
+        lines = vtkCellArray()
+        angles = np.linspace(0.0, 2.0 * np.pi, PEAK_RING_SEGMENTS, endpoint=False)
+        ring = []
+        for a in angles:
+            q = centre.copy()
+            q[xa] += radius * np.cos(a)
+            q[ya] += radius * np.sin(a)
+            ring.append(points.InsertNextPoint(*q))
+        lines.InsertNextCell(len(ring) + 1)
+        for i in ring + ring[:1]:
+            lines.InsertCellPoint(i)
+        for axis in (xa, ya):                 # ticks outside the ring, pointing at the peak
+            for sign in (-1.0, 1.0):
+                a, b = centre.copy(), centre.copy()
+                a[axis] += sign * radius * 1.0
+                b[axis] += sign * radius * 1.9
+                lines.InsertNextCell(2)
+                lines.InsertCellPoint(points.InsertNextPoint(*a))
+                lines.InsertCellPoint(points.InsertNextPoint(*b))
+        self._peak_poly.SetPoints(points)
+        self._peak_poly.SetLines(lines)
+        self._peak_poly.Modified()
+        self._peak_actor.VisibilityOn()
+
     # -- picking -----------------------------------------------------------------------------
     def voxel_at(self, pos: QPoint) -> tuple[int, int, int] | None:
         """Display voxel under a widget position (the fixed axis is the current slice)."""
@@ -414,6 +485,7 @@ class SliceView(RenderWidget):
         cam = self.renderer.GetActiveCamera()
         cam.SetParallelScale(cam.GetParallelScale() / factor)
         self._user_zoomed = True
+        self._update_peak_marker()
         self.request_render()
 
     def pan_pixels(self, dx: float, dy: float) -> None:

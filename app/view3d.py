@@ -26,7 +26,7 @@ from reg2rg.engine.regions import REGION_INDEX, REGIONS
 from .display import DisplayVolume, SurfaceMesh
 from .document import ViewerDocument
 from .render_widget import RenderWidget
-from .slice_view import image_from_array
+from .slice_view import PEAK_COLOR, image_from_array
 from .style import VOLUME_PRESETS
 
 SURFACE_MAX_DIM = 128     # masks are downsampled to at most this many voxels per axis for meshing
@@ -37,6 +37,7 @@ HEAT_MAX_DIM = 96         # attention maps are coarse (image patches): meshed on
 HEAT_ISO_LEVELS = (0.6, 0.75, 0.9)
 HEAT_SHELL_OPACITY = (0.25, 0.45, 0.9)
 REGION_FADE_UNDER_HEAT = 0.3   # region surfaces' opacity factor while a heatmap is shown
+PEAK_GLYPH_FRACTION = 0.025    # the peak's sphere: this fraction of the volume's largest extent as radius
 
 
 def _stride(shape, max_dim: int) -> int:
@@ -192,6 +193,25 @@ class View3D(RenderWidget):
         self._cursor_actor.GetProperty().SetColor(1.0, 0.85, 0.2)
         self._cursor_actor.VisibilityOff()
         self.renderer.AddActor(self._cursor_actor)
+        # The heat layer's peak: a sphere on a second layer with the same camera, drawn over the heat shells
+        # (which enclose it) and the surfaces, so it is never hidden inside them.
+        self._peak_renderer = vtkRenderer()
+        self._peak_renderer.SetLayer(1)
+        self._peak_renderer.InteractiveOff()
+        self._peak_renderer.SetActiveCamera(self.renderer.GetActiveCamera())
+        self.GetRenderWindow().SetNumberOfLayers(2)
+        self.GetRenderWindow().AddRenderer(self._peak_renderer)
+        self._peak_sphere = vtkSphereSource()
+        self._peak_sphere.SetThetaResolution(20)
+        self._peak_sphere.SetPhiResolution(20)
+        pm = vtkPolyDataMapper()
+        pm.SetInputConnection(self._peak_sphere.GetOutputPort())
+        self._peak_actor = vtkActor()
+        self._peak_actor.SetMapper(pm)
+        self._peak_actor.GetProperty().SetColor(*PEAK_COLOR)
+        self._peak_actor.PickableOff()
+        self._peak_actor.VisibilityOff()
+        self._peak_renderer.AddActor(self._peak_actor)
         corner = vtkCornerAnnotation()
         corner.SetText(2, "3D")
         corner.SetMaximumFontSize(14)
@@ -206,6 +226,7 @@ class View3D(RenderWidget):
             self.renderer.RemoveActor(actor)
         self._actors.clear()
         self._clear_heat()
+        self._peak_actor.VisibilityOff()
         if self._volume_actor is not None:
             self.renderer.RemoveVolume(self._volume_actor)
             self._volume_actor = None
@@ -316,6 +337,21 @@ class View3D(RenderWidget):
             actor.GetProperty().SetOpacity(float(np.clip(opacity * shell * 1.4, 0.0, 1.0)))
             actor.SetVisibility(opacity > 0)
         self._on_styles()
+
+    def set_peak(self, ijk) -> None:
+        """Mark the heat layer's maximum (a display voxel) with a sphere; None removes it."""
+        vol = self.document.volume
+        if ijk is None or vol is None:
+            self._peak_actor.VisibilityOff()
+        else:
+            sp = np.array(vol.spacing, dtype=np.float64)
+            self._peak_sphere.SetRadius(PEAK_GLYPH_FRACTION * float(np.max(np.array(vol.shape) * sp)))
+            self._peak_actor.SetPosition(*(np.array(ijk, dtype=np.float64) * sp))
+            self._peak_actor.VisibilityOn()
+        self.request_render()
+
+    def peak_marker_shown(self) -> bool:
+        return bool(self._peak_actor.GetVisibility())
 
     def heat_shown(self) -> bool:
         """Whether heatmap shells are visible now."""

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCREENSHOT_DIR = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
@@ -123,3 +124,30 @@ def _garbage_on_the_gui_thread(qapp):
     collect_on_gui_thread(qapp)
     yield
     gc.collect()
+
+
+def peak_mark_pixels(frame: np.ndarray) -> np.ndarray:
+    """(y, x) of the pixels painted in the peak marker's magenta (no colour map, region colour, crosshair or
+    grey CT value has red and blue both high with green low)."""
+    f = frame.astype(int)
+    return np.argwhere((f[..., 0] > 200) & (f[..., 2] > 200) & (f[..., 1] < 110))
+
+
+def assert_peak_marked_at(view, ijk) -> None:
+    """The view paints the peak marker (a ring with ticks) around the widget position of display voxel ijk,
+    and nowhere else."""
+    from PySide6.QtWidgets import QApplication
+
+    from reg2rg.app.main_window import frame_pixels
+
+    QApplication.processEvents()
+    mark = peak_mark_pixels(frame_pixels(view))
+    assert len(mark) > 20, "no peak marker painted"
+    at = view.world_to_widget(ijk)
+    ratio = view.devicePixelRatioF()
+    centre = np.array([at.y(), at.x()]) * ratio
+    # the marker is symmetric about the peak: its pixels' mean is the peak's screen position
+    assert np.abs(mark.mean(axis=0) - centre).max() < 3, (mark.mean(axis=0), centre)
+    # and it is a ring with an open centre (the anatomy at the peak stays visible)
+    dist = np.hypot(*(mark - centre).T)
+    assert dist.min() > 2 and dist.max() < 0.25 * min(view.width(), view.height()) * ratio

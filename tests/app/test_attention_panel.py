@@ -21,6 +21,7 @@ from reg2rg.app.attention_panel import (
 from reg2rg.app.display import AXIS_AXIAL, build_display_volume
 from reg2rg.app.draft_panel import sentence_span
 from reg2rg.app.main_window import frame_pixels
+from conftest import assert_peak_marked_at, peak_mark_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 
@@ -116,8 +117,15 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
     assert [r[1] for r in att.chart.rows] == list(drops.values())
     assert "peak" in att.status.text()
     # the heatmap is drawn over the CT: the frame changes where the map is strong
-    win.document.set_cursor(win.document.volume.from_stored(amap.peak_voxel))
+    peak = win.document.volume.from_stored(amap.peak_voxel)
+    win.document.set_cursor(peak)
     QApplication.processEvents()
+    # the peak is marked in every slice view (each shows the peak's slice now) and in 3D
+    for view in win.views.values():
+        assert view.peak_marker_shown()
+        assert_peak_marked_at(view, peak)
+    assert win.view3d.peak_marker_shown()
+    assert len(peak_mark_pixels(frame_pixels(win.view3d))) > 20
     shown = frame_pixels(axial).astype(int)
     shown3d = frame_pixels(win.view3d).astype(int)
     assert win.view3d.heat_shown()
@@ -125,6 +133,7 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
     hidden = frame_pixels(axial).astype(int)
     hidden3d = frame_pixels(win.view3d).astype(int)
     assert not win.view3d.heat_shown()
+    assert len(peak_mark_pixels(hidden)) == 0 and len(peak_mark_pixels(hidden3d)) == 0   # hidden with the layer
     assert (np.abs(shown - hidden).sum(axis=2) > 30).sum() > 50
     # ...and in 3D: the heat shells change the rendered pixels, and they are warm (the Hot map: red > blue)
     changed3d = np.abs(shown3d - hidden3d).sum(axis=2) > 30
@@ -158,3 +167,19 @@ def test_selecting_text_shows_a_heatmap_in_the_views_and_saves_nifti(qtbot, win,
     with qtbot.waitSignal(win.session.heatLayerChanged, timeout=60000):
         ed.attention_button.click()
     assert list(att.current.token_indices) == [t.index for t in section.tokens if t.text.strip()]
+    # the marker follows the selection: the section's map is marked at its own peak
+    new_peak = win.document.volume.from_stored(att.current.peak_voxel)
+    win.document.set_cursor(new_peak)
+    for view in win.views.values():
+        assert_peak_marked_at(view, new_peak)
+    # a slice without the peak shows no marker; clearing the heat layer removes it everywhere
+    other = list(new_peak)
+    other[axial.axis] = (other[axial.axis] + 3) % win.document.volume.shape[axial.axis]
+    win.document.set_cursor(tuple(other))
+    QApplication.processEvents()
+    assert not axial.peak_marker_shown() and len(peak_mark_pixels(frame_pixels(axial))) == 0
+    win.session.clear_heat()
+    QApplication.processEvents()
+    assert not any(v.peak_marker_shown() for v in win.all_views())
+    assert len(peak_mark_pixels(frame_pixels(win.views[1]))) == 0
+    assert len(peak_mark_pixels(frame_pixels(win.view3d))) == 0

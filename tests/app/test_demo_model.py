@@ -21,6 +21,7 @@ from reg2rg.app.loader import LoadRequest
 from reg2rg.app.main_window import MainWindow, frame_pixels
 from reg2rg.engine.generation import default_model_dir
 from reg2rg.engine.regions import REGIONS
+from conftest import assert_peak_marked_at
 
 pytestmark = [
     pytest.mark.gui,
@@ -149,6 +150,9 @@ def test_demo_two_sections_paint_different_places_and_each_shows_its_findings_ch
 
         def paint(region, at):
             win.document.set_cursor(vol.from_stored(peaks[at]))
+            if region == at:                  # its own peak is marked (ring + ticks) in every slice view
+                for view in win.views.values():
+                    assert_peak_marked_at(view, vol.from_stored(peaks[at]))
             painted[(region, at)] = _heat_pixels(att, axial)
 
         show("pleura")
@@ -163,6 +167,14 @@ def test_demo_two_sections_paint_different_places_and_each_shows_its_findings_ch
         show("pleura")
         paint("pleura", "heart")
         assert peaks["pleura"] != peaks["heart"]
+        # on the heart peak's slice the pleura map's marker is elsewhere (another slice, or another place)
+        pleura_at = vol.from_stored(peaks["pleura"])
+        win.document.set_cursor(vol.from_stored(peaks["heart"]))
+        QApplication.processEvents()
+        if pleura_at[AXIS_AXIAL] == vol.from_stored(peaks["heart"])[AXIS_AXIAL]:
+            assert_peak_marked_at(axial, pleura_at)
+        else:
+            assert not axial.peak_marker_shown()
         for at in ("pleura", "heart"):                 # on each peak's slice the two maps light other pixels
             a, b = painted[("pleura", at)], painted[("heart", at)]
             assert painted[(at, at)].sum() > 50
