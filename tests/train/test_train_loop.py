@@ -341,3 +341,71 @@ def test_finding_head_trains_with_the_report_and_is_exported(phantoms, tmp_path)
     assert model.config.finding_labels == tuple(FINDINGS)
     assert torch.equal(model.embedding_layer.finding_head.weight,
                        trainer.model.embedding_layer.finding_head.weight.detach())
+
+
+@pytest.mark.slow
+def test_projector_norm_fits_statistics_on_frozen_encoders_and_keeps_them_through_resume_and_export(phantoms, tmp_path):
+    """model.overrides.projector_norm "region" (issue 12): the encoders run once per study, the statistics are the
+    per-region mean / std of the training volumes' latents (computed again here from the encoders), the encoders
+    stay frozen, and the statistics travel in every checkpoint, through a resume and into the exported model."""
+    from safetensors.torch import load_file
+
+    from reg2rg.engine.checkpoint import load_pretrained
+    from reg2rg.engine.generation import GenerationSettings, ReportEngine
+    from reg2rg.engine.regions import REGIONS
+    from reg2rg.engine.studyio import read_study
+
+    root, csv_path, names = phantoms
+    out = tmp_path / "run"
+    settings = {"model.overrides.projector_norm": "region", "model.train_vit": False, "train.max_steps": 4,
+                "output.save_steps": 2, "train.micro_batch_size": 1}
+    trainer = Trainer(load_train_config("demo", _overrides(root, csv_path, out, **settings)))
+    trainer.setup()
+    layer = trainer.model.embedding_layer
+    assert sorted(trainer.features) == sorted(names)
+    # the statistics, independently: each study through the encoders, latents grouped by region
+    by_row: dict[int, list[torch.Tensor]] = {}
+    layer.eval()
+    with torch.no_grad():
+        for record in trainer.splits.train:
+            t = trainer.loader(record)
+            present = [r for r in REGIONS if r in t.regions]
+            glob = layer.perceiver(layer.vision_encoder(t.image[None]))[0]
+            by_row.setdefault(0, []).append(glob)
+            for r in present:
+                lat = layer.perceiver(layer.vision_encoder(t.regions[r][None]))[0]
+                by_row.setdefault(1 + REGIONS.index(r), []).append(lat)
+    layer.train()
+    assert len(by_row) > 2
+    for row, lats in by_row.items():
+        stack = torch.stack(lats)
+        if len(lats) >= 2:
+            assert torch.allclose(layer.projector_mean[row], stack.mean(dim=0), atol=1e-4), row
+            assert torch.allclose(layer.projector_std[row], stack.std(dim=0).clamp(min=float(stack.std(dim=0).mean()) * 1e-3),
+                                  atol=1e-4), row
+    frozen = {n: p.detach().clone() for n, p in layer.named_parameters() if n.startswith(("vision_encoder", "perceiver", "mask_encoder"))}
+    mean = layer.projector_mean.detach().clone()
+    fc_before = layer.fc.weight.detach().clone()
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    # first two steps in a subprocess that is then resumed by another: the buffers come back from the checkpoint
+    subprocess.run(_train_cmd(root, csv_path, out, **{**settings, "train.max_steps": 2}), check=True,
+                   capture_output=True, timeout=300, env=env)
+    saved = load_file(str(list_checkpoints(out)[-1] / "trainable.safetensors"))
+    assert torch.equal(saved["embedding_layer.projector_mean"], mean)
+    assert not any(k.startswith("embedding_layer.vision_encoder") for k in saved)      # frozen: not in it
+    proc = subprocess.run(_train_cmd(root, csv_path, out, **settings), capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["step"] for r in _log(out) if "loss" in r] == [1, 2, 3, 4]
+    model, tok = load_pretrained(out / "final")
+    emb = model.embedding_layer
+    assert model.config.projector_norm == "region"
+    assert torch.equal(emb.projector_mean, mean)
+    for n, p in emb.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n                      # the encoders did not move
+    assert not torch.equal(emb.fc.weight, fc_before)                 # the projection did
+    # the engine drafts with it (region_ids passed through the whole path)
+    volume = next((root / "data").rglob(f"{names[0]}.nii.gz"))
+    study = read_study(volume, root / "data" / "masks" / f"seg_{names[0]}")
+    result = ReportEngine(model, tok).draft(study, settings=GenerationSettings(max_new_tokens=12))
+    assert result.tokens
