@@ -95,16 +95,24 @@ HEART_TEXT = {150: "Mild changes are noted.", -900: "No heart abnormality is see
 
 
 @pytest.fixture(scope="module")
-def one_slot_engine():
+def one_slot_engine(request):
     """A tiny model trained in the test to write the heart section from the heart slot: two studies that
     differ only inside the heart get two different heart sentences, the global image is hidden from the
-    LLM (its tokens are zeroed), so the heart slot is the one place the answer can come from."""
+    LLM (its tokens are zeroed), so the heart slot is the one place the answer can come from. Each study is
+    also shown with one slot removed from the prompt (attention-masked, as the region dependence removes a
+    slot): without the bone or the lung slot the report is the same, without the heart slot the heart
+    sentence is the default one — so the other slots are known not to matter (without this, removing any
+    slot puts two-example training out of its distribution and moves every word)."""
+    from reg2rg.engine.attention import visual_positions
     from reg2rg.engine.generation import model_tensors
     from reg2rg.engine.tokens import build_example
 
     torch.set_num_threads(1)
-    engine = tiny_engine(seed=5)
+    seed = getattr(request, "param", 5)
+    engine = tiny_engine(seed=seed)
     model = engine.model
+    regions = ["bone", "heart", "lung"]
+    variants = [None, "bone", "lung", "heart"]      # the slot removed from the prompt (None: the full prompt)
     n_global = {"n": 1}
 
     def hide_global(_module, _args, out):
@@ -113,27 +121,44 @@ def one_slot_engine():
         return out
 
     model.embedding_layer.fc.register_forward_hook(hide_global)
-    batch, examples = [], []
+    tensors, rows = [], {k: [] for k in ("input_ids", "attention_mask", "labels")}
     for hu, text in HEART_TEXT.items():
         study = _contrast_study(hu, f"heart{hu}")
-        inputs = preprocess(study, INPUT, None, ["bone", "heart", "lung"])
-        batch.append(model_tensors(inputs, ["bone", "heart", "lung"], "cpu", torch.float32))
-        examples.append(build_example(engine.tokenizer, [("bone", "No bone abnormality is seen."), ("heart", text),
-                                                         ("lung", "Lungs are clear.")], 512, engine.special))
-    images = torch.cat([b[0] for b in batch])
-    region_images, region_masks = torch.cat([b[1] for b in batch]), torch.cat([b[2] for b in batch])
-    region_sample = torch.tensor([0, 0, 0, 1, 1, 1])
-    region_slot = torch.tensor([0, 1, 2, 0, 1, 2])
-    ex = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+        inputs = preprocess(study, INPUT, None, regions)
+        t = model_tensors(inputs, regions, "cpu", torch.float32)
+        groups = None
+        for removed in variants:
+            heart_text = HEART_TEXT[-900] if removed == "heart" else text
+            example = build_example(engine.tokenizer, [("bone", "No bone abnormality is seen."), ("heart", heart_text),
+                                                       ("lung", "Lungs are clear.")], 512, engine.special)
+            if groups is None:
+                groups = visual_positions(example["input_ids"].tolist(), engine.special, dict(enumerate(regions)))
+            tensors.append(t)
+            mask = example["attention_mask"].clone()
+            if removed:
+                mask[int(groups[removed].min()) - 1: int(groups[removed].max()) + 2] = 0
+            rows["input_ids"].append(example["input_ids"])
+            rows["attention_mask"].append(mask)
+            rows["labels"].append(example["labels"])
+    images = torch.cat([t[0] for t in tensors])
+    region_images, region_masks = torch.cat([t[1] for t in tensors]), torch.cat([t[2] for t in tensors])
+    region_sample = torch.arange(len(tensors)).repeat_interleave(len(regions))
+    region_slot = torch.arange(len(regions)).repeat(len(tensors))
+    ex = {k: torch.stack(v) for k, v in rows.items()}
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    n_global["n"] = 2
-    torch.manual_seed(0)
-    for _ in range(250):
+    n_global["n"] = len(tensors)
+    torch.manual_seed(seed)
+    # at least 250 steps, then on until every target token is the argmax under teacher forcing (the decision
+    # word included): how many steps that takes varies with the CPU's float rounding, so no fixed count
+    for step in range(2000):
         opt.zero_grad()
         out = model(ex["input_ids"], ex["attention_mask"], ex["labels"], images, region_images, region_masks,
                     region_sample, region_slot)
+        if step >= 250 and float(out.token_accuracy) == 1.0:
+            break
         out.loss.backward()
         opt.step()
+    assert float(out.token_accuracy) == 1.0, "the heart-slot model did not learn its two reports"
     n_global["n"] = 1
     model.eval()
     return engine
