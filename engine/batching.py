@@ -418,3 +418,18 @@ class BatchingEngine:
         """`ReportEngine.attention_map` under the model lock (it switches attention to eager)."""
         with self.lock:
             return self.engine.attention_map(result, token_indices, layers, heads)
+
+    # the other explanations hold the same lock (`ReportEngine._explaining`): the decode thread takes it
+    # for each batched step, so an explanation runs between two steps and the batch waits for it
+    def relevance_map(self, result: DraftResult, token_indices):
+        return self.engine.relevance_map(result, token_indices)
+
+    def relevance_patches(self, result: DraftResult, token_indices):
+        return self.engine.relevance_patches(result, token_indices)
+
+    def region_dependence(self, result: DraftResult, token_indices):
+        return self.engine.region_dependence(result, token_indices)
+
+    def finding_check(self, result: DraftResult, threshold: float | None = None,
+                      contradiction_below: float | None = None):
+        return self.engine.finding_check(result, threshold, contradiction_below)

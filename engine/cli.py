@@ -202,13 +202,6 @@ def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(
                    notes: list[str] | None = None, method: str = "relevance", findings_check: bool = True,
                    omission_threshold: float | None = None) -> dict:
     notes = notes or []
-    served = getattr(result, "remote_draft", None) is not None     # drafted by a reg2rg-serve (--server)
-    if served and (findings_check or (attention and method == "relevance")):
-        # the server explains with raw attention only (relevance and the findings check need the model's
-        # gradients and finding head next to the study's tensors, which stay on this computer)
-        notes.append("drafted on a reg2rg-serve: findings check and relevance maps not available; "
-                     "attention maps are raw attention")
-        findings_check, method = False, "raw"
     if findings_check and result.tokens and result.prepared is not None:
         engine.finding_check(result, omission_threshold)
     not_drafted = getattr(result, "not_drafted", {}) or {}
@@ -252,8 +245,7 @@ def _stage_outputs(engine, result, stage, attention: bool, study=None, formats=(
                 am = engine.attention_map(result, idx)
                 am.save_nifti(stage.path(file))
                 entry.update(shares=am.shares, other_share=am.other_share, peak_voxel=list(am.peak_voxel))
-            if not served:
-                entry["region_dependence"] = engine.region_dependence(result, idx).to_dict()
+            entry["region_dependence"] = engine.region_dependence(result, idx).to_dict()
             maps[file] = entry
         data["attention"] = maps
     if "json" not in formats:

@@ -967,6 +967,13 @@ class ReportEngine:
 
         return self._explaining(lambda: relevance_map(self, result, token_indices), "a relevance map")
 
+    def relevance_patches(self, result: DraftResult, token_indices: Sequence[int] | int):
+        """The model's part of a relevance map, without geometry (`explain.relevance.patch_relevance`):
+        what ``reg2rg-serve`` computes for a client, which projects it onto its own CT."""
+        from .explain.relevance import patch_relevance
+
+        return self._explaining(lambda: patch_relevance(self, result, token_indices), "a relevance map")
+
     def region_dependence(self, result: DraftResult, token_indices: Sequence[int] | int):
         """Log-probability drop of the selection without each visual group (`explain.relevance`)."""
         from .explain.relevance import region_dependence

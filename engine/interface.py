@@ -4,7 +4,8 @@
 shared by concurrent drafts) and `service.client.RemoteEngine` (a ``reg2rg-serve`` over HTTP) all
 satisfy `DraftingEngine`: the same `generation.GenerationEvent` stream (`EncodingStarted`,
 `EncodingDone`, `TokenEvent`…, `Finished` with a `DraftResult`), the same cancel (a
-`threading.Event` checked between tokens), the same attention maps. The viewer's drafting code and
+`threading.Event` checked between tokens), the same explanations (attention and relevance maps,
+region dependence, the findings check). The viewer's drafting code and
 ``reg2rg-generate`` cannot tell them apart.
 
 A remote engine can fail half-way (network loss, server restart, 401, 5xx): it then raises
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkabl
 
 if TYPE_CHECKING:  # pragma: no cover - types only
     from .attention import AttentionMap
+    from .explain.findings import FindingsCheck
+    from .explain.relevance import RegionDependence, RelevanceMap
     from .generation import DraftResult, GenerationEvent, GenerationSettings
 
 
@@ -52,6 +55,19 @@ class DraftingEngine(Protocol):
     def attention_map(self, result: "DraftResult", token_indices: Sequence[int] | int,
                       layers: str | Sequence[int] = "all", heads: str | Sequence[int] = "mean") -> "AttentionMap":
         """Where the model looked for the selected generated tokens of ``result`` (shares + CT heatmap)."""
+        ...
+
+    def relevance_map(self, result: "DraftResult", token_indices: Sequence[int] | int) -> "RelevanceMap":
+        """Gradient × input evidence in the CT for the selected generated tokens (the viewer's default map)."""
+        ...
+
+    def region_dependence(self, result: "DraftResult", token_indices: Sequence[int] | int) -> "RegionDependence":
+        """How many nats the selection's log-probability loses without each visual group."""
+        ...
+
+    def finding_check(self, result: "DraftResult", threshold: float | None = None,
+                      contradiction_below: float | None = None) -> "FindingsCheck":
+        """Per-finding probabilities and omission/contradiction flags; stored in ``result.findings_check``."""
         ...
 
     def model_info(self) -> dict:

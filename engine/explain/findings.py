@@ -105,6 +105,14 @@ class FindingsCheck:
                 "sections": [{"slot": s.slot, "region": s.region, "findings": [asdict(f) for f in s.findings]}
                              for s in self.sections]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "FindingsCheck":
+        """The inverse of `to_dict` (what ``reg2rg-serve`` sends a client)."""
+        return cls(float(d["threshold"]), float(d["contradiction_below"]),
+                   [SectionFindings(int(s["slot"]), str(s["region"]),
+                                    tuple(FindingProbability(**f) for f in s["findings"])) for s in d["sections"]],
+                   float(d.get("seconds", 0.0)))
+
 
 # ------------------------------------------------------------------------------------------------
 # candidate openings

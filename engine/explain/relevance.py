@@ -87,6 +87,12 @@ class RegionDependence:
         return {"token_indices": list(self.token_indices), "drops_nats": dict(self.drops),
                 "log_prob": self.log_prob, "strongest": self.strongest}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RegionDependence":
+        """The inverse of `to_dict` (what ``reg2rg-serve`` sends a client, with its ``seconds``)."""
+        return cls(tuple(int(i) for i in d["token_indices"]), {str(g): float(v) for g, v in d["drops_nats"].items()},
+                   float(d["log_prob"]), float(d.get("seconds", 0.0)))
+
 
 def _base(lang_model):
     return lang_model.get_base_model() if hasattr(lang_model, "get_base_model") else lang_model
@@ -112,9 +118,20 @@ def relevance_map(engine: "ReportEngine", result: "DraftResult", token_indices: 
                   density: bool = True) -> RelevanceMap:
     """Gradient × input relevance of the selected generated tokens, on the original CT (see the module
     docstring). Call through `ReportEngine.relevance_map` (which holds the engine's lock)."""
+    t0 = time.perf_counter()
+    idx, patches, log_prob = patch_relevance(engine, result, token_indices)
+    return relevance_from_patches(idx, patches, result.prepared.inputs, result.affine, log_prob,
+                                  time.perf_counter() - t0, density)
+
+
+def patch_relevance(engine: "ReportEngine", result: "DraftResult", token_indices: Sequence[int] | int
+                    ) -> tuple[list[int], dict[str, np.ndarray], float]:
+    """(selection, group -> (h, w, d) signed gradient × input of each patch, the selection's
+    log-probability): the model's part of `relevance_map`, from the model-grid tensors alone (no
+    geometry: what ``reg2rg-serve`` computes; the client projects it onto its CT with
+    `relevance_from_patches`). Hold the engine's lock around it."""
     from ..generation import model_tensors
 
-    t0 = time.perf_counter()
     idx = engine.check_selection(result, token_indices)
     prepared = result.prepared
     model, dev = engine.model, engine.device
@@ -142,16 +159,22 @@ def relevance_map(engine: "ReportEngine", result: "DraftResult", token_indices: 
         grads = torch.autograd.grad(log_prob, leaves)
     signed = [(g.float() * v.detach().float()).sum(-1).cpu().numpy() for g, v in zip(grads, leaves)]
     grid = tuple(visual.patch_grid)
-    patch_relevance = {g: signed[0][k].reshape(grid) for k, g in enumerate([GLOBAL, *slots])}
+    patches = {g: signed[0][k].reshape(grid) for k, g in enumerate([GLOBAL, *slots])}
     if xm is not None:
         mask_grid = model.config.mask_encoder.grid(tuple(region_masks.shape[-3:]))
-        patch_relevance.update({MASK + r: signed[1][k].reshape(mask_grid) for k, r in enumerate(slots)})
-    heatmap = project_relevance(patch_relevance, prepared.inputs, density)
-    return RelevanceMap(token_indices=tuple(idx), heatmap=heatmap,
-                        affine=result.affine if result.affine is not None else np.eye(4),
-                        patch_relevance=patch_relevance,
-                        group_relevance={g: float(np.abs(m).sum()) for g, m in patch_relevance.items()},
-                        log_prob=float(log_prob.detach()), seconds=time.perf_counter() - t0)
+        patches.update({MASK + r: signed[1][k].reshape(mask_grid) for k, r in enumerate(slots)})
+    return idx, patches, float(log_prob.detach())
+
+
+def relevance_from_patches(token_indices: Sequence[int], patches: dict[str, np.ndarray], inputs, affine,
+                           log_prob: float, seconds: float = 0.0, density: bool = True) -> RelevanceMap:
+    """The `RelevanceMap` of `patch_relevance`'s patch maps on the CT of ``inputs`` (the study's
+    `preprocess.ModelInputs`, with its geometry) and ``affine``."""
+    return RelevanceMap(token_indices=tuple(int(i) for i in token_indices),
+                        heatmap=project_relevance(patches, inputs, density),
+                        affine=affine if affine is not None else np.eye(4), patch_relevance=dict(patches),
+                        group_relevance={g: float(np.abs(m).sum()) for g, m in patches.items()},
+                        log_prob=float(log_prob), seconds=seconds)
 
 
 def _content(inputs, group: str) -> np.ndarray:

@@ -3,8 +3,11 @@
 The study is pre-processed here (the geometry, the study's name and every header stay on this
 computer), sent in the `wire` format, and the server's events come back as the same
 `GenerationEvent`s; the `DraftResult` is rebuilt with the engine's own `result_from_tokens`, so
-sections, grounding and confidences are computed by the same code. Attention maps come back as
-patch-grid maps that are projected onto the local CT with the local geometry.
+sections, grounding and confidences are computed by the same code. The explanations the viewer asks
+for are computed by the server and rebuilt here as the same objects: attention and relevance maps come
+back as patch-grid maps projected onto the local CT with the local geometry (a relevance request sends
+the draft's study tensors again: the server keeps none after a draft), region dependence and the
+findings check as their numbers.
 
 Failures become `interface.EngineUnavailable` with one line for the reader and, when tokens had
 arrived, the draft so far (``stop_reason == "interrupted"``): connection refused or lost, the server
@@ -14,6 +17,7 @@ restarting, 401 (token), 4xx (the request), 5xx (the server).
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import logging
 import threading
@@ -23,6 +27,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..attention import AttentionMap, grid_maps_to_ct
+from ..explain.findings import FindingsCheck
+from ..explain.relevance import RegionDependence, RelevanceMap, relevance_from_patches
 from ..confidence import TokenConfidence
 from ..generation import (DraftResult, EncodingDone, EncodingStarted, Finished, GenerationError, GenerationEvent,
                           GenerationSettings, PreparedStudy, TokenEvent, run_to_draft, finish_result, result_from_tokens, select_regions,
@@ -30,7 +36,7 @@ from ..generation import (DraftResult, EncodingDone, EncodingStarted, Finished, 
 from ..interface import EngineUnavailable
 from ..preprocess import preprocess
 from .server import API, resolve_token
-from .wire import CONTENT_TYPE, encode_request
+from .wire import CONTENT_TYPE, encode_request, with_selection
 
 logger = logging.getLogger("reg2rg.engine.service.client")
 
@@ -48,6 +54,11 @@ def _detail(response) -> str:
         return str(response.json().get("detail", "")) or response.reason_phrase
     except (ValueError, AttributeError):
         return response.reason_phrase
+
+
+def _array(m: dict) -> np.ndarray:
+    """A base64 float32 array of a server answer."""
+    return np.frombuffer(base64.b64decode(m["data"]), dtype="<f4").reshape(m["shape"])
 
 
 def _local_prepared(inputs, slot_regions: dict, prompt_ids, findings) -> PreparedStudy:
@@ -75,6 +86,8 @@ class RemoteEngine:
         self._verify = verify
         self._http = self._new_http()
         self._info: dict | None = None
+        # the request bodies of the last finished drafts: a relevance request sends the study again
+        self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
 
     def _new_http(self):
         import httpx
@@ -261,6 +274,7 @@ class RemoteEngine:
                         yield TokenEvent(int(data["index"]), int(data["token_id"]), data["text"], float(data["prob"]),
                                          float(data["entropy"]), top)
                     elif event == "finished":
+                        self._keep_body(state["id"], body)
                         yield Finished(self._result(data, study, inputs, settings, state["id"], t0))
                         return
                     elif event == "error":
@@ -301,35 +315,87 @@ class RemoteEngine:
         return self._get(f"{API}/drafts/{draft_id}", "draft fetch")
 
     # ---- explanations ---------------------------------------------------------------------------------------
+    KEEP_BODIES = 4
+
+    def _keep_body(self, draft_id: str | None, body: bytes) -> None:
+        if draft_id is None:
+            return
+        self._bodies[draft_id] = body
+        while len(self._bodies) > self.KEEP_BODIES:
+            self._bodies.popitem(last=False)
+
+    @staticmethod
+    def _draft_of(result: DraftResult) -> str:
+        if result.remote_draft is None or result.geometry is None:
+            raise GenerationError("this result carries no finished draft of this server: regenerate it to explain it")
+        return result.remote_draft
+
+    @staticmethod
+    def _selection(token_indices: Sequence[int] | int) -> list[int]:
+        return [int(token_indices)] if isinstance(token_indices, int) else [int(i) for i in token_indices]
+
+    def _explain(self, result: DraftResult, route: str, what: str, **request) -> dict:
+        """POST ``/v1/drafts/{id}/<route>`` for ``result``'s server draft; a selection the server cannot
+        explain (422) is a `GenerationError`, every other failure an `EngineUnavailable`, one line each."""
+        import httpx
+
+        path = f"{API}/drafts/{self._draft_of(result)}/{route}"
+        try:
+            r = self._http.post(path, **request)
+        except httpx.HTTPError as exc:
+            raise self._fail(exc, what) from None
+        if r.status_code == 422:
+            raise GenerationError(_detail(r))
+        if r.status_code != 200:
+            raise self._status_error(r, what)
+        return r.json()
+
     def attention_map(self, result: DraftResult, token_indices: Sequence[int] | int,
                       layers: str | Sequence[int] = "all", heads: str | Sequence[int] = "mean") -> AttentionMap:
         """As `ReportEngine.attention_map`: the server computes the attention, this computer maps it
         onto its own CT (the geometry never left it)."""
-        import httpx
-
-        draft_id = result.remote_draft
-        if draft_id is None or result.geometry is None:
-            raise GenerationError("this result carries no server draft; attention maps need a finished draft of this server")
-        idx = [int(token_indices)] if isinstance(token_indices, int) else [int(i) for i in token_indices]
-        payload = {"token_indices": idx, "layers": layers if isinstance(layers, str) else [int(x) for x in layers],
+        payload = {"token_indices": self._selection(token_indices),
+                   "layers": layers if isinstance(layers, str) else [int(x) for x in layers],
                    "heads": heads if isinstance(heads, str) else [int(x) for x in heads]}
-        try:
-            r = self._http.post(f"{API}/drafts/{draft_id}/attention", json=payload)
-        except httpx.HTTPError as exc:
-            raise self._fail(exc, "attention request") from None
-        if r.status_code == 422:
-            raise GenerationError(_detail(r))
-        if r.status_code != 200:
-            raise self._status_error(r, "attention request")
-        d = r.json()
-        maps = {g: np.frombuffer(base64.b64decode(m["data"]), dtype="<f4").reshape(m["shape"])
-                for g, m in d["grid_maps"].items()}
+        d = self._explain(result, "attention", "attention request", json=payload)
+        maps = {g: _array(m) for g, m in d["grid_maps"].items()}
         heatmap = grid_maps_to_ct(maps, result.geometry)
         return AttentionMap(token_indices=tuple(d["token_indices"]), layers=tuple(d["layers"]),
                             heads=d["heads"] if isinstance(d["heads"], str) else tuple(d["heads"]),
                             shares={k: float(v) for k, v in d["shares"].items()}, other_share=float(d["other_share"]),
                             heatmap=heatmap, affine=result.affine if result.affine is not None else np.eye(4),
                             visual_weights={g: np.asarray(w, dtype=np.float32) for g, w in d["visual_weights"].items()})
+
+    def relevance_map(self, result: DraftResult, token_indices: Sequence[int] | int) -> RelevanceMap:
+        """As `ReportEngine.relevance_map`: the server runs the model's forward and backward pass on the
+        draft's study tensors (sent again: it keeps none) and answers each patch's relevance; this
+        computer projects it onto its own CT (`explain.relevance.relevance_from_patches`)."""
+        t0 = time.perf_counter()
+        draft_id = self._draft_of(result)
+        idx = self._selection(token_indices)
+        body = self._bodies.get(draft_id)
+        if body is None:            # an older draft: encode its tensors again (the same bytes)
+            body = encode_request(result.inputs, result.prepared.slots, result.settings)
+        d = self._explain(result, "relevance", "relevance request", content=with_selection(body, idx),
+                          headers={"Content-Type": CONTENT_TYPE})
+        patches = {g: _array(m) for g, m in d["patch_relevance"].items()}
+        return relevance_from_patches(d["token_indices"], patches, result.inputs, result.affine, d["log_prob"],
+                                      time.perf_counter() - t0)
+
+    def region_dependence(self, result: DraftResult, token_indices: Sequence[int] | int) -> RegionDependence:
+        """As `ReportEngine.region_dependence`, computed by the server."""
+        d = self._explain(result, "dependence", "region dependence request",
+                          json={"token_indices": self._selection(token_indices)})
+        return RegionDependence.from_dict(d)
+
+    def finding_check(self, result: DraftResult, threshold: float | None = None,
+                      contradiction_below: float | None = None) -> FindingsCheck:
+        """As `ReportEngine.finding_check`, computed by the server; also stored in ``result.findings_check``."""
+        d = self._explain(result, "findings", "findings check request",
+                          json={"threshold": threshold, "contradiction_below": contradiction_below})
+        check = FindingsCheck.from_dict(d)
+        result.findings_check = check
+        return check
 
 
 def connect(url: str, token_file: str | None = None, timeout: float = 120.0) -> RemoteEngine:

@@ -13,10 +13,18 @@ Endpoints (all under ``/v1`` except health and metrics; every one but ``/health`
 * ``GET /v1/drafts/{id}`` — a running or finished draft (kept ``--keep-drafts`` drafts, 15 minutes);
 * ``POST /v1/drafts/{id}/attention`` — ``{"token_indices": [...], "layers": "all"|[...], "heads":
   "mean"|[...]}``: attention shares and per-group patch-grid maps (the client maps them onto its CT);
+* ``POST /v1/drafts/{id}/relevance`` — body: the draft's study again (`wire`, with ``token_indices``
+  in its header; the server keeps no model-grid tensors after a draft and checks their digest):
+  the selection's log-probability and per-group signed patch relevance (gradient × input), which the
+  client projects onto its CT;
+* ``POST /v1/drafts/{id}/dependence`` — ``{"token_indices": [...]}``: the selection's log-probability
+  drop without each visual group (region dependence);
+* ``POST /v1/drafts/{id}/findings`` — ``{"threshold": p|null, "contradiction_below": p|null}``: the
+  findings check (per-finding probabilities, omission and contradiction flags of each section);
 * ``GET /metrics`` — Prometheus: queue length, active drafts, tokens, tokens/s, batch sizes, latencies.
 
 The server keeps nothing between drafts that a draft needs (finished drafts are kept only for their
-attention requests), so replicas behind a load balancer scale out. Nothing of a study but the model
+explanation requests), so replicas behind a load balancer scale out. Nothing of a study but the model
 grid tensors reaches it, and it logs no study content, identifier or token.
 """
 
@@ -25,6 +33,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import dataclasses
 import hmac
 import json
 import logging
@@ -217,6 +226,7 @@ class _Draft:
     state: str = "running"                   # running | finished | failed
     result: object = None                    # DraftResult (its encoding slimmed for attention)
     payload: dict | None = None              # the finished event's data
+    digest: str = ""                         # the study tensors' digest (relevance requests must match it)
     touched: float = field(default_factory=time.monotonic)
 
 
@@ -310,7 +320,8 @@ def finished_payload(result) -> dict:
 
 
 def _slim(result) -> None:
-    """Drop the model-grid tensors from a kept result: attention needs only the prompt's encoding."""
+    """Drop the model-grid tensors from a kept result: attention, region dependence and the findings
+    check need only the prompt's encoding; a relevance request sends the tensors again."""
     import dataclasses
 
     if result.prepared is not None:
@@ -334,9 +345,11 @@ def create_app(engine, token: str, *, max_body_bytes: int = 256 << 20, read_time
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from pydantic import BaseModel
 
+    from starlette.concurrency import run_in_threadpool
+
     from ..attention import group_grid_maps
     from ..generation import EncodingDone, EncodingStarted, Finished, GenerationError, TokenEvent
-    from .wire import CONTENT_TYPE, WireError, decode_request
+    from .wire import CONTENT_TYPE, MAX_SELECTION, WireError, decode_request
 
     metrics = Metrics(engine.scheduler)
     engine.scheduler.on_step = metrics.on_step
@@ -393,6 +406,7 @@ def create_app(engine, token: str, *, max_body_bytes: int = 256 << 20, read_time
         if book.running >= max_queue:
             reject(503, f"the server is busy ({max_queue} drafts running or queued); try again shortly")
         draft = book.new()
+        draft.digest = req.digest
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         received = time.perf_counter()
@@ -478,26 +492,37 @@ def create_app(engine, token: str, *, max_body_bytes: int = 256 << 20, read_time
             raise HTTPException(404, f"no draft {draft_id} on this server (unknown, expired, or the server restarted)")
         return {"id": draft_id, "state": d.state, "result": d.payload}
 
+    def finished_draft(draft_id: str, what: str) -> _Draft:
+        d = book.get(draft_id)
+        if d is None or d.result is None:
+            raise HTTPException(404, f"no finished draft {draft_id} on this server (unknown, expired, or the server "
+                                     f"restarted): regenerate to see {what}")
+        return d
+
+    def explaining(run):
+        """``run()`` (an engine explanation, under the engine's lock); a bad selection is 422."""
+        try:
+            return run()
+        except (GenerationError, IndexError) as err:
+            raise HTTPException(422, str(err)) from None
+
     class AttentionRequest(BaseModel):
         token_indices: list[int]
         layers: str | list[int] = "all"
         heads: str | list[int] = "mean"
 
+    def check_selection(token_indices: list[int]) -> None:
+        if not token_indices or len(token_indices) > MAX_SELECTION:
+            raise HTTPException(422, f"token_indices: give 1 to {MAX_SELECTION} generated-token indices")
+
     @app.post(f"{API}/drafts/{{draft_id}}/attention", tags=["explanations"])
     def attention(draft_id: str, body: AttentionRequest):
         """Where the model looked for the selected tokens: shares and per-group patch-grid maps."""
-        d = book.get(draft_id)
-        if d is None or d.result is None:
-            raise HTTPException(404, f"no finished draft {draft_id} on this server (unknown, expired, or the server "
-                                     f"restarted): regenerate to see attention")
+        d = finished_draft(draft_id, "attention")
         if (isinstance(body.layers, str) and body.layers != "all") or (isinstance(body.heads, str) and body.heads != "mean"):
             raise HTTPException(422, "layers must be 'all' or a list of indices; heads 'mean' or a list of indices")
-        if not body.token_indices or len(body.token_indices) > 4096:
-            raise HTTPException(422, "token_indices: give 1 to 4096 generated-token indices")
-        try:
-            am = engine.attention_map(d.result, body.token_indices, body.layers, body.heads)
-        except (GenerationError, IndexError) as err:
-            raise HTTPException(422, str(err)) from None
+        check_selection(body.token_indices)
+        am = explaining(lambda: engine.attention_map(d.result, body.token_indices, body.layers, body.heads))
         prepared = d.result.prepared
         latent = {g: t.float().cpu().numpy() for g, t in prepared.latent_patch.items()}
         maps = group_grid_maps(am.visual_weights, latent, prepared.patch_grid)
@@ -506,6 +531,66 @@ def create_app(engine, token: str, *, max_body_bytes: int = 256 << 20, read_time
                 "other_share": am.other_share,
                 "visual_weights": {g: [float(x) for x in w] for g, w in am.visual_weights.items()},
                 "grid_maps": {g: _b64(m) for g, m in maps.items()}}
+
+    @app.post(f"{API}/drafts/{{draft_id}}/relevance", tags=["explanations"],
+              openapi_extra={"requestBody": {"required": True, "content": {CONTENT_TYPE: {}}}})
+    async def relevance(draft_id: str, request: Request):
+        """The evidence in the CT for the selected tokens (gradient × input on every ViT patch). Body: the
+        draft's study again in the wire format, with ``token_indices`` in its header. Answer: the
+        selection's log-probability and each group's signed (h, w, d) patch relevance, base64 float32
+        (``'global'``, each region's crop, ``'mask:<region>'``); the client projects them onto its CT."""
+        d = finished_draft(draft_id, "a relevance map")
+        if request.headers.get("content-type", "").split(";")[0].strip() != CONTENT_TYPE:
+            raise HTTPException(415, f"the body must be {CONTENT_TYPE} (the draft's study, with token_indices)")
+        body = await request.body()
+
+        def run():             # decoding the tensors and the passes take a while: off the event loop
+            t0 = time.perf_counter()
+            try:
+                req = decode_request(body, cfg.input_size, cfg.num_regions, max_new_tokens)
+            except WireError as err:
+                raise HTTPException(422, str(err)) from None
+            if req.token_indices is None:
+                raise HTTPException(422, "token_indices: give the selection (generated-token indices) in the header")
+            if req.regions != d.result.prepared.slots or req.digest != d.digest:
+                raise HTTPException(422, f"the study sent is not the one draft {draft_id} was drafted from "
+                                         f"(its tensors or regions differ)")
+            result = dataclasses.replace(d.result, prepared=dataclasses.replace(d.result.prepared, inputs=req.inputs))
+            idx, patches, log_prob = explaining(lambda: engine.relevance_patches(result, req.token_indices))
+            return {"token_indices": idx, "log_prob": log_prob, "seconds": time.perf_counter() - t0,
+                    "method": "gradient_x_input", "patch_relevance": {g: _b64(m) for g, m in patches.items()}}
+
+        return await run_in_threadpool(run)
+
+    class SelectionRequest(BaseModel):
+        token_indices: list[int]
+
+    @app.post(f"{API}/drafts/{{draft_id}}/dependence", tags=["explanations"])
+    def dependence(draft_id: str, body: SelectionRequest):
+        """How many nats the selection's log-probability drops without the global image or each region
+        slot (all masked in one batched teacher-forced pass)."""
+        d = finished_draft(draft_id, "the region dependence")
+        check_selection(body.token_indices)
+        dep = explaining(lambda: engine.region_dependence(d.result, body.token_indices))
+        return {**dep.to_dict(), "seconds": dep.seconds}
+
+    class FindingsRequest(BaseModel):
+        threshold: float | None = None
+        contradiction_below: float | None = None
+
+    @app.post(f"{API}/drafts/{{draft_id}}/findings", tags=["explanations"])
+    def findings(draft_id: str, body: FindingsRequest):
+        """The findings check: the model's probability of each CT-RATE finding in each drafted section,
+        with omission (unreported, p >= threshold) and contradiction (reported, p < contradiction_below)
+        flags."""
+        d = finished_draft(draft_id, "the findings check")
+        for name in ("threshold", "contradiction_below"):
+            value = getattr(body, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise HTTPException(422, f"{name} must be a probability between 0 and 1, got {value}")
+        result = dataclasses.replace(d.result)            # the check is stored on the result: not the kept one
+        check = explaining(lambda: engine.finding_check(result, body.threshold, body.contradiction_below))
+        return check.to_dict()
 
     return Guard(app, token, max_body_bytes, read_timeout_s)
 
@@ -543,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--read-timeout", type=float, default=60, help="seconds to receive a request body")
     lim.add_argument("--draft-timeout", type=float, default=900, help="seconds a draft may run before it is stopped")
     lim.add_argument("--keep-drafts", type=int, default=32,
-                     help="finished drafts kept for fetch and attention requests (15 minutes at most)")
+                     help="finished drafts kept for fetch and explanation requests (15 minutes at most)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 

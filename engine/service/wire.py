@@ -12,7 +12,10 @@ Layout (``application/x-reg2rg-study``)::
 
 The header: ``{"input_size": [H, W, D], "regions": [...], "settings": {...}, "tensors": [{"name",
 "dtype", "shape", "codec", "nbytes"}, ...]}``; tensor names are ``image``, ``region:<name>`` and
-``mask:<name>``. Codecs: ``zlib`` (default: zlib level 1 of the float32 bytes, lossless),
+``mask:<name>``. A relevance request (``POST /v1/drafts/{id}/relevance``) sends the same study again
+with ``"token_indices": [...]`` (the selection) in the header: the server keeps no model-grid tensors
+after a draft, and checks that the tensors are the draft's by their digest (`DraftRequest.digest`).
+Codecs: ``zlib`` (default: zlib level 1 of the float32 bytes, lossless),
 ``shuffle-zlib`` (byte planes split first) and ``raw``. Measured bytes per study (``bench/serve.py
 --wire``, recorded in bench/RESULTS.md) chose zlib: 11.0 MB raw -> 1.24 MB for the demo study at the
 demo grid (shuffle-zlib 1.49 MB), 352 MB -> 17.0 MB at the published 256x256x64 grid with 10
@@ -24,6 +27,7 @@ region names, exact decompressed lengths, finite values) and raises `WireError` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -41,6 +45,7 @@ MAGIC = b"R2RG-STUDY/1\n"
 CONTENT_TYPE = "application/x-reg2rg-study"
 CODECS = ("zlib", "shuffle-zlib", "raw")
 MAX_HEADER_BYTES = 64 * 1024
+MAX_SELECTION = 4096                  # generated-token indices in one explanation request
 
 
 class WireError(ValueError):
@@ -54,6 +59,8 @@ class DraftRequest:
     inputs: ModelInputs
     regions: list[str]
     settings: GenerationSettings
+    digest: str = ""                         # BLAKE2b of the regions and tensor bytes: which study this is
+    token_indices: list[int] | None = None   # a relevance request's selection
 
 
 # ---- codecs ----------------------------------------------------------------------------------------
@@ -96,8 +103,10 @@ def _decode_array(blob: bytes, codec: str, shape: tuple[int, ...], name: str) ->
 
 
 # ---- encoding (client) -----------------------------------------------------------------------------
-def encode_request(inputs: ModelInputs, regions, settings: GenerationSettings, codec: str = "zlib") -> bytes:
-    """The request body for ``inputs`` (`preprocess.preprocess` output) drafting ``regions``."""
+def encode_request(inputs: ModelInputs, regions, settings: GenerationSettings, codec: str = "zlib",
+                   token_indices=None) -> bytes:
+    """The request body for ``inputs`` (`preprocess.preprocess` output) drafting ``regions``; with
+    ``token_indices`` the body of a relevance request for that selection of the draft."""
     regions = [r for r in regions if r in inputs.regions]
     tensors, blobs = [], []
 
@@ -114,8 +123,21 @@ def encode_request(inputs: ModelInputs, regions, settings: GenerationSettings, c
         add(f"mask:{r}", inputs.masks[r][0])
     header = {"input_size": list(inputs.image.shape[1:]), "regions": regions, "settings": asdict(settings),
               "tensors": tensors}
+    if token_indices is not None:
+        header["token_indices"] = [int(i) for i in token_indices]
     head = json.dumps(header, separators=(",", ":")).encode()
     return b"".join([MAGIC, struct.pack(">I", len(head)), head, *blobs])
+
+
+def with_selection(body: bytes, token_indices) -> bytes:
+    """A draft request ``body`` (`encode_request`) with ``token_indices`` in its header: the body of a
+    relevance request for that selection of the draft (the tensors' bytes are reused as they are)."""
+    pos = len(MAGIC)
+    (n,) = struct.unpack(">I", body[pos:pos + 4])
+    header = json.loads(body[pos + 4:pos + 4 + n].decode("utf-8"))
+    header["token_indices"] = [int(i) for i in token_indices]
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([MAGIC, struct.pack(">I", len(head)), head, memoryview(body)[pos + 4 + n:]])
 
 
 # ---- decoding (server) -----------------------------------------------------------------------------
@@ -184,6 +206,11 @@ def decode_request(body: bytes, input_size, num_regions: int, max_new_tokens: in
     expected = ["image"] + [f"{k}:{r}" for r in regions for k in ("region", "mask")]
     if not isinstance(specs, list) or [s.get("name") if isinstance(s, dict) else None for s in specs] != expected:
         raise WireError(f"tensors must be exactly {expected} in that order")
+    selection = header.get("token_indices")
+    if selection is not None and (not isinstance(selection, list) or not 1 <= len(selection) <= MAX_SELECTION
+                                  or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                             for i in selection)):
+        raise WireError(f"token_indices must be a list of 1 to {MAX_SELECTION} generated-token indices (integers >= 0)")
     total = 0
     for s in specs:
         if s.get("dtype") != "float32":
@@ -198,12 +225,15 @@ def decode_request(body: bytes, input_size, num_regions: int, max_new_tokens: in
         total += nb
     if total != len(body) - pos:
         raise WireError(f"the tensors declare {total} bytes but {len(body) - pos} follow the header")
+    digest = hashlib.blake2b(json.dumps(regions).encode(), digest_size=16)
     arrays = {}
     for s in specs:
-        arrays[s["name"]] = torch.from_numpy(_decode_array(body[pos:pos + s["nbytes"]], s["codec"], size, s["name"]))
+        arrays[s["name"]] = arr = _decode_array(body[pos:pos + s["nbytes"]], s["codec"], size, s["name"])
+        digest.update(memoryview(arr).cast("B"))
         pos += s["nbytes"]
+    arrays = {k: torch.from_numpy(a) for k, a in arrays.items()}
     image = arrays["image"][None].expand(3, *size)
     inputs = ModelInputs(image=image,
                          regions={r: arrays[f"region:{r}"][None].expand(3, *size) for r in regions},
                          masks={r: arrays[f"mask:{r}"][None] for r in regions})
-    return DraftRequest(inputs, list(regions), settings)
+    return DraftRequest(inputs, list(regions), settings, digest.hexdigest(), selection)

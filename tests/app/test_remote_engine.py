@@ -1,6 +1,7 @@
 """The viewer drafting on a reg2rg-serve (a real server on loopback in a child process): Engine "server URL +
-token" streams, stops, explains (attention) and, when the server dies mid-draft, keeps the draft so far
-marked stopped, says so in one line and offers Retry, which drafts again once the server is back."""
+token" streams, stops, explains (attention, relevance map, region dependence, findings check) and, when the
+server dies mid-draft, keeps the draft so far marked stopped, says so in one line and offers Retry, which
+drafts again once the server is back."""
 
 from __future__ import annotations
 
@@ -73,6 +74,49 @@ def test_the_viewer_drafts_on_the_server(qtbot, win, server, tmp_path):
     stopped = results[-1]
     assert stopped.stop_reason == "cancelled" and 3 <= len(stopped.tokens) < 300
     assert "stopped" in win.draft_panel.status.text()
+
+
+def test_selecting_words_in_a_remote_draft_shows_the_relevance_map(qtbot, win, server):
+    """The viewer's default explanation over --server: the relevance map on this CT (heat layer, peak
+    marker, Go to peak), the region-dependence chart of the same selection, and the Findings check."""
+    from PySide6.QtWidgets import QApplication
+
+    from reg2rg.app.generation import ModelChoice
+    from reg2rg.engine.explain.relevance import RegionDependence, RelevanceMap
+    from reg2rg.engine.generation import GenerationSettings
+
+    session, panel, att = win.session, win.draft_panel, win.attention_panel
+    session.set_model(ModelChoice("server", url=server.url, token_file=str(server.token_file)))
+    session.set_settings(GenerationSettings(max_new_tokens=60))
+    with qtbot.waitSignal(session.generationFinished, timeout=240000):
+        session.generate()
+    assert type(session.engine).__name__ == "RemoteEngine"
+    assert session.wait_for_background(120000)                # the findings check, asked of the server
+    section = next(s for s in session.draft.sections if s.region and len(s.tokens) > 3)
+    result = session.results[section.key]
+    assert result.findings_check is not None and result.findings_check.threshold == session.omission_threshold
+    ed = panel.section_editor(section.key)
+    cur = ed.editor.textCursor()
+    end = section.tokens[3].end
+    cur.setPosition(0)
+    cur.setPosition(end, cur.MoveMode.KeepAnchor)
+    with qtbot.waitSignal(session.heatLayerChanged, timeout=120000):
+        ed.editor.setTextCursor(cur)                          # select the first words, as with the mouse
+    amap = att.current
+    assert isinstance(amap, RelevanceMap) and att.method_name() == "relevance"
+    assert list(amap.token_indices) == [t.index for t in section.tokens if t.start < end and t.text.strip()]
+    assert amap.heatmap.shape == win.document.study.voxels.shape and amap.heatmap.max() > 0
+    assert session.heat.codes is not None and session.heat.codes.max() > 0        # a non-empty heat layer
+    dependence = session.heat.dependence
+    assert isinstance(dependence, RegionDependence)
+    assert [r[0] for r in att.chart.rows][0] == "global image"
+    assert [r[1] for r in att.chart.rows] == list(dependence.drops.values())
+    assert "peak" in att.status.text() and att.peak_button.isEnabled()
+    att.peak_button.click()                                   # Go to peak
+    QApplication.processEvents()
+    peak = win.document.volume.from_stored(amap.peak_voxel)
+    assert tuple(win.document.cursor) == tuple(peak)
+    assert all(view.peak_marker_shown() for view in win.views.values())
 
 
 def test_server_lost_mid_draft_keeps_the_draft_and_offers_retry(qtbot, win, server):

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from reg2rg.engine.generation import Finished, GenerationSettings, ReportEngine, TokenEvent
+from reg2rg.engine.generation import Finished, GenerationError, GenerationSettings, ReportEngine, TokenEvent
 from reg2rg.engine.interface import DraftingEngine, EngineUnavailable
 from reg2rg.engine.phantom import demo_study
 from reg2rg.engine.preprocess import preprocess
 from reg2rg.engine.service.client import RemoteEngine
-from reg2rg.engine.service.wire import CONTENT_TYPE, MAGIC, decode_request, encode_request
+from reg2rg.engine.service.wire import CONTENT_TYPE, MAGIC, decode_request, encode_request, with_selection
 
 from serve_fixtures import ServerProcess, free_port
 
@@ -72,6 +72,8 @@ def test_every_route_but_health_needs_the_token(server):
               for method in ops]
     routes += [("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/nonexistent")]
     assert ("POST", "/v1/drafts") in routes and ("GET", "/metrics") in routes
+    for explanation in ("attention", "relevance", "dependence", "findings"):
+        assert ("POST", f"/v1/drafts/0123abcd/{explanation}") in routes, explanation
     bad_headers = [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {server.token}"},
                    {"Authorization": f"Bearer {server.token}x"}, {"Authorization": server.token}]
     for method, path in routes:
@@ -179,6 +181,104 @@ def test_remote_draft_streams_and_equals_the_local_draft(remote, local, study):
         remote.attention_map(result, [10_000])
 
 
+# ---- explanations over the network ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def drafted(remote, local, study):
+    """(remote result, local result) of the same draft."""
+    settings = GenerationSettings(max_new_tokens=40)
+    result, expected = remote.draft(study, None, settings), local.draft(study, None, settings)
+    assert result.token_ids == expected.token_ids and result.remote_draft
+    return result, expected
+
+
+def test_remote_relevance_map_equals_the_local_one(remote, local, study, drafted):
+    result, expected = drafted
+    for selection in ([3, 4, 5], list(range(len(result.tokens)))):
+        rm, lm = remote.relevance_map(result, selection), local.relevance_map(expected, selection)
+        assert type(rm) is type(lm) and rm.method == lm.method == "gradient_x_input"
+        assert rm.token_indices == lm.token_indices == tuple(selection)
+        # computed by the server, projected onto this computer's CT with its own geometry
+        assert rm.heatmap.shape == study.voxels.shape and rm.heatmap.max() > 0
+        assert np.allclose(rm.heatmap, lm.heatmap, rtol=1e-5, atol=1e-12)
+        assert rm.peak_voxel == lm.peak_voxel
+        np.testing.assert_allclose(rm.affine, lm.affine)
+        assert rm.patch_relevance.keys() == lm.patch_relevance.keys()
+        assert rm.group_relevance == pytest.approx(lm.group_relevance, rel=1e-5)
+        assert rm.log_prob == pytest.approx(lm.log_prob, abs=1e-5)
+    # a draft whose request body this client no longer holds: its tensors are encoded again, same map
+    remote._bodies.clear()
+    again = remote.relevance_map(result, [3, 4, 5])
+    assert np.allclose(again.heatmap, local.relevance_map(expected, [3, 4, 5]).heatmap, rtol=1e-5, atol=1e-12)
+    with pytest.raises(GenerationError, match="outside"):
+        remote.relevance_map(result, [10_000])
+
+
+def test_remote_region_dependence_and_findings_check_equal_the_local_ones(remote, local, drafted):
+    result, expected = drafted
+    rd, ld = remote.region_dependence(result, [3, 4, 5]), local.region_dependence(expected, [3, 4, 5])
+    assert rd.token_indices == ld.token_indices and list(rd.drops) == list(ld.drops)      # global, then slot order
+    assert rd.drops == pytest.approx(ld.drops, abs=1e-4) and rd.strongest == ld.strongest
+    assert rd.log_prob == pytest.approx(ld.log_prob, abs=1e-5)
+    rf, lf = remote.finding_check(result, 0.3), local.finding_check(expected, 0.3)
+    assert result.findings_check is rf and rf.threshold == 0.3
+    assert [(s.slot, s.region) for s in rf.sections] == [(s.slot, s.region) for s in lf.sections]
+    for a, b in zip(rf.sections, lf.sections):
+        assert [(f.finding, f.stated, f.flag, f.reason) for f in a.findings] == \
+               [(f.finding, f.stated, f.flag, f.reason) for f in b.findings]
+        assert [f.probability for f in a.findings] == pytest.approx([f.probability for f in b.findings], abs=1e-5)
+    with pytest.raises(GenerationError, match="outside"):
+        remote.region_dependence(result, [10_000])
+
+
+def test_explanation_requests_get_404_and_422_with_reasons(server, remote, local, study, drafted):
+    result, _ = drafted
+    draft = result.remote_draft
+    body = remote._bodies.get(draft) or encode_request(result.inputs, result.prepared.slots, result.settings)
+    good = with_selection(body, [1, 2])
+    other = _body(local, study, study.regions_present[:3])         # another study: other regions
+    image = result.inputs.image.clone()
+    image[:, 10, 10, 10] += 0.25                                   # one voxel of the draft's study changed
+    altered = encode_request(dataclasses.replace(result.inputs, image=image), result.prepared.slots, result.settings,
+                             token_indices=[1])
+    study_type = {"Content-Type": CONTENT_TYPE}
+    with server.client() as c:
+        for route, kwargs in (("relevance", {"content": good, "headers": study_type}),
+                              ("dependence", {"json": {"token_indices": [1]}}), ("findings", {"json": {}}),
+                              ("attention", {"json": {"token_indices": [1]}})):
+            r = c.post(f"/v1/drafts/0123abcd/{route}", **kwargs)
+            assert r.status_code == 404, (route, r.text)
+            assert "no finished draft 0123abcd" in r.json()["detail"] and "regenerate" in r.json()["detail"]
+        cases = {
+            "relevance: not a study": ("relevance", {"content": b"{}", "headers": study_type}, 422, "not a reg2rg study"),
+            "relevance: json": ("relevance", {"json": {"token_indices": [1]}}, 415, CONTENT_TYPE),
+            "relevance: no selection": ("relevance", {"content": body, "headers": study_type}, 422, "give the selection"),
+            "relevance: bad selection": ("relevance", {"content": with_selection(body, []), "headers": study_type}, 422,
+                                         "token_indices must be a list of 1 to 4096"),
+            "relevance: outside": ("relevance", {"content": with_selection(body, [10_000]), "headers": study_type}, 422,
+                                   "outside"),
+            "relevance: another study": ("relevance", {"content": with_selection(other, [1]), "headers": study_type},
+                                         422, f"not the one draft {draft} was drafted from"),
+            "relevance: another tensor": ("relevance", {"content": altered, "headers": study_type}, 422,
+                                          "not the one draft"),
+            "dependence: empty": ("dependence", {"json": {"token_indices": []}}, 422, "give 1 to 4096"),
+            "dependence: outside": ("dependence", {"json": {"token_indices": [10_000]}}, 422, "outside"),
+            "dependence: not a list": ("dependence", {"json": {"token_indices": "all"}}, 422, ""),
+            "findings: threshold": ("findings", {"json": {"threshold": 2}}, 422, "between 0 and 1"),
+            "findings: contradiction": ("findings", {"json": {"contradiction_below": -0.5}}, 422, "between 0 and 1"),
+        }
+        for name, (route, kwargs, status, reason) in cases.items():
+            r = c.post(f"/v1/drafts/{draft}/{route}", **kwargs)
+            assert r.status_code == status, (name, r.status_code, r.text[:300])
+            detail = r.json()["detail"]
+            assert reason in str(detail), (name, detail)
+            assert "Traceback" not in str(detail), name
+            if isinstance(detail, str):
+                assert "\n" not in detail, name
+        # still serving: the good request goes through
+        r = c.post(f"/v1/drafts/{draft}/relevance", content=good, headers=study_type)
+        assert r.status_code == 200 and r.json()["token_indices"] == [1, 2]
+
+
 def test_cancel_over_the_network(remote, local, study):
     cancel = threading.Event()
     result = None
@@ -250,7 +350,11 @@ def test_generate_cli_drafts_on_the_server(server, local, tmp_path, capsys):
     data = json.loads((out / "report.json").read_text())
     expected = local.draft(demo_study(), None, GenerationSettings(max_new_tokens=20))
     assert data["text"] == expected.text
-    assert (out / "attention_report.nii.gz").is_file()
+    # the server explains as the engine of this computer: relevance maps, region dependence, findings check
+    assert (out / "relevance_report.nii.gz").is_file() and not data["notes"]
+    entry = data["attention"]["relevance_report.nii.gz"]
+    assert entry["method"] == "relevance" and entry["region_dependence"]["drops_nats"]
+    assert data["findings_check"]["sections"] is not None
     # a wrong token and a server that is not there: one line each, exit status non-zero, no traceback
     bad = tmp_path / "bad_token"
     bad.write_text("nope\n")
