@@ -162,3 +162,45 @@ def test_max_batch_one_decodes_one_draft_at_a_time(engine, study):
     with pytest.raises(GenerationError, match="max_batch"):
         DecodeScheduler(engine.model.lang_model, engine.model.lang_model.get_input_embeddings(), 2,
                         threading.RLock(), max_batch=0)
+
+
+def test_growing_cache_layer_holds_what_concatenation_holds():
+    """`GrowingLayer` writes each step into a preallocated buffer (doubling when full): after any sequence
+    of updates its keys/values equal DynamicLayer's concatenation, and it is what the batch decodes with."""
+    from transformers.cache_utils import DynamicLayer
+
+    from reg2rg.engine.batching import GrowingLayer, growing_cache
+
+    gen = torch.Generator().manual_seed(0)
+    k0, v0 = torch.randn(3, 2, 5, 4, generator=gen), torch.randn(3, 2, 5, 4, generator=gen)
+    grow, ref = GrowingLayer(k0, v0, spare=2), DynamicLayer()
+    ref.update(k0, v0)
+    for q in (1, 1, 1, 3, 1, 7, 1):                    # crosses the capacity several times
+        k, v = torch.randn(3, 2, q, 4, generator=gen), torch.randn(3, 2, q, 4, generator=gen)
+        gk, gv = grow.update(k, v)
+        rk, rv = ref.update(k, v)
+        assert torch.equal(gk, rk) and torch.equal(gv, rv)
+        assert grow.get_seq_length() == ref.get_seq_length()
+    assert grow._k.shape[2] >= grow.get_seq_length()
+    cache = growing_cache([(k0, v0), (k0, v0)], None)
+    assert cache.get_seq_length() == 5 and all(isinstance(layer, GrowingLayer) for layer in cache.layers)
+
+
+def test_batched_greedy_equals_lone_when_the_cache_grows_every_step(engine, study):
+    """With no spare room the batch's cache doubles again and again while two drafts decode together:
+    the tokens are still those of each draft alone."""
+    present = study.regions_present
+    jobs = [(None, 30), (present[:3], 20)]
+    lone = [engine.draft(study, regions, GenerationSettings(max_new_tokens=n)) for regions, n in jobs]
+    steps = []
+    batching = BatchingEngine(engine, max_batch=4, on_step=lambda n, s: steps.append(n))
+    batching.scheduler.cache_spare = 1
+    try:
+        batched = _concurrently([lambda r=r, n=n: batching.draft(study, r, GenerationSettings(max_new_tokens=n))
+                                 for r, n in jobs])
+    finally:
+        batching.close()
+    assert max(steps) == 2, f"the drafts never shared a decode step (batch sizes {sorted(set(steps))})"
+    for a, b in zip(lone, batched):
+        assert b.token_ids == a.token_ids
+        assert b.text == a.text
