@@ -308,6 +308,20 @@ def _sse(event: str, data) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+def take_ready(first: bytes | None, events: "asyncio.Queue") -> tuple[bytes, bool]:
+    """``first`` and every event already queued behind it, as one chunk for one write (a stream that fell
+    behind catches up in one send instead of one per token); True when the end (None) was among them."""
+    chunk, end = [], first is None
+    if not end:
+        chunk.append(first)
+    while not end and not events.empty():
+        item = events.get_nowait()
+        end = item is None
+        if not end:
+            chunk.append(item)
+    return b"".join(chunk), end
+
+
 def finished_payload(result) -> dict:
     """What the ``finished`` event carries: `DraftResult.to_dict` plus what a client rebuilds it from."""
     d = result.to_dict()
@@ -398,8 +412,8 @@ def create_app(engine, token: str, *, max_body_bytes: int = 256 << 20, read_time
         if request.headers.get("content-type", "").split(";")[0].strip() != CONTENT_TYPE:
             reject(415, f"the body must be {CONTENT_TYPE} (a pre-processed study)")
         body = await request.body()
-        try:
-            req = decode_request(body, cfg.input_size, cfg.num_regions, max_new_tokens)
+        try:        # inflating and checking a study takes a while: off the event loop, other streams go on
+            req = await asyncio.to_thread(decode_request, body, cfg.input_size, cfg.num_regions, max_new_tokens)
         except WireError as err:
             reject(422, str(err))
         del body
@@ -465,9 +479,11 @@ def create_app(engine, token: str, *, max_body_bytes: int = 256 << 20, read_time
                         draft.cancel.set()            # over the time limit: stop; "finished" (cancelled) follows
                         deadline = loop.time() + 60
                         continue
-                    if item is None:
+                    chunk, end = take_ready(item, events)
+                    if chunk:
+                        yield chunk
+                    if end:
                         return
-                    yield item
             finally:
                 if draft.state == "running":
                     draft.cancel.set()                # the reader went away: free its place in the batch

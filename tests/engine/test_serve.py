@@ -366,3 +366,28 @@ def test_generate_cli_drafts_on_the_server(server, local, tmp_path, capsys):
     assert "cannot reach the engine server" in capsys.readouterr().err
     assert main(["--demo", "--server", server.url, "--token-file", str(tmp_path / "missing")]) == 2
     assert "cannot read the token file" in capsys.readouterr().err
+
+
+def test_queued_events_go_out_as_one_chunk_and_the_end_is_seen():
+    """The stream writes every event already queued in one chunk: a behind reader gets them together,
+    in order, and the end marker stops the stream even when it is queued behind events."""
+    import asyncio
+
+    from reg2rg.engine.service.server import _sse, take_ready
+
+    async def run():
+        q: asyncio.Queue = asyncio.Queue()
+        events = [_sse("token", {"index": i}) for i in range(4)]
+        for ev in events[1:]:
+            q.put_nowait(ev)
+        chunk, end = take_ready(events[0], q)
+        assert chunk == b"".join(events) and not end and q.empty()
+        q.put_nowait(events[1])
+        q.put_nowait(None)
+        q.put_nowait(events[2])                    # nothing after the end is sent
+        assert take_ready(events[0], q) == (events[0] + events[1], True)
+        assert take_ready(None, q) == (b"", True)
+        lines = chunk.decode().splitlines()
+        assert [json.loads(x[6:])["index"] for x in lines if x.startswith("data: ")] == [0, 1, 2, 3]
+
+    asyncio.run(run())
