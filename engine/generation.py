@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -491,12 +492,24 @@ class StreamingDetokenizer:
         return self.text
 
 
+_PIECE_TEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # tokenizer -> {token id: text}
+
+
 def token_piece_text(tokenizer, token_id: int) -> str:
-    """Readable text of one token for the alternatives list (keeps its leading space)."""
-    text = tokenizer.decode([int(token_id)], skip_special_tokens=False)
-    piece = tokenizer.convert_ids_to_tokens(int(token_id))
-    if isinstance(piece, str) and piece[:1] in ("\u2581", "\u0120") and not text.startswith(" "):
-        text = " " + text
+    """Readable text of one token for the alternatives list (keeps its leading space). Remembered per
+    tokenizer: five of them are shown for every generated token of every draft."""
+    try:
+        known = _PIECE_TEXTS.setdefault(tokenizer, {})
+    except TypeError:                       # a tokenizer that cannot be weakly referenced: not remembered
+        known = {}
+    token_id = int(token_id)
+    text = known.get(token_id)
+    if text is None:
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece[:1] in ("\u2581", "\u0120") and not text.startswith(" "):
+            text = " " + text
+        known[token_id] = text
     return text
 
 

@@ -221,6 +221,21 @@ def test_streaming_detokenizer_is_exact(engine):
     assert all(d.text[a:b] == p for p, a, b in pieces)
 
 
+def test_token_piece_text_is_remembered_and_unchanged(engine):
+    """The alternatives' texts are remembered per tokenizer (five per token of every draft): every id
+    gives what decoding it alone gives, leading space kept, the second time from the memory."""
+    from reg2rg.engine.generation import _PIECE_TEXTS, token_piece_text
+
+    tok = engine.tokenizer
+    for i in range(len(tok)):
+        text = tok.decode([i], skip_special_tokens=False)
+        piece = tok.convert_ids_to_tokens(i)
+        spaced = isinstance(piece, str) and piece[:1] in ("\u2581", "\u0120") and not text.startswith(" ")
+        assert token_piece_text(tok, i) == (" " + text if spaced else text)
+        assert token_piece_text(tok, i) is _PIECE_TEXTS[tok][i]
+    assert any(token_piece_text(tok, i).startswith(" ") for i in range(len(tok)))
+
+
 CRAFTED = ("The region 0 is heart: Normal size. No effusion! The region 1 is lung no nodules seen. "
            "The region 2 is spleen: odd. The region 0 is bone: repeated slot.")
 
