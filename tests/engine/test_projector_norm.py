@@ -1,11 +1,12 @@
 """``projector_norm="region"`` (issue 12; off in the published preset): fc's input standardised per anatomical
 region with statistics fitted on training volumes, saved with the model, used by the engine and by the blind
-control — each checked against a computation written out here."""
+control (the average region for the latents, the masks' own tokens) — each checked against a computation written out here."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,11 +126,18 @@ def test_statistics_are_saved_with_the_model_and_the_engine_and_blind_control_us
     mask_ids = {engine.special.region_tokens(j)[-1] for j in range(engine.special.num_regions)}
     is_mask = torch.tensor([i in mask_ids for i in prepared.prompt_ids])
     bias = loaded.embedding_layer.fc.bias
-    # blind: every latent row is fc(0) = fc.bias (a zero standardised input), every mask token zero;
-    # the text rows are the model's own
+    # blind: every latent row is fc(0) = fc.bias (a zero standardised input: the average region); the mask
+    # tokens (from the masks, not the CT) and the text rows are the model's own
     assert torch.allclose(prepared_blind.prompt_embeds[0, visual & ~is_mask], bias.expand(int((visual & ~is_mask).sum()), -1))
-    assert torch.equal(prepared_blind.prompt_embeds[0, is_mask], torch.zeros(int(is_mask.sum()), bias.shape[0]))
+    assert is_mask.sum() == len(REGION_SET)
+    assert torch.equal(prepared_blind.prompt_embeds[0, is_mask], prepared.prompt_embeds[0, is_mask])
     assert torch.equal(prepared_blind.prompt_embeds[0, ~visual], prepared.prompt_embeds[0, ~visual])
+    # a study with other CT voxels but the same masks gets the same blind prompt
+    other = box_study()
+    body = other.voxels > -1000
+    other.voxels = np.where(body, other.voxels + 150, other.voxels).astype(other.voxels.dtype)   # the body brighter
+    assert torch.equal(blind.prepare(other, REGION_SET).prompt_embeds, prepared_blind.prompt_embeds)
+    assert not torch.equal(engine.prepare(other, REGION_SET).prompt_embeds, prepared.prompt_embeds)
     # the seeing engine's latent rows are not the average region
     assert not torch.allclose(prepared.prompt_embeds[0, visual & ~is_mask],
                               bias.expand(int((visual & ~is_mask).sum()), -1), atol=1e-3)
