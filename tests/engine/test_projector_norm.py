@@ -1,6 +1,6 @@
 """``projector_norm="region"`` (issue 12; off in the published preset): fc's input standardised per anatomical
 region with statistics fitted on training volumes, saved with the model, used by the engine and by the blind
-control (the average region for the latents, the masks' own tokens) — each checked against a computation written out here."""
+control (random standardised latents, the masks' own tokens) — each checked against a computation written out here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reg2rg.engine.checkpoint import load_pretrained, save_pretrained
-from reg2rg.engine.controls import BlindReportEngine
+from reg2rg.engine.controls import NOISE_SEED, BlindReportEngine
 from reg2rg.engine.generation import GenerationSettings, ReportEngine, model_tensors
 from reg2rg.engine.model.config import ConfigError, Reg2RGConfig
 from reg2rg.engine.model.reg2rg import Reg2RG
@@ -125,10 +125,12 @@ def test_statistics_are_saved_with_the_model_and_the_engine_and_blind_control_us
     visual = ids >= engine.special.first_image_token
     mask_ids = {engine.special.region_tokens(j)[-1] for j in range(engine.special.num_regions)}
     is_mask = torch.tensor([i in mask_ids for i in prepared.prompt_ids])
-    bias = loaded.embedding_layer.fc.bias
-    # blind: every latent row is fc(0) = fc.bias (a zero standardised input: the average region); the mask
-    # tokens (from the masks, not the CT) and the text rows are the model's own
-    assert torch.allclose(prepared_blind.prompt_embeds[0, visual & ~is_mask], bias.expand(int((visual & ~is_mask).sum()), -1))
+    # blind: the latent rows are fc of N(0, 1) standardised latents from the fixed seed (a draw from the average
+    # region's distribution); the mask tokens (from the masks, not the CT) and the text rows are the model's own
+    n_latent = int((visual & ~is_mask).sum())
+    noise = torch.randn(n_latent, loaded.embedding_layer.fc.in_features, generator=torch.Generator().manual_seed(NOISE_SEED))
+    with torch.no_grad():
+        assert torch.allclose(prepared_blind.prompt_embeds[0, visual & ~is_mask], loaded.embedding_layer.fc(noise), atol=1e-6)
     assert is_mask.sum() == len(REGION_SET)
     assert torch.equal(prepared_blind.prompt_embeds[0, is_mask], prepared.prompt_embeds[0, is_mask])
     assert torch.equal(prepared_blind.prompt_embeds[0, ~visual], prepared.prompt_embeds[0, ~visual])
@@ -138,8 +140,8 @@ def test_statistics_are_saved_with_the_model_and_the_engine_and_blind_control_us
     other.voxels = np.where(body, other.voxels + 150, other.voxels).astype(other.voxels.dtype)   # the body brighter
     assert torch.equal(blind.prepare(other, REGION_SET).prompt_embeds, prepared_blind.prompt_embeds)
     assert not torch.equal(engine.prepare(other, REGION_SET).prompt_embeds, prepared.prompt_embeds)
-    # the seeing engine's latent rows are not the average region
-    assert not torch.allclose(prepared.prompt_embeds[0, visual & ~is_mask],
-                              bias.expand(int((visual & ~is_mask).sum()), -1), atol=1e-3)
+    # the seeing engine's latent rows are this study's
+    assert not torch.allclose(prepared.prompt_embeds[0, visual & ~is_mask], prepared_blind.prompt_embeds[0, visual & ~is_mask],
+                              atol=1e-3)
     result = engine.draft(study, REGION_SET, GenerationSettings(max_new_tokens=8))
     assert result.tokens
