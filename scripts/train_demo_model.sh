@@ -22,6 +22,7 @@
 # Knobs (environment): TRAIN_CHUNKS FT_CHUNKS FT_MIX FT_ABNORMAL N_VAL N_TEST SEED STEPS THREADS
 #                      VIS_STEPS VIS_LR PROJ_LR FT_STEPS FT_LR FT_HEAD_LR FT_SCHEDULER FT_WARMUP FT_FINDINGS
 #                      FT_FINDING_WEIGHT FT_FOCAL FT_DIR
+#                      NORM_STEPS NORM_LR NORM_PROJ_LR NORM_BATCH NORM_SCHEDULER NORM_VALIDATE NORM_EXTRA (stage n)
 #                      EXTRA / FT_EXTRA (more --key value overrides of stage 1 / stage 2)
 # Re-running is safe: finished stages are skipped, training resumes. Delete WORK_DIR to start over.
 set -euo pipefail
@@ -54,7 +55,7 @@ HEAD_INPUT=${HEAD_INPUT:-patches}   # 4c: what the re-fitted finding head reads
 HEAD_LR=${HEAD_LR:-0.01}
 READ_STEPS=${READ_STEPS:-0}        # stage 4d (0: skipped)
 READ_LR=${READ_LR:-1e-3}
-NORM_STEPS=${NORM_STEPS:-0}        # stage n, the shipped model's (0: skipped)
+NORM_STEPS=${NORM_STEPS:-0}        # stage n, per-region standardisation (0: skipped; measured, not shipped: MODEL_CARD.md)
 NORM_LR=${NORM_LR:-5e-4}
 NORM_PROJ_LR=${NORM_PROJ_LR:-2e-3}  # fc / mask_fc: their input changed scale, they learn faster
 NORM_BATCH=${NORM_BATCH:-8}
@@ -197,7 +198,7 @@ if [ "$HEAD_STEPS" -gt 0 ]; then
     --train.max_steps "$HEAD_STEPS"
 fi
 
-#   n. NORM_STEPS > 0 (the shipped model, issue 12): from the stage-1 weights, fc's input standardised per region
+#   n. NORM_STEPS > 0 (issue 12; the fourth round of MODEL_CARD.md, not shipped): from the stage-1 weights, fc's input standardised per region
 #      (model.projector_norm "region": statistics fitted on the training studies, the encoders frozen and run once
 #      per study), then fc, mask_fc, the markers and the LLM trained on the abnormal-rich mix -> WORK/run_norm
 if [ "$NORM_STEPS" -gt 0 ]; then
