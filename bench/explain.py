@@ -13,7 +13,8 @@ model drafts the report (greedy), then:
   threshold over 0.05..0.95 on the validation phantoms; never chosen on test);
 - **pointing game**: for each planted finding the draft reports correctly, is the relevance maximum of the
   sentence that reports it inside the lesion dilated by 10 mm (a sphere of radius size/2 + 10 mm around its
-  centre)? Hit rate vs the chance rate (that sphere's volume over the body's). The same for the whole
+  centre; for cardiomegaly, whose lesion is the organ, the heart mask dilated by 10 mm)? Hit rate vs the
+  chance rate (that volume over the body's). The same for the whole
   section of the finding's region (``section_pointing``), which is defined even when a model reports nothing;
 - **deletion test** (section of each planted finding's region): the CT voxels of that region ranked by
   relevance are replaced, top 0/2/5/10/20 %, by the region's median HU, and the section's probability
@@ -67,9 +68,19 @@ def studies(folder: Path, limit: int | None):
         yield entry, read_study(folder / entry["path"], folder / entry["masks"])
 
 
+# findings whose lesion is the whole organ: the organ's mask is the lesion (an enlarged heart is the heart)
+ORGAN_FINDINGS = {"Cardiomegaly": "heart"}
+
+
 def lesion_ball(study: Study, finding: dict) -> np.ndarray:
-    """The lesion dilated by 10 mm, as a ball of radius size/2 + 10 mm (20 mm size when not given)."""
+    """The lesion dilated by 10 mm, as a ball of radius size/2 + 10 mm (20 mm size when not given); for a
+    whole-organ finding (`ORGAN_FINDINGS`) the organ's mask dilated by 10 mm."""
     spacing = np.sqrt((np.asarray(study.affine)[:3, :3] ** 2).sum(0))
+    organ = ORGAN_FINDINGS.get(finding.get("type"))
+    if organ and organ in study.masks:
+        from scipy.ndimage import distance_transform_edt
+
+        return distance_transform_edt(~study.masks[organ], sampling=spacing) <= 10.0
     radius = float(finding.get("size_mm") or 20.0) / 2 + 10.0
     grids = np.ogrid[tuple(slice(0, n) for n in study.shape)]
     d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, finding["centre_voxel"], spacing))
