@@ -25,7 +25,7 @@ from reg2rg.engine.regions import REGION_INDEX, REGIONS
 
 from .display import DisplayVolume, SurfaceMesh
 from .document import ViewerDocument
-from .render_widget import RenderWidget
+from .render_widget import VTK_LOCK, RenderWidget
 from .slice_view import PEAK_COLOR, image_from_array
 from .style import VOLUME_PRESETS
 
@@ -86,7 +86,8 @@ def polydata_from_mesh(mesh: SurfaceMesh) -> vtkPolyData:
 def region_surfaces(volume: DisplayVolume, max_dim: int = SURFACE_MAX_DIM) -> dict[str, SurfaceMesh]:
     """Smoothed triangle surfaces of every non-empty region, in display-world mm, as `SurfaceMesh` arrays.
 
-    Pure VTK filters without rendering, so this runs on the loader thread.
+    Pure VTK filters without rendering, so this runs on the loader thread; each region's filters run under
+    `render_widget.VTK_LOCK` (VTK is not safe in two threads at once), their objects freed before it is released.
     """
     s = _stride(volume.shape, max_dim)
     labels = volume.labels[::s, ::s, ::s]                                  # (I/s, J/s, K/s)
@@ -100,23 +101,29 @@ def region_surfaces(volume: DisplayVolume, max_dim: int = SURFACE_MAX_DIM) -> di
             continue
         padded = np.zeros(tuple(n + 2 for n in mask.shape), dtype=np.float32, order="F")
         padded[1:-1, 1:-1, 1:-1] = mask                                   # closed surfaces at the borders
-        image = image_from_array(padded, spacing)
-        image.SetOrigin(*(-v for v in spacing))
-        edges = vtkFlyingEdges3D()
-        edges.SetInputData(image)
-        edges.SetValue(0, 0.5)
-        edges.ComputeNormalsOff()
-        smooth = vtkWindowedSincPolyDataFilter()
-        smooth.SetInputConnection(edges.GetOutputPort())
-        smooth.SetNumberOfIterations(12)
-        smooth.SetPassBand(0.08)
-        smooth.NormalizeCoordinatesOn()
-        normals = vtkPolyDataNormals()
-        normals.SetInputConnection(smooth.GetOutputPort())
-        normals.SetFeatureAngle(80.0)
-        normals.Update()
-        out[region] = mesh_from_polydata(normals.GetOutput())
+        with VTK_LOCK:
+            out[region] = _smoothed_surface(padded, spacing)
     return out
+
+
+def _smoothed_surface(padded: np.ndarray, spacing) -> SurfaceMesh:
+    """One region's surface (flying edges at 0.5, windowed-sinc smoothing, normals) as arrays."""
+    image = image_from_array(padded, spacing)
+    image.SetOrigin(*(-v for v in spacing))
+    edges = vtkFlyingEdges3D()
+    edges.SetInputData(image)
+    edges.SetValue(0, 0.5)
+    edges.ComputeNormalsOff()
+    smooth = vtkWindowedSincPolyDataFilter()
+    smooth.SetInputConnection(edges.GetOutputPort())
+    smooth.SetNumberOfIterations(12)
+    smooth.SetPassBand(0.08)
+    smooth.NormalizeCoordinatesOn()
+    normals = vtkPolyDataNormals()
+    normals.SetInputConnection(smooth.GetOutputPort())
+    normals.SetFeatureAngle(80.0)
+    normals.Update()
+    return mesh_from_polydata(normals.GetOutput())
 
 
 def heat_surfaces(codes: np.ndarray, spacing, levels=HEAT_ISO_LEVELS,
