@@ -1420,7 +1420,7 @@ DEMO_SEED = 20250
 DEMO_FINDINGS = (
     Finding(LUNG_NODULE, side="right", lobe="upper", size_mm=14.0),
     Finding(PLEURAL_EFFUSION, side="left", size_mm=28.0),
-    Finding(CARDIOMEGALY, amount="moderate"),
+    Finding(CORONARY_CALCIFICATION, amount="moderate", location="LAD and RCA"),
 )
 
 
