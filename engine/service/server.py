@@ -336,8 +336,6 @@ def finished_payload(result) -> dict:
 def _slim(result) -> None:
     """Drop the model-grid tensors from a kept result: attention, region dependence and the findings
     check need only the prompt's encoding; a relevance request sends the tensors again."""
-    import dataclasses
-
     if result.prepared is not None:
         result.prepared = dataclasses.replace(result.prepared, inputs=None)
 

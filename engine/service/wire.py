@@ -59,7 +59,7 @@ class DraftRequest:
     inputs: ModelInputs
     regions: list[str]
     settings: GenerationSettings
-    digest: str = ""                         # BLAKE2b of the regions and tensor bytes: which study this is
+    digest: str = ""                         # BLAKE2b of the regions, tensor table and encoded bytes: which study
     token_indices: list[int] | None = None   # a relevance request's selection
 
 
@@ -103,10 +103,9 @@ def _decode_array(blob: bytes, codec: str, shape: tuple[int, ...], name: str) ->
 
 
 # ---- encoding (client) -----------------------------------------------------------------------------
-def encode_request(inputs: ModelInputs, regions, settings: GenerationSettings, codec: str = "zlib",
-                   token_indices=None) -> bytes:
-    """The request body for ``inputs`` (`preprocess.preprocess` output) drafting ``regions``; with
-    ``token_indices`` the body of a relevance request for that selection of the draft."""
+def encode_request(inputs: ModelInputs, regions, settings: GenerationSettings, codec: str = "zlib") -> bytes:
+    """The request body for ``inputs`` (`preprocess.preprocess` output) drafting ``regions`` (`with_selection`
+    makes it a relevance request's)."""
     regions = [r for r in regions if r in inputs.regions]
     tensors, blobs = [], []
 
@@ -123,8 +122,6 @@ def encode_request(inputs: ModelInputs, regions, settings: GenerationSettings, c
         add(f"mask:{r}", inputs.masks[r][0])
     header = {"input_size": list(inputs.image.shape[1:]), "regions": regions, "settings": asdict(settings),
               "tensors": tensors}
-    if token_indices is not None:
-        header["token_indices"] = [int(i) for i in token_indices]
     head = json.dumps(header, separators=(",", ":")).encode()
     return b"".join([MAGIC, struct.pack(">I", len(head)), head, *blobs])
 
@@ -225,13 +222,14 @@ def decode_request(body: bytes, input_size, num_regions: int, max_new_tokens: in
         total += nb
     if total != len(body) - pos:
         raise WireError(f"the tensors declare {total} bytes but {len(body) - pos} follow the header")
-    digest = hashlib.blake2b(json.dumps(regions).encode(), digest_size=16)
+    # which study this is: the regions, the tensor table and the encoded bytes (1/9 of the decoded float32 at
+    # the demo grid, hashed once per draft; a client re-sends the same bytes, kept or re-encoded identically)
+    digest = hashlib.blake2b(json.dumps([regions, specs]).encode(), digest_size=16)
+    digest.update(memoryview(body)[pos:])
     arrays = {}
     for s in specs:
-        arrays[s["name"]] = arr = _decode_array(body[pos:pos + s["nbytes"]], s["codec"], size, s["name"])
-        digest.update(memoryview(arr).cast("B"))
+        arrays[s["name"]] = torch.from_numpy(_decode_array(body[pos:pos + s["nbytes"]], s["codec"], size, s["name"]))
         pos += s["nbytes"]
-    arrays = {k: torch.from_numpy(a) for k, a in arrays.items()}
     image = arrays["image"][None].expand(3, *size)
     inputs = ModelInputs(image=image,
                          regions={r: arrays[f"region:{r}"][None].expand(3, *size) for r in regions},

@@ -238,8 +238,8 @@ def test_explanation_requests_get_404_and_422_with_reasons(server, remote, local
     other = _body(local, study, study.regions_present[:3])         # another study: other regions
     image = result.inputs.image.clone()
     image[:, 10, 10, 10] += 0.25                                   # one voxel of the draft's study changed
-    altered = encode_request(dataclasses.replace(result.inputs, image=image), result.prepared.slots, result.settings,
-                             token_indices=[1])
+    altered = with_selection(encode_request(dataclasses.replace(result.inputs, image=image), result.prepared.slots,
+                                            result.settings), [1])
     study_type = {"Content-Type": CONTENT_TYPE}
     with server.client() as c:
         for route, kwargs in (("relevance", {"content": good, "headers": study_type}),
