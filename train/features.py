@@ -91,3 +91,94 @@ def fit_projector_statistics(model, features: dict[str, StudyFeatures], names: I
         raise ValueError("no encoded training study to fit the projector statistics on")
     model.embedding_layer.set_projector_statistics(torch.stack(latents), torch.tensor(rows))
     return len(latents)
+
+
+#: Fitting the ``finding_head_input="latents"`` detector (`fit_finding_detector`).
+DETECTOR_HELD_OUT = 0.2         # share of the training studies held out to decide which labels it may call
+DETECTOR_MIN_F1 = 0.7           # held-out F1 a region's label needs to be called at all
+DETECTOR_MIN_POSITIVES = 10     # training studies with the finding in that region needed to try
+DETECTOR_L2 = 1e-2              # ridge penalty on the standardised features (mean of the squared weights' sum)
+
+
+def _detector_features(f: StudyFeatures, region: str) -> torch.Tensor:
+    latents, mask = f.regions[region]
+    return torch.cat([latents.float().flatten(), mask.float()])
+
+
+def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a class-balanced logistic regression (positives weighted by the negatives/positives
+    ratio) with a ridge penalty, fitted by L-BFGS on standardised features ``x`` (n, F)."""
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    pos_weight = ((1 - y).sum() / y.sum().clamp(min=1)).clamp(max=20.0)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y, pos_weight=pos_weight)
+        loss = loss + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _f1(called: torch.Tensor, truth: torch.Tensor) -> float:
+    tp = int((called & truth).sum())
+    return 2 * tp / max(2 * tp + int((called & ~truth).sum()) + int((~called & truth).sum()), 1)
+
+
+@torch.no_grad()
+def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Iterable[str],
+                         targets: Callable[[str], dict[str, torch.Tensor]], seed: int = 0,
+                         held_out: float = DETECTOR_HELD_OUT, min_f1: float = DETECTOR_MIN_F1,
+                         min_positives: int = DETECTOR_MIN_POSITIVES, l2: float = DETECTOR_L2) -> list[dict]:
+    """Fit the model's ``finding_head_input="latents"`` detector on the training studies ``names``:
+    ``targets(name)`` gives region -> (K,) 0/1 labels (the finding head's targets, from the region's sentence).
+
+    For every region and label with at least ``min_positives`` positive studies: a logistic regression is fitted
+    on a seeded ``1 - held_out`` share of the studies and scored (F1 at probability 0.5) on the rest; when that
+    held-out F1 reaches ``min_f1`` the label is enabled in that region (threshold 0.5) and re-fitted on all the
+    studies, else it is never called there. The standardisation is folded into the saved weights. Returns one
+    row per region and label tried: region, label, positives, held-out F1, enabled."""
+    layer = model.embedding_layer
+    if layer.finding_latent_weight is None:
+        raise RuntimeError("this model has no latent finding detector (finding_head_input is not 'latents')")
+    labels = model.config.finding_labels
+    names = [n for n in names if n in features]
+    generator = torch.Generator().manual_seed(seed)
+    report = []
+    layer.finding_latent_weight.zero_()
+    layer.finding_latent_bias.zero_()
+    layer.finding_threshold.fill_(float("inf"))
+    for r, region in enumerate(REGIONS):
+        chosen = [n for n in names if region in features[n].regions and region in targets(n)]
+        if not chosen:
+            continue
+        x = torch.stack([_detector_features(features[n], region) for n in chosen])
+        y = torch.stack([targets(n)[region].float() for n in chosen])                   # (n, K)
+        order = torch.randperm(len(chosen), generator=generator)
+        cut = int(round(len(chosen) * (1 - held_out)))
+        fit_idx, test_idx = order[:cut], order[cut:]
+        for k, label in enumerate(labels):
+            positives = int(y[:, k].sum())
+            if positives < min_positives or positives == len(chosen):
+                continue
+            with torch.enable_grad():
+                mu, sd = x[fit_idx].mean(0), x[fit_idx].std(0) + 1e-6
+                w, b = _logistic((x[fit_idx] - mu) / sd, y[fit_idx, k], l2)
+            called = (((x[test_idx] - mu) / sd) @ w + b) > 0
+            f1 = _f1(called, y[test_idx, k] > 0.5)
+            enabled = f1 >= min_f1
+            report.append({"region": region, "label": label, "positives": positives, "held_out_f1": round(f1, 3),
+                           "enabled": enabled})
+            if not enabled:
+                continue
+            with torch.enable_grad():
+                mu, sd = x.mean(0), x.std(0) + 1e-6
+                w, b = _logistic((x - mu) / sd, y[:, k], l2)
+            layer.finding_latent_weight[1 + r, k] = (w / sd).to(layer.finding_latent_weight)
+            layer.finding_latent_bias[1 + r, k] = (b - (w / sd) @ mu).to(layer.finding_latent_bias)
+            layer.finding_threshold[1 + r, k] = 0.5
+    return report

@@ -298,7 +298,7 @@ def build_model(config: TrainConfig, model_config, tokenizer, dtype: torch.dtype
 
 
 #: Buffers the training fits (not parameters, not recomputed by the model): saved in every checkpoint.
-FITTED_BUFFERS = ("projector_mean", "projector_std")
+FITTED_BUFFERS = ("projector_mean", "projector_std", "finding_latent_weight", "finding_latent_bias", "finding_threshold")
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -476,7 +476,7 @@ class Trainer:
 
         self.model = build_model(cfg, self.model_config, self.tokenizer)
         special = self.model.special
-        self.features = self._encode_for_projector_norm() if self.model_config.projector_norm == "region" else None
+        self.features = self._encode_frozen() if self.model_config.frozen_encoders else None
         max_length = min(cfg.data.max_length, self.model_config.max_length)
         # the head's targets: for its loss, and for teacher-forced finding conditioning
         wanted = self.model_config.finding_loss_weight or (self.model_config.finding_conditioning
@@ -485,6 +485,8 @@ class Trainer:
         self.train_set = RegionReportDataset(self.splits.train, self.tokenizer, special, self.loader,
                                              max_length, seed=cfg.train.seed, finding_labels=findings,
                                              features=self.features)
+        if self.model.embedding_layer.finding_latent_weight is not None:
+            self._fit_finding_detector()
         self.val_set = RegionReportDataset(self.splits.val[: cfg.data.val_samples], self.tokenizer, special,
                                            self.loader, max_length, seed=cfg.train.seed + 1,
                                            finding_labels=self.model_config.finding_labels, features=self.features)
@@ -525,21 +527,47 @@ class Trainer:
 
                 self.writer = SummaryWriter(str(self.output / "tensorboard"))
 
-    def _encode_for_projector_norm(self):
-        """``projector_norm="region"``: the frozen encoders' output of every study, computed once (see
-        train.features), and the statistics fitted on the training studies when the starting model has none."""
+    def _encode_frozen(self):
+        """Frozen encoders (`Reg2RGConfig.frozen_encoders`): their output of every study, computed once (see
+        train.features), and ``projector_norm``'s statistics fitted on the training studies when the starting
+        model has none."""
         from .features import encode_studies, fit_projector_statistics
 
         t0 = time.perf_counter()
         records = list(self.splits.train) + list(self.splits.val[: self.config.data.val_samples])
         features = encode_studies(self.model, records, self.loader)
-        if not self.model.embedding_layer.projector_statistics_fitted:
+        if self.model.embedding_layer.projector_mean is not None and not self.model.embedding_layer.projector_statistics_fitted:
             volumes = fit_projector_statistics(self.model, features, [r.name for r in self.splits.train])
             if self.rank == 0:
                 logger.info("projector statistics fitted on %d training volumes", volumes)
         if self.rank == 0:
             logger.info("frozen encoders: %d studies encoded once in %.0f s", len(features), time.perf_counter() - t0)
         return features
+
+    def _fit_finding_detector(self) -> None:
+        """``finding_head_input="latents"``: fit the per-region detector on the training studies' encoder output
+        when the starting model has none (a resumed run restores it from the checkpoint), and write what it
+        can call to ``finding_detector.json`` in the output folder."""
+        from .features import fit_finding_detector
+
+        layer = self.model.embedding_layer
+        if bool(torch.isfinite(layer.finding_threshold).any()) or bool(layer.finding_latent_weight.any()):
+            return
+        if self.features is None:
+            raise RuntimeError("the finding detector is fitted on the frozen encoders' output")
+        labeller = RegionReportDataset(self.splits.train, self.tokenizer, self.model.special, self.loader, 8,
+                                       finding_labels=self.model_config.finding_labels)
+        by_name = {r.name: r for r in self.splits.train}
+        t0 = time.perf_counter()
+        report = fit_finding_detector(self.model, self.features, list(by_name),
+                                      lambda name: labeller.finding_targets(by_name[name]), seed=self.config.train.seed)
+        if self.rank == 0:
+            enabled = [f"{row['region']}/{row['label']} ({row['held_out_f1']:.2f})" for row in report if row["enabled"]]
+            logger.info("finding detector fitted in %.0f s; it may call: %s", time.perf_counter() - t0,
+                        ", ".join(enabled) or "nothing")
+            self.output.mkdir(parents=True, exist_ok=True)
+            with open(self.output / "finding_detector.json", "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=1)
 
     def micro_batches_per_epoch(self) -> int:
         n = len(self.splits.train) // self.world

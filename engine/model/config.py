@@ -123,7 +123,14 @@ class Reg2RGConfig:
     ``finding_head_input`` chooses what the head reads: ``"tokens"`` (above) or ``"patches"``: each of the
     volume's ViT patch features, RMS-normalised, through the linear head, then the maximum over patches (a
     multiple-instance detector: a lesion that fills a few patches is not averaged away by the rest of the
-    region; the head is then named ``finding_patch_head``).
+    region; the head is then named ``finding_patch_head``), or ``"latents"``: a *detector* per region on what
+    the frozen encoders give for that region — its perceiver latents, flattened, and its mask feature — one
+    logistic regression per region and label, fitted by ``reg2rg-train`` on the training studies (the
+    encoders frozen and run once, as for ``projector_norm``; `train.features.fit_finding_detector`) and
+    saved as buffers (``finding_latent_weight`` / ``_bias``). Its calls are binary: a label is called in a
+    region when its probability passes that region's threshold (``finding_threshold``); a region's label
+    whose detector did not reach the fitting's F1 bar on held-out training studies is never called
+    (threshold +inf) — the model passes on only the findings its detector was shown to see.
 
     ``finding_conditioning`` (not published; needs ``finding_labels``) gives the LLM the head's calls: each
     region's tokens get ``sum_k p_k e_k`` added, with ``p_k`` the head's probability of label k for that
@@ -133,7 +140,8 @@ class Reg2RGConfig:
     model card). In training, ``finding_teacher_forcing`` is the share of regions whose calls are their true
     labels instead of the head's (the head's probabilities are detached: its calls are learned by its own
     loss from the image only). Label names may include ``"Left side"`` / ``"Right side"``: the side named by
-    the region's abnormal sentences.
+    the region's abnormal sentences. ``finding_conditioning_tokens``: ``"all"`` the region's tokens get the
+    calls, ``"mask"`` only its mask token (the latent tokens keep the region's appearance and identity intact).
 
     ``projector_norm`` (not published: ``"none"``): ``"region"`` standardises ``fc``'s input, the perceiver's
     latents, per anatomical region: (x - mean) / std with the mean and std of each feature at each latent
@@ -166,10 +174,18 @@ class Reg2RGConfig:
     finding_loss_weight: float = 0.0
     token_focal_gamma: float = 0.0          # > 0: focal language-model loss in training (published: 0)
     lm_loss_weight: float = 1.0             # weight of the LM loss; 0: visual-only stage (LLM not run)
-    finding_head_input: str = "tokens"      # "tokens" (projected tokens, mean) or "patches" (ViT patches, max)
+    finding_head_input: str = "tokens"      # "tokens" (projected tokens, mean), "patches" (ViT patches, max)
+    #                                         or "latents" (fitted per-region detector on the frozen encoders' output)
     finding_conditioning: bool = False      # the head's calls added to each region's tokens (not published)
     finding_teacher_forcing: float = 0.0    # training: share of regions conditioned on their true labels
+    finding_conditioning_tokens: str = "all"  # which of a region's tokens get the calls: "all" or "mask"
     projector_norm: str = "none"            # "none" (published) or "region": fc's input standardised per region
+
+    @property
+    def frozen_encoders(self) -> bool:
+        """The encoders (ViT, perceiver, mask encoder) stay frozen and ``reg2rg-train`` runs them once per study:
+        fitted statistics or a fitted detector describe their output (``projector_norm``, ``finding_head_input``)."""
+        return self.projector_norm == "region" or (bool(self.finding_labels) and self.finding_head_input == "latents")
 
     def __post_init__(self) -> None:
         self.input_size = tuple(int(s) for s in self.input_size)  # type: ignore[assignment]
@@ -209,8 +225,12 @@ class Reg2RGConfig:
             raise ConfigError(f"'orientation' is {self.orientation!r}: the config must name the orientation of the "
                               "volumes the model was trained on, as an axis code such as \"LPS\" (axis 0 towards the "
                               "patient's Left, 1 Posterior, 2 Superior; one letter of L/R, A/P and S/I each)")
-        if self.finding_head_input not in ("tokens", "patches"):
-            raise ConfigError(f"finding_head_input must be 'tokens' or 'patches', got {self.finding_head_input!r}")
+        if self.finding_head_input not in ("tokens", "patches", "latents"):
+            raise ConfigError(f"finding_head_input must be 'tokens', 'patches' or 'latents', got "
+                              f"{self.finding_head_input!r}")
+        if self.finding_conditioning_tokens not in ("all", "mask"):
+            raise ConfigError(f"finding_conditioning_tokens must be 'all' or 'mask', got "
+                              f"{self.finding_conditioning_tokens!r}")
         if self.finding_conditioning and not self.finding_labels:
             raise ConfigError("finding_conditioning needs finding_labels (the head whose calls it passes on)")
         if self.projector_norm not in ("none", "region"):

@@ -32,6 +32,9 @@ class VisualTokens:
     perceiver_attention: tuple[torch.Tensor, ...] | None = None  # per layer (B+N, heads, L, P)
     patch_grid: tuple[int, int, int] | None = None               # ViT grid (h, w, d) of the P patches
     patch_tokens: torch.Tensor | None = None     # (B+N, P, vision dim), kept when the finding head reads them
+    latents: torch.Tensor | None = None          # (B+N, L, vision dim) fc's raw input, kept for the latent detector
+    mask_features: torch.Tensor | None = None    # (N, mask dim), kept for the latent detector
+    rows: torch.Tensor | None = None             # (B+N,) each volume's row: 0 global, 1 + r region r of REGIONS
 
 
 @dataclass
@@ -71,8 +74,18 @@ class RegionFusionEmbedding(nn.Module):
         # Optional (not published): linear finding head on the projected tokens, see Reg2RGConfig.
         K = len(config.finding_labels)
         on_patches = config.finding_head_input == "patches"
-        self.finding_head = nn.Linear(hidden_size, K) if K and not on_patches else None
+        on_latents = config.finding_head_input == "latents"
+        self.finding_head = nn.Linear(hidden_size, K) if K and config.finding_head_input == "tokens" else None
         self.finding_patch_head = nn.Linear(config.vision.dim, K) if K and on_patches else None
+        if K and on_latents:
+            # the fitted per-region detector (see Reg2RGConfig.finding_head_input; fitted by reg2rg-train):
+            # rows as projector_norm's, features = the region's flattened latents then its mask feature
+            rows, features = 1 + config.num_regions, config.num_latents * config.vision.dim + config.mask_encoder.dim
+            self.register_buffer("finding_latent_weight", torch.zeros(rows, K, features))
+            self.register_buffer("finding_latent_bias", torch.zeros(rows, K))
+            self.register_buffer("finding_threshold", torch.full((rows, K), float("inf")))   # inf: never called
+        else:
+            self.finding_latent_weight = self.finding_latent_bias = self.finding_threshold = None
         # Optional (not published): one learned vector per label, added to a region's tokens in proportion
         # to the head's probability of that label (see Reg2RGConfig.finding_conditioning).
         self.finding_embedding = (nn.Parameter(torch.randn(len(config.finding_labels), hidden_size))
@@ -85,11 +98,12 @@ class RegionFusionEmbedding(nn.Module):
             rows = (1 + config.num_regions, config.num_latents, config.vision.dim)
             self.register_buffer("projector_mean", torch.zeros(rows))
             self.register_buffer("projector_std", torch.ones(rows))
-            # the statistics describe the encoders' output: they stay frozen (ViT, perceiver, mask encoder)
-            for frozen in (self.vision_encoder, self.perceiver, self.mask_encoder):
-                frozen.requires_grad_(False)
         else:
             self.projector_mean = self.projector_std = None
+        if config.frozen_encoders:
+            # fitted statistics / a fitted detector describe the encoders' output: they stay frozen
+            for frozen in (self.vision_encoder, self.perceiver, self.mask_encoder):
+                frozen.requires_grad_(False)
         self.weight: nn.Parameter | None = None
 
     # ---- visual side ---------------------------------------------------------------------------
@@ -138,20 +152,22 @@ class RegionFusionEmbedding(nn.Module):
     def region_rows(self, batch: int, region_ids: torch.Tensor | None, regions: int) -> torch.Tensor:
         """Statistics rows of B global volumes then N regions (``region_ids``: each region's index in `REGIONS`)."""
         if region_ids is None or region_ids.shape[0] != regions:
-            raise ValueError(f"this model standardises each region's features (projector_norm='region'): give the "
+            raise ValueError(f"this model reads each region by its kind (projector_norm / finding detector): give the "
                              f"{regions} regions' indices in REGIONS (region_ids), got "
                              f"{None if region_ids is None else tuple(region_ids.shape)}")
         if regions and (int(region_ids.min()) < 0 or int(region_ids.max()) >= self.num_regions):
             raise ValueError(f"region_ids must lie in 0..{self.num_regions - 1}")
-        return torch.cat([region_ids.new_zeros(batch), 1 + region_ids]).to(self.projector_mean.device)
+        return torch.cat([region_ids.new_zeros(batch), 1 + region_ids]).to(self.fc.weight.device)
 
     def project(self, features: EncoderFeatures, region_ids: torch.Tensor | None = None) -> VisualTokens:
         """``fc`` on the latents (standardised per region first with ``projector_norm="region"``) and ``mask_fc``
         on the mask features -> the tokens the LLM reads."""
-        latents = torch.cat([features.global_latents, features.region_latents])
+        raw = latents = torch.cat([features.global_latents, features.region_latents])
         B, N = features.global_latents.shape[0], features.region_latents.shape[0]
+        needs_rows = self.projector_mean is not None or self.finding_latent_weight is not None
+        rows = self.region_rows(B, region_ids, N) if needs_rows else None
         if self.projector_mean is not None:
-            latents = self.normalise_latents(latents, self.region_rows(B, region_ids, N))
+            latents = self.normalise_latents(latents, rows)
         tokens = self.fc(latents.to(self.fc.weight.dtype))                     # (B+N, L, hidden)
         global_tokens, region_tokens = tokens[:B], tokens[B:]
         if N:
@@ -159,8 +175,10 @@ class RegionFusionEmbedding(nn.Module):
             region_tokens = torch.cat([region_tokens, mask_tokens[:, None, :]], dim=1)  # (N, L+1, hidden)
         else:
             region_tokens = tokens.new_zeros(0, self.num_latents + 1, self.hidden_size)
+        detector = self.finding_latent_weight is not None
         return VisualTokens(global_tokens, region_tokens, features.perceiver_attention, features.patch_grid,
-                            features.patch_tokens)
+                            features.patch_tokens, raw if detector else None,
+                            features.mask_features if detector else None, rows)
 
     def encode_visual(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
                       return_attention: bool = False, patch_tokens: torch.Tensor | None = None,
@@ -207,6 +225,8 @@ class RegionFusionEmbedding(nn.Module):
         the mean of its tokens (a region's latents and its mask token), each RMS-normalised as the LLM's
         first layer sees it; or, with ``finding_head_input="patches"``, the maximum over the volume's ViT
         patches of the linear head on each RMS-normalised patch feature."""
+        if self.finding_latent_weight is not None:
+            return self._latent_detector_logits(visual)
         if self.finding_patch_head is not None:
             if visual.patch_tokens is None:
                 raise RuntimeError("the finding head reads the ViT patches: encode with this model's encode_visual")
@@ -225,18 +245,52 @@ class RegionFusionEmbedding(nn.Module):
         dtype = head.weight.dtype
         return head(pooled(visual.global_tokens).to(dtype)).float(), head(pooled(visual.region_tokens).to(dtype)).float()
 
-    def condition_on_findings(self, visual: VisualTokens, region_calls: torch.Tensor | None = None) -> VisualTokens:
-        """Region tokens + ``calls @ finding_embedding`` (each region's calls added to all its tokens).
+    def _latent_detector_logits(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """``finding_head_input="latents"``: each volume's row of the fitted detector on [its flattened latents,
+        its mask feature (zeros for a global image)]."""
+        if visual.latents is None or visual.rows is None:
+            raise RuntimeError("the finding detector reads the encoders' latents: encode with this model's encode_visual")
+        B = visual.global_tokens.shape[0]
+        masks = visual.mask_features.float()
+        masks = torch.cat([masks.new_zeros(B, masks.shape[1]), masks])
+        x = torch.cat([visual.latents.float().flatten(1), masks], dim=1).to(self.finding_latent_weight)   # (B+N, F)
+        rows = visual.rows.to(x.device)
+        logits = torch.einsum("nkf,nf->nk", self.finding_latent_weight[rows], x) + self.finding_latent_bias[rows]
+        return logits[:B].float(), logits[B:].float()
 
-        ``region_calls`` (N, K) in [0, 1]; None: the head's own probabilities (detached). Without
+    def finding_enabled(self, visual: VisualTokens) -> torch.Tensor | None:
+        """(N, K) bool: the labels the fitted detector may call in each region (None: every label, other heads)."""
+        if self.finding_threshold is None:
+            return None
+        return torch.isfinite(self.finding_threshold[visual.rows[visual.global_tokens.shape[0]:]])
+
+    @torch.no_grad()
+    def region_calls(self, visual: VisualTokens) -> torch.Tensor:
+        """(N, K) the calls the LLM is given: the fitted detector's binary calls (probability above the region's
+        threshold), else the head's probabilities."""
+        probabilities = self.finding_logits(visual)[1].sigmoid()
+        if self.finding_threshold is None:
+            return probabilities
+        thresholds = self.finding_threshold[visual.rows[visual.global_tokens.shape[0]:]].to(probabilities)
+        return (probabilities > thresholds).to(probabilities)
+
+    def condition_on_findings(self, visual: VisualTokens, region_calls: torch.Tensor | None = None) -> VisualTokens:
+        """Region tokens + ``calls @ finding_embedding`` (added to all a region's tokens, or to its mask token
+        only with ``finding_conditioning_tokens="mask"``).
+
+        ``region_calls`` (N, K) in [0, 1]; None: `region_calls` (the head's own, detached). Without
         ``finding_conditioning`` the tokens are returned unchanged."""
         if self.finding_embedding is None or visual.region_tokens.shape[0] == 0:
             return visual
         if region_calls is None:
-            region_calls = self.finding_logits(visual)[1].sigmoid().detach()
+            region_calls = self.region_calls(visual)
         dtype = visual.region_tokens.dtype
-        shift = region_calls.to(self.finding_embedding.dtype) @ self.finding_embedding        # (N, hidden)
-        return dataclasses.replace(visual, region_tokens=visual.region_tokens + shift[:, None, :].to(dtype))
+        shift = (region_calls.to(self.finding_embedding.dtype) @ self.finding_embedding).to(dtype)   # (N, hidden)
+        if self.config.finding_conditioning_tokens == "mask":
+            tokens = torch.cat([visual.region_tokens[:, :-1], visual.region_tokens[:, -1:] + shift[:, None, :]], dim=1)
+        else:
+            tokens = visual.region_tokens + shift[:, None, :]
+        return dataclasses.replace(visual, region_tokens=tokens)
 
     # ---- the per-sample special table and the gather ---------------------------------------------
     def special_table(self, visual: VisualTokens, region_sample: torch.Tensor,

@@ -167,13 +167,19 @@ class Reg2RG(nn.Module):
 
     def _teacher_forced_calls(self, visual: VisualTokens, finding_targets: torch.Tensor | None) -> torch.Tensor | None:
         """Training with finding conditioning: each region's calls are its true labels with probability
-        ``finding_teacher_forcing``, else the head's detached probabilities. None (the head's own) otherwise."""
+        ``finding_teacher_forcing`` (those the fitted detector may call), else the head's own calls (detached).
+        None (the head's own) otherwise."""
         share = self.config.finding_teacher_forcing
         if not (self.training and self.config.finding_conditioning and share > 0 and finding_targets is not None):
             return None
-        head = self.embedding_layer.finding_logits(visual)[1].sigmoid().detach()
+        layer = self.embedding_layer
+        head = layer.region_calls(visual)
+        targets = finding_targets.to(head)
+        enabled = layer.finding_enabled(visual)
+        if enabled is not None:          # labels the fitted detector never calls are never given, true or not
+            targets = targets * enabled.to(head)
         forced = torch.rand(head.shape[0], 1, device=head.device) < share
-        return torch.where(forced, finding_targets.to(head), head)
+        return torch.where(forced, targets, head)
 
     @torch.no_grad()
     def finding_probabilities(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,166 @@
+"""``finding_head_input="latents"`` (issue 12; off in the published preset): a per-region detector on the frozen
+encoders' output, fitted by logistic regression, whose binary calls condition the LLM through the mask token —
+checked against computations written out here on features with a planted signal."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from reg2rg.engine.checkpoint import load_pretrained, save_pretrained
+from reg2rg.engine.controls import BlindReportEngine
+from reg2rg.engine.generation import ReportEngine
+from reg2rg.engine.model.config import ConfigError, Reg2RGConfig
+from reg2rg.engine.model.embedding import EncoderFeatures
+from reg2rg.engine.model.reg2rg import Reg2RG
+from reg2rg.engine.regions import REGIONS
+from reg2rg.engine.tokens import train_tokenizer
+from reg2rg.train.features import StudyFeatures, fit_finding_detector
+
+from generation_fixtures import REPORT_TEXTS, box_study
+
+LABELS = ("Cardiomegaly", "Pleural effusion", "Left side")
+HEART, PLEURA = REGIONS.index("heart"), REGIONS.index("pleura")
+
+
+def _config(**changes) -> Reg2RGConfig:
+    settings = dict(finding_labels=LABELS, finding_head_input="latents", finding_conditioning=True,
+                    finding_conditioning_tokens="mask")
+    return dataclasses.replace(Reg2RGConfig.preset("tiny"), **{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(REPORT_TEXTS, 300)
+
+
+def _studies(config: Reg2RGConfig, n: int = 240, seed: int = 0):
+    """Features of ``n`` studies: cardiomegaly (every third) shifts four features of the heart's first latent;
+    the pleura's labels are noise (nothing in its features says them)."""
+    g = torch.Generator().manual_seed(seed)
+    L, D, M = config.num_latents, config.vision.dim, config.mask_encoder.dim
+    features, targets = {}, {}
+    for i in range(n):
+        sick = i % 3 == 0
+        heart = torch.randn(L, D, generator=g)
+        heart[0, :4] += 3.0 * sick
+        noise_label = float(torch.rand(1, generator=g) < 0.3)
+        features[f"s{i}"] = StudyFeatures(torch.randn(L, D, generator=g),
+                                          {"heart": (heart, torch.randn(M, generator=g)),
+                                           "pleura": (torch.randn(L, D, generator=g), torch.randn(M, generator=g))})
+        targets[f"s{i}"] = {"heart": torch.tensor([float(sick), 0.0, 0.0]),
+                            "pleura": torch.tensor([0.0, noise_label, noise_label])}
+    return features, targets
+
+
+@pytest.fixture(scope="module")
+def fitted(tok):
+    torch.manual_seed(0)
+    model = Reg2RG.from_config(_config(), tok).eval()
+    features, targets = _studies(model.config)
+    report = fit_finding_detector(model, features, list(features), lambda name: targets[name])
+    return model, report
+
+
+def _visual(model, feats: list[StudyFeatures], region: str):
+    f = EncoderFeatures(torch.stack([s.global_latents for s in feats]), torch.stack([s.regions[region][0] for s in feats]),
+                        torch.stack([s.regions[region][1] for s in feats]))
+    return model.embedding_layer.project(f, torch.tensor([REGIONS.index(region)] * len(feats)))
+
+
+def test_the_options_are_validated_and_off_in_the_published_preset():
+    for preset in ("reg2rg-7b", "demo", "tiny"):
+        config = Reg2RGConfig.preset(preset)
+        assert config.finding_head_input == "tokens" and config.finding_conditioning_tokens == "all"
+        assert not config.frozen_encoders
+    with pytest.raises(ConfigError, match="finding_head_input must be"):
+        _config(finding_head_input="voxels").validate(require_llm=False)
+    with pytest.raises(ConfigError, match="finding_conditioning_tokens must be"):
+        _config(finding_conditioning_tokens="first").validate(require_llm=False)
+    assert _config().frozen_encoders
+
+
+def test_encoders_are_frozen_and_the_detector_is_saved_as_buffers(fitted):
+    model, _ = fitted
+    layer = model.embedding_layer
+    for frozen in (layer.vision_encoder, layer.perceiver, layer.mask_encoder):
+        assert not any(p.requires_grad for p in frozen.parameters())
+    buffers = dict(layer.named_buffers())
+    F = model.config.num_latents * model.config.vision.dim + model.config.mask_encoder.dim
+    assert buffers["finding_latent_weight"].shape == (1 + len(REGIONS), len(LABELS), F)
+    assert layer.finding_head is None and layer.finding_patch_head is None
+
+
+def test_a_detectable_label_is_enabled_and_noise_is_never_called(fitted):
+    model, report = fitted
+    rows = {(r["region"], r["label"]): r for r in report}
+    assert rows[("heart", "Cardiomegaly")]["enabled"] and rows[("heart", "Cardiomegaly")]["held_out_f1"] >= 0.9
+    assert not rows[("pleura", "Pleural effusion")]["enabled"]          # its features say nothing of it
+    thresholds = model.embedding_layer.finding_threshold
+    assert thresholds[1 + HEART, 0] == 0.5
+    assert torch.isinf(thresholds[1 + PLEURA]).all()
+    assert torch.isinf(thresholds[0]).all()                              # the global image is never called
+
+
+def test_calls_are_the_logistic_regression_on_flattened_latents_and_mask_feature(fitted):
+    model, _ = fitted
+    layer = model.embedding_layer
+    features, _ = _studies(model.config, n=30, seed=1)                   # studies the fit never saw
+    feats = list(features.values())
+    visual = _visual(model, feats, "heart")
+    _, logits = layer.finding_logits(visual)
+    x = torch.stack([torch.cat([s.regions["heart"][0].flatten(), s.regions["heart"][1]]) for s in feats])
+    expected = x @ layer.finding_latent_weight[1 + HEART].T + layer.finding_latent_bias[1 + HEART]
+    assert torch.allclose(logits, expected, atol=1e-4)
+    calls = layer.region_calls(visual)
+    assert torch.equal(calls[:, 0], (expected[:, 0].sigmoid() > 0.5).float())
+    assert not calls[:, 1:].any()                                        # not enabled in the heart
+    truth = torch.tensor([i % 3 == 0 for i in range(30)])
+    assert (calls[:, 0].bool() == truth).float().mean() >= 0.9           # held out: the planted shift is found
+
+
+def test_calls_reach_only_the_mask_token_and_teacher_forcing_gives_only_enabled_labels(fitted):
+    model, _ = fitted
+    layer = model.embedding_layer
+    features, _ = _studies(model.config, n=6, seed=2)
+    visual = _visual(model, list(features.values()), "heart")
+    calls = torch.tensor([[1.0, 1.0, 0.0]] * 6)
+    conditioned = layer.condition_on_findings(visual, calls)
+    assert torch.equal(conditioned.region_tokens[:, :-1], visual.region_tokens[:, :-1])   # latent tokens untouched
+    expected = visual.region_tokens[:, -1] + calls @ layer.finding_embedding
+    assert torch.allclose(conditioned.region_tokens[:, -1], expected, atol=1e-5)
+    model.train()
+    model.config.finding_teacher_forcing = 1.0
+    try:
+        forced = model._teacher_forced_calls(visual, torch.tensor([[1.0, 1.0, 1.0]] * 6))
+    finally:
+        model.eval()
+        model.config.finding_teacher_forcing = 0.0
+    assert torch.equal(forced, torch.tensor([[1.0, 0.0, 0.0]] * 6))      # pleural effusion / side: not enabled here
+
+
+def test_the_detector_survives_save_and_load_and_the_engine_conditions_on_it(fitted, tok, tmp_path):
+    model, _ = fitted
+    save_pretrained(model, tok, tmp_path / "m")
+    loaded, tok2 = load_pretrained(tmp_path / "m")
+    for name in ("finding_latent_weight", "finding_latent_bias", "finding_threshold"):
+        assert torch.equal(getattr(loaded.embedding_layer, name), getattr(model.embedding_layer, name)), name
+    # the engine: the prompt's heart mask token carries the heart's calls; the blind control zeroes it with the rest
+    layer = loaded.embedding_layer
+    with torch.no_grad():
+        layer.finding_latent_bias[1 + HEART, 0] = 1e4                    # this study: cardiomegaly called
+    study = box_study()
+    engine = ReportEngine(loaded, tok2)
+    prepared = engine.prepare(study)
+    heart_slot = [j for j, r in prepared.slot_regions.items() if r == "heart"][0]
+    mask_id = engine.special.region_tokens(heart_slot)[-1]
+    row = prepared.prompt_ids.index(mask_id)
+    with torch.no_grad():
+        layer.finding_latent_bias[1 + HEART, 0] = -1e4                   # not called
+    plain = engine.prepare(study)
+    difference = prepared.prompt_embeds[0, row] - plain.prompt_embeds[0, row]
+    assert torch.allclose(difference, layer.finding_embedding[0].to(difference), atol=1e-4)
+    blind = BlindReportEngine(loaded, tok2).prepare(study)
+    assert not blind.prompt_embeds[0, row].any()
