@@ -96,6 +96,7 @@ def fit_projector_statistics(model, features: dict[str, StudyFeatures], names: I
 #: Fitting the ``finding_head_input="latents"`` detector (`fit_finding_detector`).
 DETECTOR_HELD_OUT = 0.2         # share of the training studies held out to decide which labels it may call
 DETECTOR_MIN_F1 = 0.7           # held-out F1 a region's label needs to be called at all
+DETECTOR_THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99)   # the probability a call needs: the best of these on held-out
 DETECTOR_MIN_POSITIVES = 10     # training studies with the finding in that region needed to try
 DETECTOR_L2 = 1e-2              # ridge penalty on the standardised features (mean of the squared weights' sum)
 
@@ -138,10 +139,12 @@ def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Itera
     ``targets(name)`` gives region -> (K,) 0/1 labels (the finding head's targets, from the region's sentence).
 
     For every region and label with at least ``min_positives`` positive studies: a logistic regression is fitted
-    on a seeded ``1 - held_out`` share of the studies and scored (F1 at probability 0.5) on the rest; when that
-    held-out F1 reaches ``min_f1`` the label is enabled in that region (threshold 0.5) and re-fitted on all the
-    studies, else it is never called there. The standardisation is folded into the saved weights. Returns one
-    row per region and label tried: region, label, positives, held-out F1, enabled."""
+    on a seeded ``1 - held_out`` share of the studies and scored on the rest at each of `DETECTOR_THRESHOLDS`
+    (a class-balanced fit puts 0.5 at equal error rates; a finding the detector sees only when it is large is
+    called precisely at a higher threshold); when the best held-out F1 reaches ``min_f1`` the label is enabled in
+    that region at that threshold and re-fitted on all the studies, else it is never called there. The
+    standardisation is folded into the saved weights. Returns one row per region and label tried: region,
+    label, positives, held-out F1, threshold, enabled."""
     layer = model.embedding_layer
     if layer.finding_latent_weight is None:
         raise RuntimeError("this model has no latent finding detector (finding_head_input is not 'latents')")
@@ -168,11 +171,11 @@ def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Itera
             with torch.enable_grad():
                 mu, sd = x[fit_idx].mean(0), x[fit_idx].std(0) + 1e-6
                 w, b = _logistic((x[fit_idx] - mu) / sd, y[fit_idx, k], l2)
-            called = (((x[test_idx] - mu) / sd) @ w + b) > 0
-            f1 = _f1(called, y[test_idx, k] > 0.5)
+            probability = ((((x[test_idx] - mu) / sd) @ w + b)).sigmoid()
+            f1, threshold = max((_f1(probability > t, y[test_idx, k] > 0.5), t) for t in DETECTOR_THRESHOLDS)
             enabled = f1 >= min_f1
             report.append({"region": region, "label": label, "positives": positives, "held_out_f1": round(f1, 3),
-                           "enabled": enabled})
+                           "threshold": threshold, "enabled": enabled})
             if not enabled:
                 continue
             with torch.enable_grad():
@@ -180,5 +183,5 @@ def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Itera
                 w, b = _logistic((x - mu) / sd, y[:, k], l2)
             layer.finding_latent_weight[1 + r, k] = (w / sd).to(layer.finding_latent_weight)
             layer.finding_latent_bias[1 + r, k] = (b - (w / sd) @ mu).to(layer.finding_latent_bias)
-            layer.finding_threshold[1 + r, k] = 0.5
+            layer.finding_threshold[1 + r, k] = threshold
     return report

@@ -17,7 +17,7 @@ from reg2rg.engine.model.embedding import EncoderFeatures
 from reg2rg.engine.model.reg2rg import Reg2RG
 from reg2rg.engine.regions import REGIONS
 from reg2rg.engine.tokens import train_tokenizer
-from reg2rg.train.features import StudyFeatures, fit_finding_detector
+from reg2rg.train.features import DETECTOR_THRESHOLDS, StudyFeatures, fit_finding_detector
 
 from generation_fixtures import REPORT_TEXTS, box_study
 
@@ -99,7 +99,7 @@ def test_a_detectable_label_is_enabled_and_noise_is_never_called(fitted):
     assert rows[("heart", "Cardiomegaly")]["enabled"] and rows[("heart", "Cardiomegaly")]["held_out_f1"] >= 0.9
     assert not rows[("pleura", "Pleural effusion")]["enabled"]          # its features say nothing of it
     thresholds = model.embedding_layer.finding_threshold
-    assert thresholds[1 + HEART, 0] == 0.5
+    assert float(thresholds[1 + HEART, 0]) in DETECTOR_THRESHOLDS
     assert torch.isinf(thresholds[1 + PLEURA]).all()
     assert torch.isinf(thresholds[0]).all()                              # the global image is never called
 
@@ -115,7 +115,7 @@ def test_calls_are_the_logistic_regression_on_flattened_latents_and_mask_feature
     expected = x @ layer.finding_latent_weight[1 + HEART].T + layer.finding_latent_bias[1 + HEART]
     assert torch.allclose(logits, expected, atol=1e-4)
     calls = layer.region_calls(visual)
-    assert torch.equal(calls[:, 0], (expected[:, 0].sigmoid() > 0.5).float())
+    assert torch.equal(calls[:, 0], (expected[:, 0].sigmoid() > layer.finding_threshold[1 + HEART, 0]).float())
     assert not calls[:, 1:].any()                                        # not enabled in the heart
     truth = torch.tensor([i % 3 == 0 for i in range(30)])
     assert (calls[:, 0].bool() == truth).float().mean() >= 0.9           # held out: the planted shift is found
