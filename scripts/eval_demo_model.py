@@ -32,6 +32,7 @@ from reg2rg.engine.checkpoint import load_pretrained
 from reg2rg.engine.controls import BlindReportEngine
 from reg2rg.engine.generation import GenerationSettings, ReportEngine
 from reg2rg.engine.preprocess import preprocess
+from reg2rg.engine.regions import REGIONS
 from reg2rg.engine.sections import parse_sections
 from reg2rg.engine.studyio import read_study
 from reg2rg.train.labeller import ABNORMALITIES, label_report
@@ -196,17 +197,29 @@ def finding_scores(studies: list[dict], preds: dict[str, str], visible: dict[str
     return out
 
 
-def head_scores(labels: tuple[str, ...], studies: list[dict], probs: dict[str, dict]) -> dict | None:
+def call_thresholds(model) -> dict[str, dict[str, float]]:
+    """Volume key ("global" or a region) -> label -> the probability a call needs: the fitted detector's own
+    thresholds (finding_head_input "latents"; inf where it never calls), else 0.5."""
+    labels = model.config.finding_labels
+    table = model.embedding_layer.finding_threshold
+    keys = ["global", *REGIONS]
+    if table is None:
+        return {key: dict.fromkeys(labels, 0.5) for key in keys}
+    return {key: dict(zip(labels, (float(t) for t in table[row]))) for row, key in enumerate(keys)}
+
+
+def head_scores(labels: tuple[str, ...], studies: list[dict], probs: dict[str, dict],
+                thresholds: dict[str, dict[str, float]]) -> dict | None:
     """What the image encoder itself detects: the finding head's study-level calls (a label is called when
-    any volume's probability passes 0.5) against the planted findings — micro P/R/F1 and per label.
-    ``probs``: volume -> the draft's `PreparedStudy.finding_probabilities`."""
+    any volume's probability passes its threshold, `call_thresholds`) against the planted findings — micro
+    P/R/F1 and per label. ``probs``: volume -> the draft's `PreparedStudy.finding_probabilities`."""
     labels = tuple(k for k in labels if k in ABNORMALITIES)          # not the side pseudo-labels
     if not labels:
         return None
     per_type = {k: {"tp": 0, "fp": 0, "fn": 0} for k in labels}
     for study_info in studies:
-        volumes = probs[study_info["volume"]].values()
-        called = {k for k in labels if max(p[k] for p in volumes) > 0.5}
+        volumes = probs[study_info["volume"]].items()
+        called = {k for k in labels if any(p[k] > thresholds[key][k] for key, p in volumes)}
         planted = {f["type"] for f in study_info["findings"]} & set(labels)
         for k in labels:
             per_type[k]["tp"] += k in called and k in planted
@@ -287,7 +300,8 @@ def main() -> int:
     for name, engine_cls in (("model", ReportEngine), ("blind_control", BlindReportEngine)):
         t0 = time.perf_counter()
         preds, probs = run(engine_cls(model, tokenizer), studies, test, reports, out / f"{name}_predictions.csv")
-        head = head_scores(model.config.finding_labels, studies, probs) if name == "model" else None
+        head = (head_scores(model.config.finding_labels, studies, probs, call_thresholds(model))
+                if name == "model" else None)
         if head is not None:   # the head reads the encoding itself (never blinded): scored once
             summary["finding_head"] = head
             print("finding_head", json.dumps({k: v for k, v in head.items() if k != "per_type"}), flush=True)

@@ -14,6 +14,10 @@
 #         finding head's loss (weight FT_FINDING_WEIGHT; 0 = no head) and the focal report loss (gamma
 #         FT_FOCAL; 0 = the published cross-entropy) -> WORK/FT_DIR. The first stage-2 experiment (no head):
 #         FT_FINDING_WEIGHT=0 FT_FOCAL=0 FT_STEPS=900 FT_LR=5e-4 FT_SCHEDULER=constant_with_warmup FT_WARMUP=20 FT_DIR=run_ft
+#      d. DET_STEPS > 0 (the shipped model, issue 12): a finding detector per region fitted on the frozen stage-1
+#         encoders' output (model.finding_head_input "latents"), its calls given to the LLM through each region's
+#         mask token; the LLM, fc and mask_fc trained to read them (teacher forcing 1) -> WORK/run_det. The shipped run:
+#         DET_STEPS=800 FT_CHUNKS="2000:150 2150:150 2300:150 2450:150 2600:150" FT_MIX=1000 scripts/train_demo_model.sh
 #   5. export the final model to resources/demo_model/ with its configs, training logs and seeds
 #   6. held-out evaluation on the test phantoms, with a blind control (scripts/eval_demo_model.py);
 #      the numbers go to resources/demo_model/eval_summary.json (quoted in its MODEL_CARD.md)
@@ -23,6 +27,7 @@
 #                      VIS_STEPS VIS_LR PROJ_LR FT_STEPS FT_LR FT_HEAD_LR FT_SCHEDULER FT_WARMUP FT_FINDINGS
 #                      FT_FINDING_WEIGHT FT_FOCAL FT_DIR
 #                      NORM_STEPS NORM_LR NORM_PROJ_LR NORM_BATCH NORM_SCHEDULER NORM_VALIDATE NORM_EXTRA (stage n)
+#                      DET_STEPS DET_LR DET_PROJ_LR DET_BATCH DET_LABELS DET_EXTRA (stage 4d, the shipped model)
 #                      EXTRA / FT_EXTRA (more --key value overrides of stage 1 / stage 2)
 # Re-running is safe: finished stages are skipped, training resumes. Delete WORK_DIR to start over.
 set -euo pipefail
@@ -61,6 +66,11 @@ NORM_PROJ_LR=${NORM_PROJ_LR:-2e-3}  # fc / mask_fc: their input changed scale, t
 NORM_BATCH=${NORM_BATCH:-8}
 NORM_SCHEDULER=${NORM_SCHEDULER:-cosine_with_warmup}
 NORM_VALIDATE=${NORM_VALIDATE:-true}
+DET_STEPS=${DET_STEPS:-0}          # stage 4d, the detector's calls read by the LLM (the shipped model: 800)
+DET_LR=${DET_LR:-5e-4}
+DET_PROJ_LR=${DET_PROJ_LR:-1e-3}    # fc / mask_fc / the calls' embeddings
+DET_BATCH=${DET_BATCH:-8}
+DET_LABELS=${DET_LABELS:-'["Medical material","Arterial wall calcification","Cardiomegaly","Pericardial effusion","Coronary artery wall calcification","Hiatal hernia","Lymphadenopathy","Emphysema","Atelectasis","Lung nodule","Lung opacity","Pleural effusion","Consolidation","Left side","Right side"]'}
 FT_CONDITION=${FT_CONDITION:-true}  # 4b: the head's calls condition the LLM (model.finding_conditioning)
 FT_TF=${FT_TF:-0.5}                 # 4b: share of regions conditioned on their true labels in training
 N_VAL=${N_VAL:-16}
@@ -100,7 +110,7 @@ for chunk in $S1_CHUNKS; do
   if [ $running -ge 2 ]; then wait; running=0; fi
 done
 wait
-[ "$FT_STEPS" -gt 0 ] || [ "$VIS_STEPS" -gt 0 ] || [ "$NORM_STEPS" -gt 0 ] || FT_CHUNKS=""
+[ "$FT_STEPS" -gt 0 ] || [ "$VIS_STEPS" -gt 0 ] || [ "$NORM_STEPS" -gt 0 ] || [ "$DET_STEPS" -gt 0 ] || FT_CHUNKS=""
 for chunk in $FT_CHUNKS; do     # ft_* (not train_*): stage 1 and the tokenizer never see them
   phantoms "data/ft_${chunk%%:*}" "${chunk##*:}" "${chunk%%:*}" --abnormal-fraction "$FT_ABNORMAL" &
 done
@@ -210,12 +220,25 @@ if [ "$NORM_STEPS" -gt 0 ]; then
     --train.scheduler "$NORM_SCHEDULER" --train.warmup_steps 30 --train.max_steps "$NORM_STEPS" ${NORM_EXTRA:-}
 fi
 
+#   4d. DET_STEPS > 0 (issue 12, the shipped model): from the stage-1 weights, the per-region finding detector fitted
+#       on the frozen encoders' output (which region/labels it may call: WORK/run_det/finding_detector.json), then
+#       fc, mask_fc, the calls' embeddings and the LLM trained with every region given its true (callable) labels
+if [ "$DET_STEPS" -gt 0 ]; then
+  "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
+    --model.overrides "{\"finding_labels\": $DET_LABELS, \"finding_head_input\": \"latents\", \"finding_conditioning\": true, \"finding_conditioning_tokens\": \"mask\", \"finding_teacher_forcing\": 1.0, \"finding_loss_weight\": 0.0, \"lm_loss_weight\": 1.0, \"token_focal_gamma\": 0.0, \"projector_norm\": \"none\"}" \
+    --model.init_from "$WORK/run/final" --model.train_vit false --output.dir "$WORK/run_det" \
+    --output.save_steps 100 --output.save_every_epoch false --train.validate_every_epoch true \
+    --train.micro_batch_size "$DET_BATCH" --train.lr "$DET_LR" --train.projector_lr "$DET_PROJ_LR" \
+    --train.scheduler cosine_with_warmup --train.warmup_steps 30 --train.max_steps "$DET_STEPS" ${DET_EXTRA:-}
+fi
+
 echo "== 5/6 export to $OUT"
 "$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" \
-  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" "$VIS_STEPS" "$HEAD_STEPS" "$READ_STEPS" "$NORM_STEPS" <<'EOF'
+  "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" "$VIS_STEPS" "$HEAD_STEPS" "$READ_STEPS" "$NORM_STEPS" \
+  "$DET_STEPS" <<'EOF'
 import json, os, shutil, sys
-work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps, head_steps, read_steps, norm_steps = sys.argv[1:]
-last = ("run_norm" if int(norm_steps) > 0 else "run_head" if int(head_steps) > 0 else "run_read" if int(read_steps) > 0 else ft_dir if int(ft_steps) > 0
+work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps, head_steps, read_steps, norm_steps, det_steps = sys.argv[1:]
+last = ("run_det" if int(det_steps) > 0 else "run_norm" if int(norm_steps) > 0 else "run_head" if int(head_steps) > 0 else "run_read" if int(read_steps) > 0 else ft_dir if int(ft_steps) > 0
         else "run_vis" if int(vis_steps) > 0 else "run")
 final = f"{work}/{last}/final"
 if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint in the engine's format
@@ -226,11 +249,13 @@ tmp = out + ".tmp"
 shutil.rmtree(tmp, ignore_errors=True)
 shutil.copytree(final, tmp)
 for keep in ("MODEL_CARD.md", "eval_summary_stage2_experiment.json",   # hand-written / measured elsewhere
-             "eval_summary_stage2_findings_experiment.json"):
+             "eval_summary_stage2_findings_experiment.json", "eval_summary_projector_norm_experiment.json"):
     if os.path.isfile(os.path.join(out, keep)):
         shutil.copy(os.path.join(out, keep), os.path.join(tmp, keep))
 shutil.copy(f"{work}/{last}/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
 shutil.copy(f"{work}/{last}/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
+if os.path.isfile(f"{work}/{last}/finding_detector.json"):      # what the detector may call, and its held-out F1
+    shutil.copy(f"{work}/{last}/finding_detector.json", os.path.join(tmp, "finding_detector.json"))
 if last != "run":
     for stage, folder in (("stage1", "run"), ("stage2a", "run_vis"), ("stage2b", ft_dir), ("stage2c", "run_read")):
         if folder != last and os.path.isfile(f"{work}/{folder}/train_log.jsonl"):
@@ -242,7 +267,7 @@ seeds = {"train_seed": int(seed),
          "phantom_splits": {"train": [span(c) for c in chunks.split()],
                             **({"finetune": {"abnormal_fraction": float(ft_abnormal), "steps": int(ft_steps), "visual_only_steps": int(vis_steps),
                                              "head_refit_steps": int(head_steps), "reading_steps": int(read_steps),
-                                             "projector_norm_steps": int(norm_steps),
+                                             "projector_norm_steps": int(norm_steps), "detector_steps": int(det_steps),
                                              "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix}}
                                if last != "run" else {}),
                             "validation": [int(s_val), int(s_val) + int(n_val) - 1],

@@ -133,8 +133,8 @@ def _f1(called: torch.Tensor, truth: torch.Tensor) -> float:
 @torch.no_grad()
 def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Iterable[str],
                          targets: Callable[[str], dict[str, torch.Tensor]], seed: int = 0,
-                         held_out: float = DETECTOR_HELD_OUT, min_f1: float = DETECTOR_MIN_F1,
-                         min_positives: int = DETECTOR_MIN_POSITIVES, l2: float = DETECTOR_L2) -> list[dict]:
+                         held_out: float = DETECTOR_HELD_OUT, min_f1: float | None = None,
+                         min_positives: int | None = None, l2: float = DETECTOR_L2) -> list[dict]:
     """Fit the model's ``finding_head_input="latents"`` detector on the training studies ``names``:
     ``targets(name)`` gives region -> (K,) 0/1 labels (the finding head's targets, from the region's sentence).
 
@@ -145,6 +145,8 @@ def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Itera
     that region at that threshold and re-fitted on all the studies, else it is never called there. The
     standardisation is folded into the saved weights. Returns one row per region and label tried: region,
     label, positives, held-out F1, threshold, enabled."""
+    min_f1 = DETECTOR_MIN_F1 if min_f1 is None else min_f1
+    min_positives = DETECTOR_MIN_POSITIVES if min_positives is None else min_positives
     layer = model.embedding_layer
     if layer.finding_latent_weight is None:
         raise RuntimeError("this model has no latent finding detector (finding_head_input is not 'latents')")

@@ -409,3 +409,65 @@ def test_projector_norm_fits_statistics_on_frozen_encoders_and_keeps_them_throug
     study = read_study(volume, root / "data" / "masks" / f"seg_{names[0]}")
     result = ReportEngine(model, tok).draft(study, settings=GenerationSettings(max_new_tokens=12))
     assert result.tokens
+
+
+@pytest.mark.slow
+def test_finding_detector_is_fitted_on_frozen_encoders_and_travels_in_checkpoints_and_export(phantoms, tmp_path,
+                                                                                            monkeypatch):
+    """model.overrides.finding_head_input "latents" (issue 12): reg2rg-train encodes every study once, fits the
+    per-region detector on the training studies (what it may call: finding_detector.json), keeps the encoders
+    frozen, and the fitted detector is in every checkpoint and in the exported model the engine drafts with."""
+    from safetensors.torch import load_file
+
+    from reg2rg.engine.checkpoint import load_pretrained
+    from reg2rg.engine.generation import GenerationSettings, ReportEngine
+    from reg2rg.engine.studyio import read_study
+    from reg2rg.train import features as features_module
+
+    # three phantoms: let every label with a positive study be tried and enabled (the real bars need hundreds)
+    monkeypatch.setattr(features_module, "DETECTOR_MIN_POSITIVES", 1)
+    monkeypatch.setattr(features_module, "DETECTOR_MIN_F1", 0.0)
+    root, csv_path, names = phantoms
+    out = tmp_path / "run"
+    labels = ["Lung nodule", "Pleural effusion", "Cardiomegaly", "Left side", "Right side"]
+    settings = {"model.overrides.finding_labels": labels, "model.overrides.finding_head_input": "latents",
+                "model.overrides.finding_conditioning": True, "model.overrides.finding_conditioning_tokens": "mask",
+                "model.overrides.finding_teacher_forcing": 1.0, "model.train_vit": False, "train.max_steps": 2,
+                "output.save_steps": 2, "train.micro_batch_size": 1}
+    trainer = Trainer(load_train_config("demo", _overrides(root, csv_path, out, **settings)))
+    trainer.setup()
+    layer = trainer.model.embedding_layer
+    assert sorted(trainer.features) == sorted(names)
+    report = json.loads((out / "finding_detector.json").read_text())
+    tried = {(row["region"], row["label"]) for row in report}
+    assert tried and all(row["enabled"] for row in report)
+    enabled = torch.isfinite(layer.finding_threshold)
+    assert enabled.sum() == len(tried) and not enabled[0].any()
+    # every enabled label has positives in its region's training sentences (the labeller's targets)
+    from reg2rg.engine.regions import REGIONS
+    from reg2rg.train.labeller import finding_sides, label_report
+    for region, label in tried:
+        sentences = [r.reports.get(region, "") for r in trainer.splits.train]
+        found = [{**label_report(s), **finding_sides(s)}[label] for s in sentences]
+        assert any(found), (region, label)
+        assert enabled[1 + REGIONS.index(region), labels.index(label)]
+    frozen = {n: p.detach().clone() for n, p in layer.named_parameters()
+              if n.startswith(("vision_encoder", "perceiver", "mask_encoder"))}
+    assert not any(p.requires_grad for n, p in layer.named_parameters() if n in frozen)
+    weight = layer.finding_latent_weight.detach().clone()
+    trainer.train()
+    saved = load_file(str(list_checkpoints(out)[-1] / "trainable.safetensors"))
+    assert torch.equal(saved["embedding_layer.finding_latent_weight"], weight)
+    assert "embedding_layer.finding_embedding" in saved                # the calls' embeddings train
+    model, tok = load_pretrained(out / "final")
+    emb = model.embedding_layer
+    assert model.config.finding_head_input == "latents"
+    assert torch.equal(emb.finding_latent_weight, weight)
+    assert torch.equal(emb.finding_threshold, layer.finding_threshold.cpu())
+    for n, p in emb.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    volume = next((root / "data").rglob(f"{names[0]}.nii.gz"))
+    study = read_study(volume, root / "data" / "masks" / f"seg_{names[0]}")
+    result = ReportEngine(model, tok).draft(study, settings=GenerationSettings(max_new_tokens=12))
+    assert result.tokens and set(result.prepared.finding_probabilities) >= {"global"}
