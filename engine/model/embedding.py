@@ -279,10 +279,18 @@ class RegionFusionEmbedding(nn.Module):
         only with ``finding_conditioning_tokens="mask"``).
 
         ``region_calls`` (N, K) in [0, 1]; None: `region_calls` (the head's own, detached). Without
-        ``finding_conditioning`` the tokens are returned unchanged."""
+        ``finding_conditioning`` the tokens are returned unchanged.
+
+        With the fitted detector and gradients on (relevance maps), the binary calls pass the gradient of the
+        detector's logits (straight-through): a call's value is unchanged, and a selection that depends on it
+        is traced back through the detector to the voxels that made it."""
         if self.finding_embedding is None or visual.region_tokens.shape[0] == 0:
             return visual
-        if region_calls is None:
+        if region_calls is None and self.finding_threshold is not None and torch.is_grad_enabled():
+            logits = self.finding_logits(visual)[1]
+            hard = self.region_calls(visual)
+            region_calls = hard + (logits - logits.detach())
+        elif region_calls is None:
             region_calls = self.region_calls(visual)
         dtype = visual.region_tokens.dtype
         shift = (region_calls.to(self.finding_embedding.dtype) @ self.finding_embedding).to(dtype)   # (N, hidden)

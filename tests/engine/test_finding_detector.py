@@ -164,3 +164,27 @@ def test_the_detector_survives_save_and_load_and_the_engine_conditions_on_it(fit
     assert torch.allclose(difference, layer.finding_embedding[0].to(difference), atol=1e-4)
     blind = BlindReportEngine(loaded, tok2).prepare(study)
     assert not blind.prompt_embeds[0, row].any()
+
+
+def test_relevance_reaches_the_detector_through_straight_through_calls(fitted):
+    """Value: the binary call; gradient (relevance maps): the detector's logit's, back to the latents."""
+    model, _ = fitted
+    layer = model.embedding_layer
+    features, _ = _studies(model.config, n=3, seed=3)
+    feats = list(features.values())
+    with torch.no_grad():
+        plain = layer.condition_on_findings(_visual(model, feats, "heart"))
+    latents = torch.stack([s.regions["heart"][0] for s in feats]).requires_grad_(True)
+    f = EncoderFeatures(torch.stack([s.global_latents for s in feats]), latents,
+                        torch.stack([s.regions["heart"][1] for s in feats]))
+    visual = layer.project(f, torch.tensor([HEART] * 3))
+    conditioned = layer.condition_on_findings(visual)
+    assert torch.allclose(conditioned.region_tokens, plain.region_tokens, atol=1e-5)      # same values
+    direction = torch.randn(layer.finding_embedding.shape[1])
+    (conditioned.region_tokens[:, -1] @ direction).sum().backward()
+    # mask token = mask_fc(...) + sum_k call_k e_k: only the calls depend on the latents; d call_k / d latents :=
+    # d logit_k / d latents = the detector's weights of label k (enabled labels only: the others are never called)
+    L, D = model.config.num_latents, model.config.vision.dim
+    weights = layer.finding_latent_weight[1 + HEART, :, : L * D]                      # (K, L*D)
+    expected = (layer.finding_embedding @ direction) @ weights                         # (L*D,)
+    assert torch.allclose(latents.grad, expected.view(L, D).expand(3, L, D), atol=1e-4)
