@@ -730,7 +730,8 @@ class PreparedStudy:
     prompt_embeds: torch.Tensor              # (1, P, hidden)
     latent_patch: dict[str, torch.Tensor]    # 'global' / region -> (L, patches), last perceiver layer
     patch_grid: tuple[int, int, int]
-    # the finding head's probabilities, 'global' / region -> {label: p}, when the model has one
+    # the finding head's probabilities, 'global' / region -> {label: p}, when the model has one (a fitted
+    # detector: the labels it may call in that region only)
     finding_probabilities: dict[str, dict[str, float]] | None = None
 
     @property
@@ -874,7 +875,12 @@ class ReportEngine:
         if self.config.finding_labels:
             g, r = self.model.finding_probabilities(visual)
             labels = self.config.finding_labels
-            findings = {name: dict(zip(labels, row.tolist())) for name, row in zip(["global", *slots], torch.cat([g, r]))}
+            assessed = torch.ones_like(torch.cat([g, r]), dtype=torch.bool)
+            enabled = self.model.embedding_layer.finding_enabled(visual)
+            if enabled is not None:     # the fitted detector: only the labels it may call in that region
+                assessed = torch.cat([torch.zeros_like(g, dtype=torch.bool), enabled.to(assessed.device)])
+            findings = {name: {k: p for k, p, a in zip(labels, row.tolist(), keep.tolist()) if a}
+                        for name, row, keep in zip(["global", *slots], torch.cat([g, r]), assessed)}
         return PreparedStudy(inputs, slot_regions, prompt_ids, embeds, latent_patch, tuple(visual.patch_grid),
                              findings)
 

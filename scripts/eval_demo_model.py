@@ -219,7 +219,7 @@ def head_scores(labels: tuple[str, ...], studies: list[dict], probs: dict[str, d
     per_type = {k: {"tp": 0, "fp": 0, "fn": 0} for k in labels}
     for study_info in studies:
         volumes = probs[study_info["volume"]].items()
-        called = {k for k in labels if any(p[k] > thresholds[key][k] for key, p in volumes)}
+        called = {k for k in labels if any(p.get(k, 0.0) > thresholds[key][k] for key, p in volumes)}
         planted = {f["type"] for f in study_info["findings"]} & set(labels)
         for k in labels:
             per_type[k]["tp"] += k in called and k in planted

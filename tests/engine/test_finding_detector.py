@@ -154,6 +154,8 @@ def test_the_detector_survives_save_and_load_and_the_engine_conditions_on_it(fit
     study = box_study()
     engine = ReportEngine(loaded, tok2)
     prepared = engine.prepare(study)
+    assert set(prepared.finding_probabilities["heart"]) == {"Cardiomegaly"}         # what it may call there
+    assert prepared.finding_probabilities["global"] == {} and prepared.finding_probabilities["heart"]["Cardiomegaly"] > 0.99
     heart_slot = [j for j, r in prepared.slot_regions.items() if r == "heart"][0]
     mask_id = engine.special.region_tokens(heart_slot)[-1]
     row = prepared.prompt_ids.index(mask_id)
