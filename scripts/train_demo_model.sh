@@ -27,7 +27,7 @@
 #                      VIS_STEPS VIS_LR PROJ_LR FT_STEPS FT_LR FT_HEAD_LR FT_SCHEDULER FT_WARMUP FT_FINDINGS
 #                      FT_FINDING_WEIGHT FT_FOCAL FT_DIR
 #                      NORM_STEPS NORM_LR NORM_PROJ_LR NORM_BATCH NORM_SCHEDULER NORM_VALIDATE NORM_EXTRA (stage n)
-#                      DET_STEPS DET_LR DET_PROJ_LR DET_BATCH DET_TOKENS DET_LABELS DET_EXTRA (stage 4d, the shipped model)
+#                      DET_STEPS DET_LR DET_PROJ_LR DET_BATCH DET_TOKENS DET_CALLS_ONLY DET_LABELS DET_EXTRA (stage 4d, the shipped model)
 #                      EXTRA / FT_EXTRA (more --key value overrides of stage 1 / stage 2)
 # Re-running is safe: finished stages are skipped, training resumes. Delete WORK_DIR to start over.
 set -euo pipefail
@@ -71,6 +71,7 @@ DET_LR=${DET_LR:-1e-3}
 DET_PROJ_LR=${DET_PROJ_LR:-2e-3}    # fc / mask_fc / the calls' embeddings
 DET_TOKENS=${DET_TOKENS:-all}       # which of a region's tokens get its calls ("mask": read too slowly, MODEL_CARD.md)
 DET_BATCH=${DET_BATCH:-8}
+DET_CALLS_ONLY=${DET_CALLS_ONLY:-true}  # the LLM reports only what the detector calls (model.finding_calls_only)
 DET_LABELS=${DET_LABELS:-'["Medical material","Arterial wall calcification","Cardiomegaly","Pericardial effusion","Coronary artery wall calcification","Hiatal hernia","Lymphadenopathy","Emphysema","Atelectasis","Lung nodule","Lung opacity","Pleural effusion","Consolidation","Left side","Right side"]'}
 FT_CONDITION=${FT_CONDITION:-true}  # 4b: the head's calls condition the LLM (model.finding_conditioning)
 FT_TF=${FT_TF:-0.5}                 # 4b: share of regions conditioned on their true labels in training
@@ -226,7 +227,7 @@ fi
 #       fc, mask_fc, the calls' embeddings and the LLM trained with every region given its true (callable) labels
 if [ "$DET_STEPS" -gt 0 ]; then
   "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
-    --model.overrides "{\"finding_labels\": $DET_LABELS, \"finding_head_input\": \"latents\", \"finding_conditioning\": true, \"finding_conditioning_tokens\": \"$DET_TOKENS\", \"finding_teacher_forcing\": 1.0, \"finding_loss_weight\": 0.0, \"lm_loss_weight\": 1.0, \"token_focal_gamma\": 0.0, \"projector_norm\": \"none\"}" \
+    --model.overrides "{\"finding_labels\": $DET_LABELS, \"finding_head_input\": \"latents\", \"finding_conditioning\": true, \"finding_conditioning_tokens\": \"$DET_TOKENS\", \"finding_teacher_forcing\": 1.0, \"finding_calls_only\": $DET_CALLS_ONLY, \"finding_loss_weight\": 0.0, \"lm_loss_weight\": 1.0, \"token_focal_gamma\": 0.0, \"projector_norm\": \"none\"}" \
     --model.init_from "$WORK/run/final" --model.train_vit false --output.dir "$WORK/run_det" \
     --output.save_steps 100 --output.save_every_epoch false --train.validate_every_epoch true \
     --train.micro_batch_size "$DET_BATCH" --train.lr "$DET_LR" --train.projector_lr "$DET_PROJ_LR" \

@@ -142,6 +142,10 @@ class Reg2RGConfig:
     loss from the image only). Label names may include ``"Left side"`` / ``"Right side"``: the side named by
     the region's abnormal sentences. ``finding_conditioning_tokens``: ``"all"`` the region's tokens get the
     calls, ``"mask"`` only its mask token (the latent tokens keep the region's appearance and identity intact).
+    With a fitted detector, teacher forcing gives the true labels of the labels it may call only (a finding it
+    never calls is then written, or not, from the LLM's own reading of the tokens and its prior);
+    ``finding_calls_only`` gives every label's truth, so the LLM learns that a finding it is not told of is
+    absent: it reports only what the detector calls (no finding written from the prior alone).
 
     ``projector_norm`` (not published: ``"none"``): ``"region"`` standardises ``fc``'s input, the perceiver's
     latents, per anatomical region: (x - mean) / std with the mean and std of each feature at each latent
@@ -179,6 +183,7 @@ class Reg2RGConfig:
     finding_conditioning: bool = False      # the head's calls added to each region's tokens (not published)
     finding_teacher_forcing: float = 0.0    # training: share of regions conditioned on their true labels
     finding_conditioning_tokens: str = "all"  # which of a region's tokens get the calls: "all" or "mask"
+    finding_calls_only: bool = False        # training: teacher forcing gives every label, callable or not (below)
     projector_norm: str = "none"            # "none" (published) or "region": fc's input standardised per region
 
     @property

@@ -176,7 +176,7 @@ class Reg2RG(nn.Module):
         head = layer.region_calls(visual)
         targets = finding_targets.to(head)
         enabled = layer.finding_enabled(visual)
-        if enabled is not None:          # labels the fitted detector never calls are never given, true or not
+        if enabled is not None and not self.config.finding_calls_only:   # labels it never calls: not given
             targets = targets * enabled.to(head)
         forced = torch.rand(head.shape[0], 1, device=head.device) < share
         return torch.where(forced, targets, head)

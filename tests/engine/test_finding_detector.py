@@ -139,6 +139,14 @@ def test_calls_reach_only_the_mask_token_and_teacher_forcing_gives_only_enabled_
         model.eval()
         model.config.finding_teacher_forcing = 0.0
     assert torch.equal(forced, torch.tensor([[1.0, 0.0, 0.0]] * 6))      # pleural effusion / side: not enabled here
+    model.train()
+    model.config.finding_teacher_forcing, model.config.finding_calls_only = 1.0, True
+    try:       # calls only: every label's truth, so a finding the detector never calls is learned as absent
+        forced = model._teacher_forced_calls(visual, torch.tensor([[1.0, 1.0, 1.0]] * 6))
+    finally:
+        model.eval()
+        model.config.finding_teacher_forcing, model.config.finding_calls_only = 0.0, False
+    assert torch.equal(forced, torch.ones(6, 3))
 
 
 def test_the_detector_survives_save_and_load_and_the_engine_conditions_on_it(fitted, tok, tmp_path):
