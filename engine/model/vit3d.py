@@ -10,6 +10,10 @@ from torch import nn
 from .config import VisionEncoderConfig
 from .position import PositionEmbeddingLearned3d
 
+#: At inference, a volume whose channels repeat one channel (as the pre-processing gives it) is patch-embedded from
+#: that one channel (`ViT3D._embed_one_channel`). False: always the published three-channel path (bench/encode.py).
+FOLD_REPEATED_CHANNELS = True
+
 
 class PreNorm(nn.Module):
     def __init__(self, dim: int, fn: nn.Module):
@@ -95,11 +99,34 @@ class ViT3D(nn.Module):
 
     def embed_patches(self, volume: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W, D) -> position-embedded patch tokens (B, h*w*d, dim), before the transformer."""
-        _, _, H, W, D = volume.shape
+        _, C, H, W, D = volume.shape
         h, w, d = self.config.grid((H, W, D))
-        x = self.to_patch_embedding(volume)                       # (B, h*w*d, dim)
+        if C > 1 and FOLD_REPEATED_CHANNELS and not torch.is_grad_enabled() and _channels_repeat(volume):
+            x = self._embed_one_channel(volume[:, :1])            # the pre-processing's 3 equal channels
+        else:
+            x = self.to_patch_embedding(volume)                   # (B, h*w*d, dim)
         x = x + self.pos_embedding(h, w, d).to(x.dtype)           # broadcast over the batch
         return self.dropout(x)
 
+    def _embed_one_channel(self, volume: torch.Tensor) -> torch.Tensor:
+        """`to_patch_embedding` of a volume whose C channels all equal ``volume`` (B, 1, H, W, D), reading it once.
+
+        A patch vector u of C equal channels repeats each value C times (channel fastest), so LayerNorm(u) repeats
+        the normalised one-channel vector n, and Linear(g * LayerNorm(u) + b) = (sum_c W_c g_c) n + (W b + bias):
+        the patch Linear folded over the channels — the same numbers up to rounding at a third of the work."""
+        rearrange, norm, linear, out_norm = self.to_patch_embedding
+        C = self.config.channels
+        v = rearrange(volume)                                     # (B, P, p*p*pf)
+        n = nn.functional.layer_norm(v, (v.shape[-1],), eps=norm.eps)
+        weight = (linear.weight * norm.weight).view(linear.out_features, -1, C).sum(-1)   # (dim, p*p*pf)
+        bias = linear.weight @ norm.bias + linear.bias
+        return out_norm(nn.functional.linear(n, weight, bias))
+
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         return self.transformer(self.embed_patches(volume))      # (B, h*w*d, dim)
+
+
+def _channels_repeat(volume: torch.Tensor) -> bool:
+    """Every channel of (B, C, ...) equals the first (the pre-processing repeats one channel)."""
+    first = volume[:, :1]
+    return all(torch.equal(volume[:, c:c + 1], first) for c in range(1, volume.shape[1]))

@@ -89,3 +89,32 @@ def test_config_json_round_trip(tmp_path):
     bad.vision.dim = 50
     with pytest.raises(ConfigError, match="divisible by 3"):
         bad.validate()
+
+
+def test_patch_embedding_of_repeated_channels_reads_one_channel_with_the_same_numbers():
+    """The pre-processing repeats one channel three times: at inference the patch LayerNorm + Linear are folded
+    over the channels (a third of the work); the tokens equal the published three-channel path's."""
+    from reg2rg.engine.model.config import Reg2RGConfig
+    from reg2rg.engine.model.vit3d import ViT3D
+
+    torch.manual_seed(0)
+    config = Reg2RGConfig.preset("tiny").vision
+    vit = ViT3D(config).eval()
+    with torch.no_grad():
+        for module in vit.modules():                     # affine LayerNorms, so the folding has something to fold
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_()
+                module.bias.normal_()
+    size = Reg2RGConfig.preset("tiny").input_size
+    one = torch.randn(3, 1, *size)
+    repeated = one.expand(3, config.channels, *size).contiguous()
+    with torch.no_grad():
+        folded = vit.embed_patches(repeated)
+        published = vit.to_patch_embedding(repeated)
+        h, w, d = config.grid(size)
+        published = published + vit.pos_embedding(h, w, d)
+        different = repeated.clone()
+        different[:, 1] += 0.5                            # channels that differ take the published path
+        assert torch.equal(vit.embed_patches(different), vit.to_patch_embedding(different) + vit.pos_embedding(h, w, d))
+    assert torch.allclose(folded, published, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(folded, vit.embed_patches(different))
