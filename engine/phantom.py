@@ -1416,11 +1416,11 @@ def _scan(cv: _Canvas, pt: Patient, rng: np.random.Generator, coarse: np.ndarray
 # ---------------------------------------------------------------------------------------------------------
 # The embedded demo study.
 
-DEMO_SEED = 20250
+DEMO_SEED = 20251
 DEMO_FINDINGS = (
     Finding(LUNG_NODULE, side="right", lobe="upper", size_mm=14.0),
     Finding(PLEURAL_EFFUSION, side="left", size_mm=28.0),
-    Finding(CORONARY_CALCIFICATION, amount="moderate", location="LAD and RCA"),
+    Finding(CARDIOMEGALY, amount="moderate"),
 )
 
 

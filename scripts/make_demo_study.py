@@ -3,8 +3,9 @@
 
     .venv/bin/python scripts/make_demo_study.py [--out resources/demo_study]
 
-One phantom study (seed `DEMO_SEED`, default grid) with visible findings (`DEMO_FINDINGS`: a right upper
-lobe nodule, a left pleural effusion, coronary calcification): the volume as NIfTI, masks/<region>.nii.gz
+One phantom study (seed `DEMO_SEED`, default grid) with planted findings (`DEMO_FINDINGS`: a 14 mm right upper
+lobe nodule, a 28 mm left pleural effusion, a moderately enlarged heart; the effusion and the heart are visible at
+the demo model's input, the nodule spans fewer than 3 voxels of the lung crop's 8.5 mm slices): the volume as NIfTI, masks/<region>.nii.gz
 for the ten regions, report.txt (the whole report, then one paragraph per region) and manifest.json.
 """
 

@@ -251,7 +251,9 @@ tmp = out + ".tmp"
 shutil.rmtree(tmp, ignore_errors=True)
 shutil.copytree(final, tmp)
 for keep in ("MODEL_CARD.md", "eval_summary_stage2_experiment.json",   # hand-written / measured elsewhere
-             "eval_summary_stage2_findings_experiment.json", "eval_summary_projector_norm_experiment.json"):
+             "eval_summary_stage2_findings_experiment.json", "eval_summary_projector_norm_experiment.json",
+             "eval_summary_calls_for_callable_labels_experiment.json",
+             "train_log_stage1.jsonl", "train_config_stage1.yaml"):      # stage 1's own (its run folder keeps final/ only)
     if os.path.isfile(os.path.join(out, keep)):
         shutil.copy(os.path.join(out, keep), os.path.join(tmp, keep))
 shutil.copy(f"{work}/{last}/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
