@@ -550,8 +550,7 @@ class Trainer:
         can call to ``finding_detector.json`` in the output folder."""
         from .features import fit_finding_detector
 
-        layer = self.model.embedding_layer
-        if bool(torch.isfinite(layer.finding_threshold).any()) or bool(layer.finding_latent_weight.any()):
+        if self.model.embedding_layer.finding_detector_fitted:
             return
         if self.features is None:
             raise RuntimeError("the finding detector is fitted on the frozen encoders' output")

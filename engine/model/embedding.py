@@ -264,11 +264,17 @@ class RegionFusionEmbedding(nn.Module):
             return None
         return torch.isfinite(self.finding_threshold[visual.rows[visual.global_tokens.shape[0]:]])
 
+    @property
+    def finding_detector_fitted(self) -> bool:
+        """False for a ``finding_head_input="latents"`` model whose detector is still unfitted (calls nothing)."""
+        return self.finding_threshold is None or bool(torch.isfinite(self.finding_threshold).any()) \
+            or bool(self.finding_latent_weight.any())
+
     @torch.no_grad()
-    def region_calls(self, visual: VisualTokens) -> torch.Tensor:
+    def region_calls(self, visual: VisualTokens, logits: torch.Tensor | None = None) -> torch.Tensor:
         """(N, K) the calls the LLM is given: the fitted detector's binary calls (probability above the region's
-        threshold), else the head's probabilities."""
-        probabilities = self.finding_logits(visual)[1].sigmoid()
+        threshold), else the head's probabilities. ``logits``: the regions' `finding_logits`, when at hand."""
+        probabilities = (self.finding_logits(visual)[1] if logits is None else logits.detach()).sigmoid()
         if self.finding_threshold is None:
             return probabilities
         thresholds = self.finding_threshold[visual.rows[visual.global_tokens.shape[0]:]].to(probabilities)
@@ -288,8 +294,7 @@ class RegionFusionEmbedding(nn.Module):
             return visual
         if region_calls is None and self.finding_threshold is not None and torch.is_grad_enabled():
             logits = self.finding_logits(visual)[1]
-            hard = self.region_calls(visual)
-            region_calls = hard + (logits - logits.detach())
+            region_calls = self.region_calls(visual, logits) + (logits - logits.detach())
         elif region_calls is None:
             region_calls = self.region_calls(visual)
         dtype = visual.region_tokens.dtype

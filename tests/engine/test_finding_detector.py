@@ -95,6 +95,7 @@ def test_encoders_are_frozen_and_the_detector_is_saved_as_buffers(fitted):
 
 def test_a_detectable_label_is_enabled_and_noise_is_never_called(fitted):
     model, report = fitted
+    assert model.embedding_layer.finding_detector_fitted
     rows = {(r["region"], r["label"]): r for r in report}
     assert rows[("heart", "Cardiomegaly")]["enabled"] and rows[("heart", "Cardiomegaly")]["held_out_f1"] >= 0.9
     assert not rows[("pleura", "Pleural effusion")]["enabled"]          # its features say nothing of it
@@ -198,3 +199,8 @@ def test_relevance_reaches_the_detector_through_straight_through_calls(fitted):
     weights = layer.finding_latent_weight[1 + HEART, :, : L * D]                      # (K, L*D)
     expected = (layer.finding_embedding @ direction) @ weights                         # (L*D,)
     assert torch.allclose(latents.grad, expected.view(L, D).expand(3, L, D), atol=1e-4)
+
+
+def test_an_unfitted_detector_says_so(tok):
+    model = Reg2RG.from_config(_config(), tok)
+    assert not model.embedding_layer.finding_detector_fitted
