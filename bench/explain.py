@@ -12,8 +12,9 @@ model drafts the report (greedy), then:
   affirm it; precision and recall on the test phantoms at the threshold chosen on ``--val`` (the F1-best
   threshold over 0.05..0.95 on the validation phantoms; never chosen on test);
 - **pointing game**: for each planted finding the draft reports correctly, is the relevance maximum of the
-  sentence that reports it inside the lesion dilated by 10 mm (a sphere of radius size/2 + 10 mm around its
-  centre; for cardiomegaly, whose lesion is the organ, the heart mask dilated by 10 mm)? Hit rate vs the
+  sentence that reports it inside the lesion dilated by 10 mm (the finding's voxels in the folder's lesion
+  label maps, ``reg2rg-phantom``'s ``lesions/``; for cardiomegaly, whose lesion is the organ, the heart mask
+  dilated by 10 mm; for a folder without lesion maps, a sphere of radius size/2 + 10 mm around its centre)? Hit rate vs the
   chance rate (that volume over the body's). The same for the whole
   section of the finding's region (``section_pointing``), which is defined even when a model reports nothing;
 - **deletion test** (section of each planted finding's region): the CT voxels of that region ranked by
@@ -63,24 +64,35 @@ def auroc(scores, labels) -> float | None:
 
 
 def studies(folder: Path, limit: int | None):
+    """(manifest entry, study) of the folder's first ``limit`` studies; the entry's ``lesion_map`` is its planted
+    findings' label map (``reg2rg-phantom`` writes one since the lesions were tracked; None for older folders)."""
+    import nibabel as nib
+
     manifest = json.loads((folder / "manifest.json").read_text())
     for entry in manifest["studies"][:limit]:
-        yield entry, read_study(folder / entry["path"], folder / entry["masks"])
+        study = read_study(folder / entry["path"], folder / entry["masks"])
+        lesions = entry.get("lesions")
+        entry = {**entry, "lesion_map": np.asarray(nib.load(folder / lesions).dataobj) if lesions else None}
+        yield entry, study
 
 
 # findings whose lesion is the whole organ: the organ's mask is the lesion (an enlarged heart is the heart)
 ORGAN_FINDINGS = {"Cardiomegaly": "heart"}
 
 
-def lesion_ball(study: Study, finding: dict) -> np.ndarray:
-    """The lesion dilated by 10 mm, as a ball of radius size/2 + 10 mm (20 mm size when not given); for a
-    whole-organ finding (`ORGAN_FINDINGS`) the organ's mask dilated by 10 mm."""
+def lesion_ball(study: Study, finding: dict, lesion_map: np.ndarray | None = None) -> np.ndarray:
+    """The lesion dilated by 10 mm: with the study's ``lesion_map`` (`studies`), the finding's own voxels
+    (its ``lesion_label``) dilated by 10 mm; for a whole-organ finding (`ORGAN_FINDINGS`) the organ's mask
+    dilated by 10 mm; else (a folder written before the lesions were tracked) a ball of radius size/2 + 10 mm
+    (20 mm size when not given) around the finding's centre."""
+    from scipy.ndimage import distance_transform_edt
+
     spacing = np.sqrt((np.asarray(study.affine)[:3, :3] ** 2).sum(0))
     organ = ORGAN_FINDINGS.get(finding.get("type"))
     if organ and organ in study.masks:
-        from scipy.ndimage import distance_transform_edt
-
         return distance_transform_edt(~study.masks[organ], sampling=spacing) <= 10.0
+    if lesion_map is not None and finding.get("lesion_voxels"):
+        return distance_transform_edt(lesion_map != finding["lesion_label"], sampling=spacing) <= 10.0
     radius = float(finding.get("size_mm") or 20.0) / 2 + 10.0
     grids = np.ogrid[tuple(slice(0, n) for n in study.shape)]
     d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, finding["centre_voxel"], spacing))
@@ -152,9 +164,9 @@ def run_folder(engine, folder: Path, limit, threshold, deletion: int, rng, log, 
         body_of = {s.region: s for s in result.sections if s.region is not None and s.grounding_ok}
         for f in entry["findings"] if maps else ():
             sec = body_of.get(f["region"])
-            if sec is None or "centre_voxel" not in f:
+            if sec is None or "centre_voxel" not in f or f["type"] not in CHECKED:   # (a bone lesion is not a CT-RATE label)
                 continue
-            ball = lesion_ball(study, f)
+            ball = lesion_ball(study, f, entry["lesion_map"])
             body = study.voxels > -500
             chance = float((ball & body).sum() / max(body.sum(), 1))
             sel = sentence_of(result, sec, f["type"])

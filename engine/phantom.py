@@ -22,6 +22,7 @@ gives the same anatomy whatever findings are planted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -205,6 +206,20 @@ class _Canvas:
         self.hu = np.full(shape, HU["air"], dtype=np.float32)
         self.tissue = np.zeros(shape, dtype=np.uint8)
         self.region = np.zeros(shape, dtype=np.uint8)
+        # which planted finding each voxel shows (its 1-based index in the study's findings; 0: none): every
+        # paint writes the code of the finding being planted (`marking`), so a later paint over a lesion
+        # voxel (a vessel, the heart inside its effusion) takes the voxel back out of the lesion
+        self.lesion = np.zeros(shape, dtype=np.uint8)
+        self._marking = 0
+
+    @contextlib.contextmanager
+    def marking(self, code: int):
+        """Paints inside this block belong to planted finding ``code`` (`lesion`; 0: to none)."""
+        previous, self._marking = self._marking, int(code)
+        try:
+            yield
+        finally:
+            self._marking = previous
 
     def to_voxel(self, p: Sequence[float]) -> list[int]:
         out = []
@@ -245,6 +260,7 @@ class _Canvas:
         else:
             h[sel] = np.broadcast_to(hu, h.shape)[sel]
         self.tissue[sl][sel] = tissue
+        self.lesion[sl][sel] = self._marking
         if region is not None:
             self.region[sl][sel] = region
         return sel
@@ -507,8 +523,10 @@ def _heart_geometry(pt: Patient, scale: float):
     return centre, radii, np.stack([d1, d2, d3], axis=1)
 
 
-def _paint_heart(cv: _Canvas, pt: Patient, lm: _Landmarks, effusion_mm: float, coronary_plaques: list) -> None:
-    """Pericardium, optional pericardial fluid, epicardial fat in the grooves, myocardium and chambers."""
+def _paint_heart(cv: _Canvas, pt: Patient, lm: _Landmarks, effusion_mm: float, coronary_plaques: list,
+                 effusion_code: int = 0, plaque_code: int = 0) -> None:
+    """Pericardium, optional pericardial fluid, epicardial fat in the grooves, myocardium and chambers
+    (``*_code``: the planted findings' codes for `_Canvas.lesion`)."""
     c, r, axes = lm.heart_centre, lm.heart_radii, lm.heart_axes
     d1 = axes[:, 0]
 
@@ -521,7 +539,8 @@ def _paint_heart(cv: _Canvas, pt: Patient, lm: _Landmarks, effusion_mm: float, c
     cv.paint(sl, (lev <= 1) & ok, HU["pericardium"], PERICARDIUM, R_HEART)
     if effusion_mm > 0:
         sl, lev, (x, y, z) = cv.ellipsoid(c, r + effusion_mm, axes)
-        cv.paint(sl, (lev <= 1) & on_diaphragm(sl, x, y, z), HU["fluid"], FLUID, R_HEART)
+        with cv.marking(effusion_code):
+            cv.paint(sl, (lev <= 1) & on_diaphragm(sl, x, y, z), HU["fluid"], FLUID, R_HEART)
     sl, lev, (x, y, z) = cv.ellipsoid(c, r, axes)
     ok = on_diaphragm(sl, x, y, z)
     cv.paint(sl, (lev <= 1) & ok, HU["mediastinal_fat"], FAT, R_HEART)
@@ -546,7 +565,8 @@ def _paint_heart(cv: _Canvas, pt: Patient, lm: _Landmarks, effusion_mm: float, c
         got = cv.ellipsoid(p, (rad, rad, rad))
         if got:
             sl2, lev2, _ = got
-            cv.paint(sl2, lev2 <= 1, HU["calcium"] + 150, CALCIUM, R_HEART)
+            with cv.marking(plaque_code):
+                cv.paint(sl2, lev2 <= 1, HU["calcium"] + 150, CALCIUM, R_HEART)
 
 
 def _coronaries(c, r, axes) -> dict:
@@ -695,8 +715,9 @@ def _paint_nodes(cv: _Canvas, pt: Patient, rng: np.random.Generator, big: dict |
         r = big["size_mm"] / 2
         got = cv.ellipsoid(big["centre_mm"], (r * 1.1, r, r * 1.4))
         sl, lev, (x, y, z) = got
-        sel = cv.paint(sl, lev <= 1, HU["node"], NODE, R_MED, only_region=[R_MED, R_LUNG, R_PLEURA],
-                       not_tissue=[BLOOD, AIR, AIRWAY_WALL])
+        with cv.marking(big.get("code", 0)):
+            sel = cv.paint(sl, lev <= 1, HU["node"], NODE, R_MED, only_region=[R_MED, R_LUNG, R_PLEURA],
+                           not_tissue=[BLOOD, AIR, AIRWAY_WALL])
         if not sel.any():
             raise PhantomError("the grid is too coarse to show the enlarged lymph node")
         # report the painted voxel nearest the station centre (neighbours may have taken the exact centre)
@@ -1282,8 +1303,10 @@ def make_study(seed: int, findings: Sequence[Finding] | None = None, shape: Sequ
     ``[]`` gives a normal study; a list of `Finding` plants exactly those (details left None are drawn).
     ``shape`` (X, Y, Z) and ``spacing`` (mm) override the seed's grid. Returns a `Study` with int16 HU
     voxels in LPS voxel order (slice 0 caudal), masks for all ten regions, and ``metadata`` holding
-    ``findings`` (planted, with region, side, size, centre voxel), ``region_reports`` and ``report``.
-    ``totalseg=True`` also puts the same anatomy as TotalSegmentator label maps in
+    ``findings`` (planted, with region, side, size, centre voxel, ``lesion_label`` and ``lesion_voxels``),
+    ``region_reports``, ``report`` and, when a finding is planted, ``lesions``: a uint8 array on the CT grid,
+    ``findings[i]``'s voxels labelled ``i + 1`` (what it painted and nothing painted later took back; an
+    enlarged heart's lesion is the heart). ``totalseg=True`` also puts the same anatomy as TotalSegmentator label maps in
     ``metadata["totalseg"]`` (task -> uint8 array on the CT grid, see `totalseg_label_maps`).
     """
     from .phantom_reports import region_reports, study_report
@@ -1299,6 +1322,7 @@ def make_study(seed: int, findings: Sequence[Finding] | None = None, shape: Sequ
             raise PhantomError(f"findings must be Finding values, got {type(f).__name__}")
     done = [_complete(f, find_rng) for f in wanted]
     by_type = {f.type: f for f in done}
+    code = {f.type: i + 1 for i, f in enumerate(done)}      # `_Canvas.lesion`'s value of each planted finding
 
     heart_scale = 1.0
     if CARDIOMEGALY in by_type:
@@ -1316,11 +1340,13 @@ def make_study(seed: int, findings: Sequence[Finding] | None = None, shape: Sequ
     _paint_abdomen(cv, pt, coarse, HIATAL_HERNIA in by_type)
     planted: dict[str, dict] = {}
     if HIATAL_HERNIA in by_type:
-        planted[HIATAL_HERNIA] = _plant_hiatal_hernia(cv, pt, by_type[HIATAL_HERNIA], lm)
+        with cv.marking(code[HIATAL_HERNIA]):
+            planted[HIATAL_HERNIA] = _plant_hiatal_hernia(cv, pt, by_type[HIATAL_HERNIA], lm)
     pe = by_type.get(PERICARDIAL_EFFUSION)
     plaques = _coronary_plaques(by_type[CORONARY_CALCIFICATION], lm, find_rng) \
         if CORONARY_CALCIFICATION in by_type else []
-    _paint_heart(cv, pt, lm, pe.size_mm if pe else 0.0, plaques)
+    _paint_heart(cv, pt, lm, pe.size_mm if pe else 0.0, plaques, code.get(PERICARDIAL_EFFUSION, 0),
+                 code.get(CORONARY_CALCIFICATION, 0))
     if pe:
         planted[PERICARDIAL_EFFUSION] = {"centre_mm": lm.heart_centre + lm.heart_axes[:, 1] * (lm.heart_radii[1] + pe.size_mm / 2)}
     if CARDIOMEGALY in by_type:
@@ -1334,29 +1360,37 @@ def make_study(seed: int, findings: Sequence[Finding] | None = None, shape: Sequ
     big_node = None
     if LYMPHADENOPATHY in by_type:
         f = by_type[LYMPHADENOPATHY]
-        big_node = {"size_mm": f.size_mm, "centre_mm": _node_stations(pt)[f.location]}
+        big_node = {"size_mm": f.size_mm, "centre_mm": _node_stations(pt)[f.location], "code": code[LYMPHADENOPATHY]}
     _paint_nodes(cv, pt, tree_rng, big_node)
     if big_node:
         planted[LYMPHADENOPATHY] = {"centre_mm": big_node["centre_mm"]}
     _paint_thyroid(cv, pt, lm)
     if ARTERIAL_CALCIFICATION in by_type:
-        planted[ARTERIAL_CALCIFICATION] = _plant_arterial_calcification(cv, pt, by_type[ARTERIAL_CALCIFICATION],
-                                                                        lm, find_rng)
+        with cv.marking(code[ARTERIAL_CALCIFICATION]):
+            planted[ARTERIAL_CALCIFICATION] = _plant_arterial_calcification(
+                cv, pt, by_type[ARTERIAL_CALCIFICATION], lm, find_rng)
     _paint_spine(cv, pt, lm)
     _paint_ribs(cv, pt, lm)
     _paint_sternum_clavicles_scapulae(cv, pt)
     if PLEURAL_EFFUSION in by_type:
-        planted[PLEURAL_EFFUSION] = _plant_pleural_effusion(cv, pt, by_type[PLEURAL_EFFUSION])
+        with cv.marking(code[PLEURAL_EFFUSION]):
+            planted[PLEURAL_EFFUSION] = _plant_pleural_effusion(cv, pt, by_type[PLEURAL_EFFUSION])
     if EMPHYSEMA in by_type:
-        planted[EMPHYSEMA] = _plant_emphysema(cv, pt, by_type[EMPHYSEMA], fine)
+        with cv.marking(code[EMPHYSEMA]):
+            planted[EMPHYSEMA] = _plant_emphysema(cv, pt, by_type[EMPHYSEMA], fine)
     for t in (LUNG_NODULE, LUNG_OPACITY, CONSOLIDATION, ATELECTASIS):
         if t in by_type:
-            planted[t] = _plant_lung(cv, pt, by_type[t], find_rng, fine)
+            with cv.marking(code[t]):
+                planted[t] = _plant_lung(cv, pt, by_type[t], find_rng, fine)
     if BONE_LESION in by_type:
-        planted[BONE_LESION] = _plant_bone_lesion(cv, by_type[BONE_LESION], lm)
+        with cv.marking(code[BONE_LESION]):
+            planted[BONE_LESION] = _plant_bone_lesion(cv, by_type[BONE_LESION], lm)
     if MEDICAL_MATERIAL in by_type:
-        planted[MEDICAL_MATERIAL] = _plant_medical_material(cv, pt, by_type[MEDICAL_MATERIAL], lm)
+        with cv.marking(code[MEDICAL_MATERIAL]):
+            planted[MEDICAL_MATERIAL] = _plant_medical_material(cv, pt, by_type[MEDICAL_MATERIAL], lm)
     del fine
+    if CARDIOMEGALY in by_type:     # the lesion of an enlarged heart is the heart (what its effusion leaves)
+        cv.lesion[(cv.region == _REGION_CODE["heart"]) & (cv.lesion == 0)] = code[CARDIOMEGALY]
 
     voxels = _scan(cv, pt, noise_rng, coarse)
     masks = {name: cv.region == code for name, code in _REGION_CODE.items()}
@@ -1381,6 +1415,9 @@ def make_study(seed: int, findings: Sequence[Finding] | None = None, shape: Sequ
             rec["cardiothoracic_ratio"] = round(float(2 * lm.heart_radii[0] * 0.93 / (2 * pt.cavity_half_width)), 2)
         records.append(rec)
     reports = region_reports(records, text_rng)
+    counts = np.bincount(cv.lesion.ravel(), minlength=len(done) + 1)
+    for i, rec in enumerate(records):       # where each finding is in `lesions` (after the reports: text unchanged)
+        rec["lesion_label"], rec["lesion_voxels"] = i + 1, int(counts[i + 1])
     study = Study(
         voxels=voxels, affine=affine, masks=masks, name=f"phantom_{seed:06d}_a_1", source=f"phantom seed={seed}",
         mask_sources={r: "phantom" for r in REGIONS},
@@ -1389,6 +1426,8 @@ def make_study(seed: int, findings: Sequence[Finding] | None = None, shape: Sequ
                               "heart_scale": round(pt.heart_scale * heart_scale, 3)},
                   "orientation": "LPS voxel axes, slice 0 caudal"},
     )
+    if done:
+        study.metadata["lesions"] = cv.lesion    # (X, Y, Z) uint8: findings[i] is label i + 1
     if label_maps is not None:
         study.metadata["totalseg"] = label_maps
     return study

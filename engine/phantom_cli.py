@@ -6,6 +6,8 @@ Layout under ``--out`` (study i has seed S + i, so a study is reproducible on it
     <out>/masks/seg_phantom_<seed>_a_1/<region>.nii.gz                 the 10 region masks (uint8 0/1)
     <out>/reports.csv        Volumename, Anatomy, Sentence (empty Anatomy = whole-study report)
     <out>/manifest.json      the planted findings of every volume, its seed, shape and spacing
+    <out>/lesions/seg_phantom_<seed>_a_1/lesions.nii.gz   where each planted finding is: a label map, finding i
+                             of the manifest's list labelled i + 1 (its ``lesion_label``), the table in the header
     <out>/totalseg/seg_phantom_<seed>_a_1/<task>.nii.gz   with --totalseg: the same anatomy as TotalSegmentator
                              multi-label files (total, breasts, trunk_cavities, pleural_pericard_effusion,
                              lung_vessels), its label values, the label table in the header
@@ -121,6 +123,15 @@ def write_dataset(out: str | Path, n: int, seed: int, shape=None, spacing=None, 
         write_study(study, volume_path, mask_dir)
         if totalseg:
             write_totalseg(study, out / "totalseg" / f"seg_{study.name}")
+        lesions = None
+        if "lesions" in study.metadata:      # where each planted finding is (a label map; the manifest names it)
+            from .masks import save_label_map
+
+            folder = out / "lesions" / f"seg_{study.name}"     # seg_: never taken for a volume (scan_volumes)
+            ensure_folder(folder)
+            lesions = folder / "lesions.nii.gz"
+            save_label_map(lesions, study.metadata["lesions"], study.affine,
+                           {f["lesion_label"]: f["type"] for f in study.metadata["findings"]})
         file_name = f"{study.name}.nii.gz"
         rows.append((file_name, "", study.metadata["report"]))
         for region in REGIONS:
@@ -130,6 +141,7 @@ def write_dataset(out: str | Path, n: int, seed: int, shape=None, spacing=None, 
             "masks": mask_dir.relative_to(out).as_posix(), "shape": list(study.shape),
             "spacing": [round(s, 4) for s in study.spacing], "orientation": study.orientation,
             "findings": _json_ready(study.metadata["findings"]),
+            **({"lesions": lesions.relative_to(out).as_posix()} if lesions else {}),
         })
         log(f"[{i + 1}/{n}] {file_name}: {len(study.metadata['findings'])} finding(s)")
     with atomic_write(out / "reports.csv", newline="") as fh:

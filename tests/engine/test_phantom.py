@@ -194,6 +194,37 @@ def test_lung_and_heart_findings(study_b, normal):
     assert (study_b.voxels[med] > 350).sum() > 3 and (normal.voxels[normal.masks["mediastinum"]] > 350).sum() == 0
 
 
+def test_lesion_map_marks_each_planted_finding(study_a, study_b, normal):
+    """metadata["lesions"]: finding i's voxels labelled i + 1 — what it painted, less what was painted over it."""
+    assert "lesions" not in normal.metadata
+    for study in (study_a, study_b):
+        lesions = study.metadata["lesions"]
+        assert lesions.shape == study.shape
+        labels = [f["lesion_label"] for f in study.metadata["findings"]]
+        assert labels == list(range(1, len(labels) + 1))
+        for f in study.metadata["findings"]:
+            own = lesions == f["lesion_label"]
+            assert own.sum() == f["lesion_voxels"] > 0, f["type"]
+            inside = (own & study.masks[f["region"]]).sum()
+            # mostly in its region; a pacemaker's box sits in the chest wall, its lead in the heart
+            assert inside > (0 if f["type"] == P.MEDICAL_MATERIAL else 0.5 * own.sum()), f["type"]
+        assert lesions.max() == len(labels)
+    nodule = study_a.metadata["lesions"] == _finding(study_a, P.LUNG_NODULE)["lesion_label"]
+    assert nodule[tuple(_finding(study_a, P.LUNG_NODULE)["centre_voxel"])]
+    assert np.median(normal.voxels[nodule]) < -400 < np.median(study_a.voxels[nodule])  # aerated without it
+    effusion = study_a.metadata["lesions"] == _finding(study_a, P.PLEURAL_EFFUSION)["lesion_label"]
+    X = SHAPE[0]
+    assert effusion[X // 2:].sum() > 0 and effusion[: X // 2].sum() == 0                  # the left side only
+    assert -40 < np.median(study_a.voxels[effusion]) < 60                                  # fluid
+    # the pericardial fluid is the rim the heart left: the myocardium painted inside it took its voxels back
+    b = study_b.metadata["lesions"]
+    rim = b == _finding(study_b, P.PERICARDIAL_EFFUSION)["lesion_label"]
+    assert rim.any() and -10 < np.median(study_b.voxels[rim]) < 50 and study_b.masks["heart"][rim].all()
+    heart = b == _finding(study_b, P.CARDIOMEGALY)["lesion_label"]
+    assert not (heart & rim).any() and (heart | rim)[study_b.masks["heart"]].all()
+    assert np.median(study_b.voxels[heart]) > np.median(study_b.voxels[rim])
+
+
 def test_reports_state_each_finding_with_side_and_size(study_a, study_b):
     rr = study_a.metadata["region_reports"]
     assert set(rr) == set(REGIONS)

@@ -10,6 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from reg2rg.engine.dataset import scan_volumes
+from reg2rg.engine.masks import label_table_from_header
 from reg2rg.engine.phantom import DEMO_SEED, make_study
 from reg2rg.engine.phantom_cli import main, study_paths
 from reg2rg.engine.regions import REGIONS
@@ -47,6 +49,17 @@ def test_layout_csv_and_manifest(dataset: Path):
         expected = make_study(entry["seed"], shape=(72, 72, 36)).metadata["findings"]
         assert [f["type"] for f in entry["findings"]] == [f["type"] for f in expected]
         assert all(len(f["centre_voxel"]) == 3 for f in entry["findings"])
+        if entry["findings"]:       # where each finding is: a label map the bench reads (bench/explain.py)
+            lesions = nib.load(dataset / entry["lesions"])
+            assert entry["lesions"] == f"lesions/seg_{entry['volume'].removesuffix('.nii.gz')}/lesions.nii.gz"
+            labels = np.asarray(lesions.dataobj)
+            assert [int((labels == f["lesion_label"]).sum()) for f in entry["findings"]] == \
+                [f["lesion_voxels"] for f in entry["findings"]]
+            assert label_table_from_header(lesions) == {f["lesion_label"]: f["type"] for f in entry["findings"]}
+        else:
+            assert "lesions" not in entry
+    # the lesion maps are never taken for volumes: the training index finds exactly the two studies
+    assert sorted(scan_volumes(dataset)) == names
 
 
 def test_written_study_reads_back(dataset: Path):
