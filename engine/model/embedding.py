@@ -287,14 +287,18 @@ class RegionFusionEmbedding(nn.Module):
         ``region_calls`` (N, K) in [0, 1]; None: `region_calls` (the head's own, detached). Without
         ``finding_conditioning`` the tokens are returned unchanged.
 
-        With the fitted detector and gradients on (relevance maps), the binary calls pass the gradient of the
-        detector's logits (straight-through): a call's value is unchanged, and a selection that depends on it
-        is traced back through the detector to the voxels that made it."""
+        With the fitted detector and gradients on (relevance maps), a call that is made passes the gradient of
+        the detector's logit (straight-through): its value is unchanged, and a selection that depends on it is
+        traced back through the detector to the voxels that made it. A call that is not made passes none: no
+        voxel is evidence of a finding the detector did not see (its logit's gradient would spread the words
+        of one region over every other region whose detector could have fired, measured on validation
+        phantoms: bench/RESULTS.md, explain)."""
         if self.finding_embedding is None or visual.region_tokens.shape[0] == 0:
             return visual
         if region_calls is None and self.finding_threshold is not None and torch.is_grad_enabled():
             logits = self.finding_logits(visual)[1]
-            region_calls = self.region_calls(visual, logits) + (logits - logits.detach())
+            calls = self.region_calls(visual, logits)
+            region_calls = calls + calls * (logits - logits.detach())
         elif region_calls is None:
             region_calls = self.region_calls(visual)
         dtype = visual.region_tokens.dtype

@@ -194,11 +194,13 @@ def test_relevance_reaches_the_detector_through_straight_through_calls(fitted):
     direction = torch.randn(layer.finding_embedding.shape[1])
     (conditioned.region_tokens[:, -1] @ direction).sum().backward()
     # mask token = mask_fc(...) + sum_k call_k e_k: only the calls depend on the latents; d call_k / d latents :=
-    # d logit_k / d latents = the detector's weights of label k (enabled labels only: the others are never called)
+    # d logit_k / d latents = the detector's weights of label k for a call that is made, 0 for one that is not
     L, D = model.config.num_latents, model.config.vision.dim
     weights = layer.finding_latent_weight[1 + HEART, :, : L * D]                      # (K, L*D)
-    expected = (layer.finding_embedding @ direction) @ weights                         # (L*D,)
-    assert torch.allclose(latents.grad, expected.view(L, D).expand(3, L, D), atol=1e-4)
+    calls = layer.region_calls(visual)                                                 # (3, K) 0/1
+    assert calls.sum() > 0 and (calls == 0).any()           # both kinds are checked
+    expected = ((layer.finding_embedding @ direction) * calls) @ weights                # (3, L*D)
+    assert torch.allclose(latents.grad, expected.view(3, L, D), atol=1e-4)
 
 
 def test_an_unfitted_detector_says_so(tok):
