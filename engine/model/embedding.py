@@ -253,10 +253,16 @@ class RegionFusionEmbedding(nn.Module):
         B = visual.global_tokens.shape[0]
         masks = visual.mask_features.float()
         masks = torch.cat([masks.new_zeros(B, masks.shape[1]), masks])
-        x = torch.cat([visual.latents.float().flatten(1), masks], dim=1).to(self.finding_latent_weight)   # (B+N, F)
-        rows = visual.rows.to(x.device)
-        logits = torch.einsum("nkf,nf->nk", self.finding_latent_weight[rows], x) + self.finding_latent_bias[rows]
-        return logits[:B].float(), logits[B:].float()
+        logits = self.detector_logits(visual.latents, masks, visual.rows)
+        return logits[:B], logits[B:]
+
+    def detector_logits(self, latents: torch.Tensor, mask_features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(M, K) float32 logits of the fitted latent detector for M volumes: ``latents`` (M, L, vision dim),
+        ``mask_features`` (M, mask dim; zeros for a global image), ``rows`` (M,) each volume's row (0 global,
+        1 + r region r of REGIONS)."""
+        x = torch.cat([latents.float().flatten(1), mask_features.float()], dim=1).to(self.finding_latent_weight)
+        rows = rows.to(x.device)
+        return (torch.einsum("nkf,nf->nk", self.finding_latent_weight[rows], x) + self.finding_latent_bias[rows]).float()
 
     def finding_enabled(self, visual: VisualTokens) -> torch.Tensor | None:
         """(N, K) bool: the labels the fitted detector may call in each region (None: every label, other heads)."""

@@ -206,3 +206,44 @@ def test_relevance_reaches_the_detector_through_straight_through_calls(fitted):
 def test_an_unfitted_detector_says_so(tok):
     model = Reg2RG.from_config(_config(), tok)
     assert not model.embedding_layer.finding_detector_fitted
+
+
+def test_call_occlusion_equals_emptying_the_voxels_of_each_patch(fitted):
+    """`call_occlusion` empties patch tokens; the reference here empties the patch's voxels (crop: the -1 fill;
+    mask: 0) and encodes the volume again: the weighted logit drops must agree, patch by patch."""
+    from reg2rg.engine.explain.relevance import call_occlusion
+
+    model, _ = fitted
+    layer = model.embedding_layer
+    cfg = model.config
+    torch.manual_seed(3)
+    H, W, D = cfg.input_size
+    image = torch.rand(1, 1, H, W, D).expand(1, 3, H, W, D) * 2 - 1           # the pre-processing's equal channels
+    mask = (torch.rand(1, 1, H, W, D) > 0.4).float()
+    row = torch.tensor(1 + HEART)
+    weights = torch.tensor([0.7, -0.4, 1.3])
+    with torch.no_grad():
+        tokens = layer.embed_volumes(image[:0], image)[0]
+        mask_tokens = layer.mask_encoder.embed_patches(mask)[0]
+        crop, mask_drop = call_occlusion(layer, tokens, mask_tokens, row, weights, image[0], mask[0])
+
+        def logits(img, msk):
+            f = layer.encoder_features(img[:0], img, msk)
+            return layer.detector_logits(f.region_latents, f.mask_features, row.reshape(1))[0]
+
+        full = logits(image, mask)
+        p, pf = cfg.vision.patch_size, cfg.vision.frame_patch_size
+        h, w, d = cfg.vision.grid((H, W, D))
+        for index in (0, 5, h * w * d - 1):
+            i, j, k = index // (w * d), index // d % w, index % d
+            emptied = image.clone()
+            emptied[..., i * p:(i + 1) * p, j * p:(j + 1) * p, k * pf:(k + 1) * pf] = -1.0
+            assert crop[index] == pytest.approx(float((full - logits(emptied, mask)) @ weights), abs=2e-4)
+        mp, mpf = cfg.mask_encoder.patch_size, cfg.mask_encoder.frame_patch_size
+        mh, mw, md = cfg.mask_encoder.grid((H, W, D))
+        for index in (0, mh * mw * md - 1):
+            i, j, k = index // (mw * md), index // md % mw, index % md
+            emptied = mask.clone()
+            emptied[..., i * mp:(i + 1) * mp, j * mp:(j + 1) * mp, k * mpf:(k + 1) * mpf] = 0.0
+            assert mask_drop[index] == pytest.approx(float((full - logits(image, emptied)) @ weights), abs=2e-4)
+    assert crop.shape == (h * w * d,) and mask_drop.shape == (mh * mw * md,) and abs(crop).max() > 0
