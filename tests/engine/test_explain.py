@@ -298,11 +298,9 @@ def test_demo_model_sections_depend_on_their_own_region(demo):
     assert np.corrcoef(maps["pleura"], maps["heart"])[0, 1] < 0.5
 
 
-@pytest.mark.xfail(reason="measured with the issue-12 demo model (2026-12-02): the pleura sentence's map peaks in "
-                          "the pleura, the heart sentence's ('The heart is enlarged…') outside the heart mask; the "
-                          "pointing game (lesion + 10 mm) hits 2 of 3 on test phantoms (bench/RESULTS.md)",
-                   strict=False)
 def test_demo_model_sentence_maps_peak_in_their_own_region(demo):
+    """The first sentence of the pleura and of the heart section (the demo draft names the effusion and the
+    cardiomegaly there): each map's maximum lies in its own region's mask, and the two maps differ."""
     engine, study, result = demo
     maps = {}
     for region in ("pleura", "heart"):
