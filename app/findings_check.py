@@ -47,15 +47,25 @@ def findings_html(section_findings) -> tuple[str, str]:
     """(one-line rich text, tooltip) of a section's Findings check: flagged findings first, with their
     one-line reason in the tooltip; the other findings' probabilities after them."""
     flagged = [f for f in section_findings.findings if f.flag]
-    rest = sorted((f for f in section_findings.findings if not f.flag), key=lambda f: -f.probability)
+    rest = sorted((f for f in section_findings.findings if not f.flag and f.assessed), key=lambda f: -f.probability)
+    unseen = [f for f in section_findings.findings if not f.assessed]
     parts = []
     for f in flagged:
         colour = "#ff7a5c" if f.flag == "omission" else "#e0a050"
         parts.append(f"<span style='color:{colour}'>{FLAG_TEXT[f.flag]}: {escape(f.finding.lower())} "
                      f"{f.probability:.0%}</span>")
     parts += [f"{escape(f.finding.lower())} {f.probability:.0%}" for f in rest]
+    if unseen:
+        parts.append("<span style='color:#9a9a9a'>not assessed: "
+                     + ", ".join(escape(f.finding.lower()) for f in unseen) + "</span>")
     html = "<b>Findings check</b> · " + " · ".join(parts) if parts else ""
-    tip = "\n".join([f.reason for f in flagged] +
-                    ["The model's own probability of each finding in this region, from its sentences stating "
-                     "vs denying it (not a detector)."])
-    return html, tip
+    sources = {f.source for f in section_findings.findings}
+    how = ("The model's own probability of each finding in this region, from its finding detector (which reads "
+           "the image)" if "detector" in sources else
+           "The model's own probability of each finding in this region, from its sentences stating vs denying it")
+    notes = [how + "."]
+    if unseen:
+        notes.append("Not assessed: this model's detector cannot see "
+                     + ", ".join(f.finding.lower() for f in unseen)
+                     + " — it never reports them, whatever the image shows. Check them yourself.")
+    return html, "\n".join([f.reason for f in flagged] + notes)

@@ -160,7 +160,8 @@ def run_folder(engine, folder: Path, limit, threshold, deletion: int, rng, log, 
             for fp in sec.findings:
                 f = planted.get((fp.finding, sec.region))
                 rows.append({"study": entry["volume"], "region": sec.region, "finding": fp.finding,
-                             "p": fp.probability, "planted": f is not None, "reported": fp.stated == AFFIRMED})
+                             "p": fp.probability, "planted": f is not None, "reported": fp.stated == AFFIRMED,
+                             "source": fp.source})
         body_of = {s.region: s for s in result.sections if s.region is not None and s.grounding_ok}
         for f in entry["findings"] if maps else ():
             sec = body_of.get(f["region"])
@@ -193,12 +194,18 @@ def run_folder(engine, folder: Path, limit, threshold, deletion: int, rng, log, 
 
 
 def omission_stats(rows, threshold) -> dict:
-    """Alerts = not reported and p >= threshold; right when the finding was planted there."""
-    alerts = [r for r in rows if not r["reported"] and r["p"] >= threshold]
+    """Alerts = assessed, not reported and p >= threshold; right when the finding was planted there. Recall is
+    over every omitted planted finding (a not-assessed one cannot be alerted: it counts as missed), and also
+    over the assessed ones only."""
+    assessed = [r for r in rows if r.get("source", "sentences") != "not assessed"]
+    alerts = [r for r in assessed if not r["reported"] and r["p"] >= threshold]
     missed = [r for r in rows if r["planted"] and not r["reported"]]
+    missed_assessed = [r for r in assessed if r["planted"] and not r["reported"]]
     tp = sum(r["planted"] for r in alerts)
     return {"threshold": threshold, "alerts": len(alerts), "true_alerts": tp, "omitted_planted": len(missed),
-            "precision": tp / len(alerts) if alerts else None, "recall": tp / len(missed) if missed else None}
+            "omitted_planted_assessed": len(missed_assessed),
+            "precision": tp / len(alerts) if alerts else None, "recall": tp / len(missed) if missed else None,
+            "recall_assessed": tp / len(missed_assessed) if missed_assessed else None}
 
 
 def choose_threshold(rows) -> tuple[float, dict]:
@@ -215,11 +222,13 @@ def choose_threshold(rows) -> tuple[float, dict]:
 
 def summarise(run: dict, threshold: float) -> dict:
     rows = run["rows"]
+    assessed = [r for r in rows if r.get("source", "sentences") != "not assessed"]
     per_type = {}
-    for name in sorted(CHECKED):
-        sel = [r for r in rows if r["finding"] == name]
+    for name in sorted(CHECKED):     # over the assessed rows: a finding the model cannot assess has no score
+        sel = [r for r in rows if r["finding"] == name and r.get("source", "sentences") != "not assessed"]
         per_type[name] = {"auroc": auroc([r["p"] for r in sel], [r["planted"] for r in sel]),
-                          "positives": sum(r["planted"] for r in sel), "n": len(sel)}
+                          "positives": sum(r["planted"] for r in sel), "n": len(sel),
+                          "not_assessed": sum(r["finding"] == name and r.get("source") == "not assessed" for r in rows)}
     areas = [(float(np.mean(d["relevance"])), float(np.mean(d["random"]))) for d in run["deletions"]]
     pointing = run["pointing"]
     sp = run["section_pointing"]
@@ -227,11 +236,15 @@ def summarise(run: dict, threshold: float) -> dict:
     return {
         "findings_reported_correctly": sum(r["planted"] and r["reported"] for r in rows),
         "findings_planted_in_checked_regions": sum(r["planted"] for r in rows),
-        "auroc_pooled": auroc([r["p"] for r in rows], [r["planted"] for r in rows]),
+        "auroc_pooled": auroc([r["p"] for r in assessed], [r["planted"] for r in assessed]),
+        "rows_not_assessed": len(rows) - len(assessed),
         "auroc_per_finding": per_type,
         "omission": omission_stats(rows, threshold),
         "pointing_game": {"n": len(pointing), "hit_rate": float(np.mean([p["hit"] for p in pointing])) if pointing else None,
-                          "chance": float(np.mean([p["chance"] for p in pointing])) if pointing else None},
+                          "chance": float(np.mean([p["chance"] for p in pointing])) if pointing else None,
+                          "hits_by_finding": {t: [sum(p["hit"] for p in pointing if p["finding"] == t),
+                                                  sum(p["finding"] == t for p in pointing)]
+                                              for t in sorted({p["finding"] for p in pointing})}},
         "section_pointing_game": {"n": len(sp), "hit_rate": float(np.mean([p["hit"] for p in sp])) if sp else None,
                                   "chance": float(np.mean([p["chance"] for p in sp])) if sp else None},
         "deletion": {"n": len(areas), "steps": list(DELETION_STEPS),

@@ -964,6 +964,13 @@ class ReportEngine:
         return self._lock
 
     @property
+    def finding_detector(self) -> bool:
+        """True when the model's finding calls come from a fitted detector (``finding_head_input="latents"``):
+        its drafts report only what the detector may call, and `PreparedStudy.finding_probabilities` holds
+        the detector's own probability of exactly those labels."""
+        return self.model.embedding_layer.finding_threshold is not None
+
+    @property
     def layout(self) -> tuple[int, int]:
         """(layers, heads) of the language model: the choices for raw attention maps."""
         cfg = _base_config(self.model.lang_model)

@@ -13,6 +13,14 @@ section (or its end) where the two together are most probable: where the model i
 speak about that finding at all (right after the header a finding that is usually stated second is
 unlikely either way, and the ratio of two tiny numbers says little).
 
+**A model with a fitted finding detector** (`ReportEngine.finding_detector`, the demo model) writes exactly the
+findings its detector calls, so its sentence probabilities only echo the calls (~0 for every finding it was
+not told of). For the labels the detector may call in a region, ``p`` is the **detector's own probability**
+(from the image; `PreparedStudy.finding_probabilities`, ``source="detector"``): a finding it rated likely but
+below its calling threshold is then an omission alert. A label it may not call there is **not assessed**
+(``source="not assessed"``: the model cannot see it, and its ~0 % must not read as "absent"); it raises no
+flag.
+
 Flags, from the labeller the evaluator uses (`labeller.find_mentions`) on the drafted section:
 - **omission**: the section does not affirm the finding but ``p >= threshold``;
 - **contradiction**: the section affirms it but ``p < contradiction_below``.
@@ -44,6 +52,8 @@ DEFAULT_OMISSION_THRESHOLD = 0.15
 #: Contradiction alert when an asserted finding has less than this probability.
 DEFAULT_CONTRADICTION_BELOW = 0.2
 
+NOT_ASSESSED = "not assessed"
+
 #: region -> the CT-RATE abnormalities its section reports on (the phantom's finding -> region table).
 #: Left out: medical material (the register never denies it, so there is no "normal" sentence to weigh
 #: it against) and the five lung labels the register has no sentences for (fibrotic sequela, mosaic
@@ -62,13 +72,20 @@ class FindingProbability:
     """One abnormality in one drafted region: the model's probability, what the draft says, the flag.
 
     ``stated``: ``"affirmed"`` | ``"negated"`` | ``"uncertain"`` | None (not mentioned), from the labeller;
-    ``flag``: None | ``"omission"`` | ``"contradiction"``; ``reason``: one line for the reader."""
+    ``flag``: None | ``"omission"`` | ``"contradiction"``; ``reason``: one line for the reader; ``source``:
+    where ``probability`` comes from — ``"sentences"`` (the model's sentence openings), ``"detector"`` (its
+    fitted finding detector) or ``"not assessed"`` (a detector model that cannot call this finding here)."""
 
     finding: str
     probability: float
     stated: str | None
     flag: str | None = None
     reason: str = ""
+    source: str = "sentences"
+
+    @property
+    def assessed(self) -> bool:
+        return self.source != NOT_ASSESSED
 
 
 @dataclass(frozen=True)
@@ -99,7 +116,8 @@ class FindingsCheck:
         return [(s.region, f) for s in self.sections for f in s.flags]
 
     def to_dict(self) -> dict:
-        return {"method": "teacher-forced normal vs abnormal sentence openings, normalised",
+        return {"method": "teacher-forced normal vs abnormal sentence openings, normalised; the finding detector's "
+                          "probability for the labels a detector model may call (source)",
                 "threshold": self.threshold, "contradiction_below": self.contradiction_below,
                 "seconds": self.seconds,
                 "sections": [{"slot": s.slot, "region": s.region, "findings": [asdict(f) for f in s.findings]}
@@ -282,6 +300,7 @@ def finding_check(engine: "ReportEngine", result: "DraftResult", threshold: floa
         return check
     done: set[int] = set()
     prefixes = _DraftPrefixes(engine, result)
+    detector = (result.prepared.finding_probabilities or {}) if engine.finding_detector else None
     for section in result.sections:
         if section.slot is None or section.region is None or section.slot in done:
             continue
@@ -310,16 +329,22 @@ def finding_check(engine: "ReportEngine", result: "DraftResult", threshold: floa
             best = int(np.argmax(np.logaddexp(abn, norm)))
             la, ln = abn[best], norm[best]
             p = float(1.0 / (1.0 + np.exp(ln - la)))
+            source = "sentences"
+            if detector is not None:
+                seen = detector.get(section.region, {})
+                p, source = (float(seen[name]), "detector") if name in seen else (p, NOT_ASSESSED)
             stated = _stated(section.text, name)
             flag, reason = None, ""
-            if stated != AFFIRMED and p >= threshold:
+            if source == NOT_ASSESSED:
+                pass
+            elif stated != AFFIRMED and p >= threshold:
                 flag = "omission"
                 reason = (f"{name.lower()} not reported, but the model rates it {p:.0%} likely here"
                           + (" (the draft denies it)" if stated == "negated" else ""))
             elif stated == AFFIRMED and p < contradiction_below:
                 flag = "contradiction"
                 reason = f"{name.lower()} is reported, but the model itself rates it only {p:.0%} likely"
-            out.append(FindingProbability(name, p, stated, flag, reason))
+            out.append(FindingProbability(name, p, stated, flag, reason, source))
         check.sections.append(SectionFindings(section.slot, section.region, tuple(out)))
     check.seconds = time.perf_counter() - t0
     return check

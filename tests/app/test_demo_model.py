@@ -133,8 +133,13 @@ def test_demo_two_sections_paint_different_places_and_each_shows_its_findings_ch
             text = ed.findings_label.text()
             assert "Findings check" in text
             for f in ed.findings.findings:
-                assert f"{f.finding.lower()} {f.probability:.0%}" in text
+                if f.assessed:         # the detector's probability of what it may call
+                    assert f.source == "detector" and f"{f.finding.lower()} {f.probability:.0%}" in text
+                else:                  # what it cannot see is said so, never shown as a 0 %
+                    assert f.finding.lower() in text.split("not assessed:")[1] and f.flag is None
         assert "pleural effusion" in panel.section_editor(by_region["pleura"].key).findings_label.text()
+        lung = panel.section_editor(by_region["lung"].key)
+        assert "not assessed: " in lung.findings_label.text() and "lung nodule" in lung.findings_label.toolTip()
         axial = win.views[AXIS_AXIAL]
         vol = win.document.volume
         peaks, painted = {}, {}            # painted[(map, slice of which peak)]: heat pixels of the axial view

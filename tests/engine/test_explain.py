@@ -310,3 +310,31 @@ def test_demo_model_sentence_maps_peak_in_their_own_region(demo):
         assert study.masks[region][rm.peak_voxel], region
         maps[region] = rm.heatmap.ravel()
     assert np.corrcoef(maps["pleura"], maps["heart"])[0, 1] < 0.5
+
+
+def test_demo_model_findings_check_uses_its_detector_and_says_what_it_cannot_see(demo):
+    """A detector model: the labels it may call in a region carry the detector's own probability (an omission
+    alert when an unreported one reaches the threshold); the others are 'not assessed', never a 0 % or a flag."""
+    engine, _, result = demo
+    assert engine.finding_detector
+    seen = result.prepared.finding_probabilities
+    check = engine.finding_check(result)
+    by_region = {s.region: s for s in check.sections}
+    for sec in check.sections:
+        for f in sec.findings:
+            if f.finding in seen.get(sec.region, {}):
+                assert f.source == "detector" and f.probability == pytest.approx(seen[sec.region][f.finding])
+            else:
+                assert f.source == "not assessed" and not f.assessed and f.flag is None
+    assert all(not f.assessed for f in by_region["lung"].findings)          # it sees no lung finding
+    effusion = next(f for f in by_region["pleura"].findings if f.finding == "Pleural effusion")
+    assert effusion.stated == "affirmed" and effusion.probability > 0.5 and effusion.flag is None
+    # an assessed finding the draft does not report: alerted exactly when its probability reaches the threshold
+    quiet = [f for s in check.sections for f in s.findings if f.assessed and f.stated != "affirmed"]
+    assert quiet
+    f = max(quiet, key=lambda f: f.probability)
+    region = next(s.region for s in check.sections if f in s.findings)
+    flagged = lambda threshold: {(s.region, g.finding) for s in engine.finding_check(result, threshold).sections  # noqa: E731
+                                 for g in s.flags}
+    assert (region, f.finding) in flagged(f.probability * 0.999)
+    assert (region, f.finding) not in flagged(min(1.0, f.probability * 1.001 + 1e-9))
