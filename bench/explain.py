@@ -7,10 +7,12 @@ model's are seeds 9000-9039 and 5000-5015: ``reg2rg-phantom --out X --n 40 --see
 model drafts the report (greedy), then:
 
 - **findings check**: each planted CT-RATE finding type's probability in its region's section; AUROC per
-  type and pooled against the manifest (a study without that finding is a negative);
+  type and pooled against the manifest (a study without that finding is a negative), over the findings the
+  model assesses (a detector model marks the others "not assessed"; they are counted, not scored);
 - **omission alerts**: an alert is right when the finding was planted in that region and the draft does not
-  affirm it; precision and recall on the test phantoms at the threshold chosen on ``--val`` (the F1-best
-  threshold over 0.05..0.95 on the validation phantoms; never chosen on test);
+  affirm it; precision and recall (over all omitted planted findings, and over the assessed ones) on the test
+  phantoms at the threshold chosen on ``--val`` (the F1-best threshold over 0.05..0.95 against the assessed
+  omissions of the validation phantoms; never chosen on test);
 - **pointing game**: for each planted finding the draft reports correctly, is the relevance maximum of the
   sentence that reports it inside the lesion dilated by 10 mm (the finding's voxels in the folder's lesion
   label maps, ``reg2rg-phantom``'s ``lesions/``; for cardiomegaly, whose lesion is the organ, the heart mask
@@ -209,11 +211,13 @@ def omission_stats(rows, threshold) -> dict:
 
 
 def choose_threshold(rows) -> tuple[float, dict]:
+    """The F1-best omission threshold over 0.95..0.05: F1 of the alerts against the omitted findings the check
+    assesses (a finding the model cannot assess is never alerted, whatever the threshold)."""
     best, best_f1 = 0.95, -1.0
     # from the top down, so a tie keeps the higher threshold (fewer alerts for the same F1)
     for t in np.round(np.arange(0.95, 0.04, -0.05), 2):
         s = omission_stats(rows, float(t))
-        p, r = s["precision"] or 0.0, s["recall"] or 0.0
+        p, r = s["precision"] or 0.0, s["recall_assessed"] or 0.0
         f1 = 2 * p * r / (p + r) if p + r else 0.0
         if f1 > best_f1:
             best, best_f1 = float(t), f1
@@ -294,7 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=Path, help="reg2rg-phantom folder of test phantoms")
     p.add_argument("--cost-only", action="store_true",
                    help="only time the maps on the demo study's draft (ratio vs the draft and the 2-s budget)")
-    p.add_argument("--val", type=Path, help="reg2rg-phantom folder of validation phantoms (chooses the threshold)")
+    p.add_argument("--val", type=Path, nargs="+", help="reg2rg-phantom folder(s) of validation phantoms (choose the "
+                                                        "threshold; never the test seeds)")
     p.add_argument("--threshold", type=float, default=None, help="omission threshold (default: chosen on --val, "
                                                                    "else the engine's default)")
     p.add_argument("--limit", type=int, default=None, help="at most this many studies per folder")
@@ -314,11 +319,14 @@ def main(argv=None) -> int:
     if args.test is None:
         p.error("--test is required (a reg2rg-phantom folder) unless --cost-only")
     rng = np.random.default_rng(0)
-    summary: dict = {"model": str(engine.model_dir), "test": str(args.test), "val": str(args.val) if args.val else None}
+    summary: dict = {"model": str(engine.model_dir), "test": str(args.test),
+                     "val": [str(v) for v in args.val] if args.val else None}
     threshold = args.threshold
     if args.val is not None:
-        val = run_folder(engine, args.val, args.limit, 0.5, 0, rng, log, maps=False)
+        val = {"rows": [row for folder in args.val
+                        for row in run_folder(engine, folder, args.limit, 0.5, 0, rng, log, maps=False)["rows"]]}
         chosen, info = choose_threshold(val["rows"])
+        summary["validation_rows"] = val["rows"]
         summary["validation"] = {"chosen_threshold": chosen, **info, "omission_at_chosen": omission_stats(val["rows"], chosen),
                                  "findings_planted_in_checked_regions": sum(r["planted"] for r in val["rows"])}
         threshold = chosen if threshold is None else threshold
@@ -331,7 +339,8 @@ def main(argv=None) -> int:
     summary["test_rows"] = test["rows"]
     summary["deletion_curves"] = test["deletions"]
     args.out.write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("test_rows", "deletion_curves")}, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("test_rows", "deletion_curves", "validation_rows")},
+                     indent=1))
     return 0
 
 
