@@ -24,8 +24,8 @@ flag.
 Flags, from the labeller the evaluator uses (`labeller.find_mentions`) on the drafted section:
 - **omission**: the section does not affirm the finding but ``p >= threshold``;
 - **contradiction**: the section affirms it but ``p < contradiction_below``.
-The default threshold was chosen on the validation phantoms (seeds 5000-5015), never the test ones
-(`bench/explain.py --choose-threshold`; bench/RESULTS.md).
+The default threshold was chosen on the validation phantoms (seeds 5000-5099), never the test ones
+(`bench/explain.py --val`; bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ if TYPE_CHECKING:
     from ..generation import DraftResult, ReportEngine
 
 #: Omission alert when an unmentioned finding has at least this probability: the F1-best threshold for the
-#: demo model on its validation phantoms (seeds 5000-5015; `bench/explain.py --val`, bench/RESULTS.md).
-#: Choose it again for another model: it depends on how the model spreads its probabilities.
-DEFAULT_OMISSION_THRESHOLD = 0.15
+#: shipped demo model (its detector's probabilities) on validation phantoms 5000-5099, never the test ones
+#: (`bench/explain.py --val`, bench/RESULTS.md: 0.8, 6 alerts, 3 right). The stage-1 demo model's sentence
+#: probabilities had given 0.15. Choose it again for another model: it depends on how the model spreads them.
+DEFAULT_OMISSION_THRESHOLD = 0.8
 #: Contradiction alert when an asserted finding has less than this probability.
 DEFAULT_CONTRADICTION_BELOW = 0.2
 
