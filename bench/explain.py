@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT.parent) not in sys.path:
     sys.path.insert(0, str(ROOT.parent))
 
-from reg2rg.engine.explain.findings import REGION_FINDINGS, finding_check      # noqa: E402
+from reg2rg.engine.explain.findings import NOT_ASSESSED, REGION_FINDINGS, finding_check      # noqa: E402
 from reg2rg.engine.explain.relevance import relevance_map, selected_log_prob     # noqa: E402
 from reg2rg.engine.generation import ReportEngine             # noqa: E402
 from reg2rg.engine.labeller import AFFIRMED, find_mentions, split_sentences      # noqa: E402
@@ -195,11 +195,16 @@ def run_folder(engine, folder: Path, limit, threshold, deletion: int, rng, log, 
             "costs": costs}
 
 
+def _assessed(row) -> bool:
+    """The findings check gave this row a probability (rows written before ``source`` existed: yes)."""
+    return row.get("source") != NOT_ASSESSED
+
+
 def omission_stats(rows, threshold) -> dict:
     """Alerts = assessed, not reported and p >= threshold; right when the finding was planted there. Recall is
     over every omitted planted finding (a not-assessed one cannot be alerted: it counts as missed), and also
     over the assessed ones only."""
-    assessed = [r for r in rows if r.get("source", "sentences") != "not assessed"]
+    assessed = [r for r in rows if _assessed(r)]
     alerts = [r for r in assessed if not r["reported"] and r["p"] >= threshold]
     missed = [r for r in rows if r["planted"] and not r["reported"]]
     missed_assessed = [r for r in assessed if r["planted"] and not r["reported"]]
@@ -226,13 +231,13 @@ def choose_threshold(rows) -> tuple[float, dict]:
 
 def summarise(run: dict, threshold: float) -> dict:
     rows = run["rows"]
-    assessed = [r for r in rows if r.get("source", "sentences") != "not assessed"]
+    assessed = [r for r in rows if _assessed(r)]
     per_type = {}
     for name in sorted(CHECKED):     # over the assessed rows: a finding the model cannot assess has no score
-        sel = [r for r in rows if r["finding"] == name and r.get("source", "sentences") != "not assessed"]
+        sel = [r for r in assessed if r["finding"] == name]
         per_type[name] = {"auroc": auroc([r["p"] for r in sel], [r["planted"] for r in sel]),
                           "positives": sum(r["planted"] for r in sel), "n": len(sel),
-                          "not_assessed": sum(r["finding"] == name and r.get("source") == "not assessed" for r in rows)}
+                          "not_assessed": sum(r["finding"] == name and not _assessed(r) for r in rows)}
     areas = [(float(np.mean(d["relevance"])), float(np.mean(d["random"]))) for d in run["deletions"]]
     pointing = run["pointing"]
     sp = run["section_pointing"]

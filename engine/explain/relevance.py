@@ -155,7 +155,7 @@ def patch_relevance(engine: "ReportEngine", result: "DraftResult", token_indices
     positions = torch.tensor([[P - 1 + i for i in idx]], dtype=torch.long, device=dev)
     targets = torch.tensor([[result.token_ids[i] for i in idx]], dtype=torch.long, device=dev)
     layer = model.embedding_layer
-    detector = layer.finding_threshold is not None and layer.finding_embedding is not None and bool(slots)
+    detector = engine.finding_detector and layer.finding_embedding is not None and bool(slots)
     with torch.enable_grad():
         with torch.no_grad():
             x = layer.embed_volumes(images, region_images)                                  # (1+N, P, dim)

@@ -277,10 +277,10 @@ class RegionFusionEmbedding(nn.Module):
             or bool(self.finding_latent_weight.any())
 
     @torch.no_grad()
-    def region_calls(self, visual: VisualTokens, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def region_calls(self, visual: VisualTokens) -> torch.Tensor:
         """(N, K) the calls the LLM is given: the fitted detector's binary calls (probability above the region's
-        threshold), else the head's probabilities. ``logits``: the regions' `finding_logits`, when at hand."""
-        probabilities = (self.finding_logits(visual)[1] if logits is None else logits.detach()).sigmoid()
+        threshold), else the head's probabilities."""
+        probabilities = self.finding_logits(visual)[1].sigmoid()
         if self.finding_threshold is None:
             return probabilities
         thresholds = self.finding_threshold[visual.rows[visual.global_tokens.shape[0]:]].to(probabilities)
@@ -291,21 +291,12 @@ class RegionFusionEmbedding(nn.Module):
         only with ``finding_conditioning_tokens="mask"``).
 
         ``region_calls`` (N, K) in [0, 1]; None: `region_calls` (the head's own, detached). Without
-        ``finding_conditioning`` the tokens are returned unchanged.
-
-        With the fitted detector and gradients on (relevance maps), a call that is made passes the gradient of
-        the detector's logit (straight-through): its value is unchanged, and a selection that depends on it is
-        traced back through the detector to the voxels that made it. A call that is not made passes none: no
-        voxel is evidence of a finding the detector did not see (its logit's gradient would spread the words
-        of one region over every other region whose detector could have fired, measured on validation
-        phantoms: bench/RESULTS.md, explain)."""
+        ``finding_conditioning`` the tokens are returned unchanged. A relevance map passes the fitted detector's
+        calls as a leaf of its own, to take the selection's gradient with respect to each call
+        (`engine.explain.relevance.patch_relevance`)."""
         if self.finding_embedding is None or visual.region_tokens.shape[0] == 0:
             return visual
-        if region_calls is None and self.finding_threshold is not None and torch.is_grad_enabled():
-            logits = self.finding_logits(visual)[1]
-            calls = self.region_calls(visual, logits)
-            region_calls = calls + calls * (logits - logits.detach())
-        elif region_calls is None:
+        if region_calls is None:
             region_calls = self.region_calls(visual)
         dtype = visual.region_tokens.dtype
         shift = (region_calls.to(self.finding_embedding.dtype) @ self.finding_embedding).to(dtype)   # (N, hidden)
