@@ -18,6 +18,12 @@
 #         encoders' output (model.finding_head_input "latents"), its calls given to the LLM through each region's
 #         tokens; the LLM, fc and mask_fc trained to read them (teacher forcing 1) -> WORK/run_det. The shipped run:
 #         DET_STEPS=900 FT_CHUNKS="2000:150 2150:150 2300:150 2450:150 2600:150" FT_MIX=1000 scripts/train_demo_model.sh
+#      e. DENSITY=1 (the shipped model since 2026-12-02, issue 12): the stage-4d model's detector fitted again with
+#         the crops' densitometry (model.finding_density; per region and label the encoders' output, the
+#         densitometry or both, by held-out F1) on the stage-4d studies and the DENSITY_CHUNKS abnormal-rich
+#         phantoms; no training step (train.max_steps 0): the LLM, fc and mask_fc are stage 4d's -> WORK/run_dens.
+#         The shipped run: the stage-4d command above plus
+#         DENSITY=1 DENSITY_CHUNKS="2750:250 3000:250 3250:250 3500:250 3750:250 4000:250 4250:250 4500:250"
 #   5. export the final model to resources/demo_model/ with its configs, training logs and seeds
 #   6. held-out evaluation on the test phantoms, with a blind control (scripts/eval_demo_model.py);
 #      the numbers go to resources/demo_model/eval_summary.json (quoted in its MODEL_CARD.md)
@@ -72,6 +78,8 @@ DET_PROJ_LR=${DET_PROJ_LR:-2e-3}    # fc / mask_fc / the calls' embeddings
 DET_TOKENS=${DET_TOKENS:-all}       # which of a region's tokens get its calls ("mask": read too slowly, MODEL_CARD.md)
 DET_BATCH=${DET_BATCH:-8}
 DET_CALLS_ONLY=${DET_CALLS_ONLY:-true}  # the LLM reports only what the detector calls (model.finding_calls_only)
+DENSITY=${DENSITY:-0}              # stage 4e (0: skipped), the detector refitted with the crops' densitometry
+DENSITY_CHUNKS=${DENSITY_CHUNKS:-}  # 4e: more abnormal-rich phantoms "first_seed:count ..." for the detector only
 DET_LABELS=${DET_LABELS:-'["Medical material","Arterial wall calcification","Cardiomegaly","Pericardial effusion","Coronary artery wall calcification","Hiatal hernia","Lymphadenopathy","Emphysema","Atelectasis","Lung nodule","Lung opacity","Pleural effusion","Consolidation","Left side","Right side"]'}
 FT_CONDITION=${FT_CONDITION:-true}  # 4b: the head's calls condition the LLM (model.finding_conditioning)
 FT_TF=${FT_TF:-0.5}                 # 4b: share of regions conditioned on their true labels in training
@@ -113,7 +121,8 @@ for chunk in $S1_CHUNKS; do
 done
 wait
 [ "$FT_STEPS" -gt 0 ] || [ "$VIS_STEPS" -gt 0 ] || [ "$NORM_STEPS" -gt 0 ] || [ "$DET_STEPS" -gt 0 ] || FT_CHUNKS=""
-for chunk in $FT_CHUNKS; do     # ft_* (not train_*): stage 1 and the tokenizer never see them
+[ "$DENSITY" = 1 ] || DENSITY_CHUNKS=""
+for chunk in $FT_CHUNKS $DENSITY_CHUNKS; do     # ft_* (not train_*): stage 1 and the tokenizer never see them
   phantoms "data/ft_${chunk%%:*}" "${chunk##*:}" "${chunk%%:*}" --abnormal-fraction "$FT_ABNORMAL" &
 done
 wait
@@ -225,7 +234,9 @@ fi
 #   4d. DET_STEPS > 0 (issue 12, the shipped model): from the stage-1 weights, the per-region finding detector fitted
 #       on the frozen encoders' output (which region/labels it may call: WORK/run_det/finding_detector.json), then
 #       fc, mask_fc, the calls' embeddings and the LLM trained with every region given its true (callable) labels
-if [ "$DET_STEPS" -gt 0 ]; then
+if [ "$DET_STEPS" -gt 0 ] && [ -d "$WORK/run_det/final" ]; then
+  echo "stage 4d is done ($WORK/run_det/final exists): skipped"
+elif [ "$DET_STEPS" -gt 0 ]; then
   "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
     --model.overrides "{\"finding_labels\": $DET_LABELS, \"finding_head_input\": \"latents\", \"finding_conditioning\": true, \"finding_conditioning_tokens\": \"$DET_TOKENS\", \"finding_teacher_forcing\": 1.0, \"finding_calls_only\": $DET_CALLS_ONLY, \"finding_loss_weight\": 0.0, \"lm_loss_weight\": 1.0, \"token_focal_gamma\": 0.0, \"projector_norm\": \"none\"}" \
     --model.init_from "$WORK/run/final" --model.train_vit false --output.dir "$WORK/run_det" \
@@ -234,13 +245,25 @@ if [ "$DET_STEPS" -gt 0 ]; then
     --train.scheduler cosine_with_warmup --train.warmup_steps 30 --train.max_steps "$DET_STEPS" ${DET_EXTRA:-}
 fi
 
+#   4e. DENSITY=1: the stage-4d model's detector fitted again, reading the crops' densitometry too, on the stage-4d
+#       studies and the DENSITY_CHUNKS phantoms; no step (the rest of the model is stage 4d's) -> WORK/run_dens
+if [ "$DENSITY" = 1 ]; then
+  DENSITY_REPORTS=$( (csv_list ft_ $FT_CHUNKS $DENSITY_CHUNKS; if [ -n "$MIX_CHUNKS" ]; then csv_list train_ $MIX_CHUNKS; fi
+                      echo "$WORK/data/val/reports.csv") | paste -sd, -)
+  "$BIN/reg2rg-train" --config demo --resume --data.root "$WORK/data" --data.reports "[$DENSITY_REPORTS]" \
+    --data.val_split "$WORK/data/val/reports.csv" --data.cache_dir "$WORK/cache" \
+    --train.seed "$SEED" --train.threads "$THREADS" \
+    --model.overrides '{"finding_density": true}' --model.init_from "$WORK/run_det/final" --model.train_vit false \
+    --output.dir "$WORK/run_dens" --output.save_every_epoch false --train.max_steps 0
+fi
+
 echo "== 5/6 export to $OUT"
 "$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" \
   "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" "$VIS_STEPS" "$HEAD_STEPS" "$READ_STEPS" "$NORM_STEPS" \
-  "$DET_STEPS" <<'EOF'
+  "$DET_STEPS" "$DENSITY" "$DENSITY_CHUNKS" <<'EOF'
 import json, os, shutil, sys
-work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps, head_steps, read_steps, norm_steps, det_steps = sys.argv[1:]
-last = ("run_det" if int(det_steps) > 0 else "run_norm" if int(norm_steps) > 0 else "run_head" if int(head_steps) > 0 else "run_read" if int(read_steps) > 0 else ft_dir if int(ft_steps) > 0
+work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps, head_steps, read_steps, norm_steps, det_steps, density, density_chunks = sys.argv[1:]
+last = ("run_dens" if density == "1" else "run_det" if int(det_steps) > 0 else "run_norm" if int(norm_steps) > 0 else "run_head" if int(head_steps) > 0 else "run_read" if int(read_steps) > 0 else ft_dir if int(ft_steps) > 0
         else "run_vis" if int(vis_steps) > 0 else "run")
 final = f"{work}/{last}/final"
 if not os.path.isdir(final):      # stage 2 stopped early: its newest checkpoint in the engine's format
@@ -257,11 +280,13 @@ for keep in ("MODEL_CARD.md", "eval_summary_stage2_experiment.json",   # hand-wr
     if os.path.isfile(os.path.join(out, keep)):
         shutil.copy(os.path.join(out, keep), os.path.join(tmp, keep))
 shutil.copy(f"{work}/{last}/train_config.yaml", os.path.join(tmp, "train_config.yaml"))
-shutil.copy(f"{work}/{last}/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
+if os.path.isfile(f"{work}/{last}/train_log.jsonl"):           # a fit-only stage (4e) takes no step
+    shutil.copy(f"{work}/{last}/train_log.jsonl", os.path.join(tmp, "train_log.jsonl"))
 if os.path.isfile(f"{work}/{last}/finding_detector.json"):      # what the detector may call, and its held-out F1
     shutil.copy(f"{work}/{last}/finding_detector.json", os.path.join(tmp, "finding_detector.json"))
 if last != "run":
-    for stage, folder in (("stage1", "run"), ("stage2a", "run_vis"), ("stage2b", ft_dir), ("stage2c", "run_read")):
+    for stage, folder in (("stage1", "run"), ("stage2a", "run_vis"), ("stage2b", ft_dir), ("stage2c", "run_read"),
+                          ("stage4d", "run_det")):
         if folder != last and os.path.isfile(f"{work}/{folder}/train_log.jsonl"):
             shutil.copy(f"{work}/{folder}/train_config.yaml", os.path.join(tmp, f"train_config_{stage}.yaml"))
             shutil.copy(f"{work}/{folder}/train_log.jsonl", os.path.join(tmp, f"train_log_{stage}.jsonl"))
@@ -272,7 +297,9 @@ seeds = {"train_seed": int(seed),
                             **({"finetune": {"abnormal_fraction": float(ft_abnormal), "steps": int(ft_steps), "visual_only_steps": int(vis_steps),
                                              "head_refit_steps": int(head_steps), "reading_steps": int(read_steps),
                                              "projector_norm_steps": int(norm_steps), "detector_steps": int(det_steps),
-                                             "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix}}
+                                             "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix,
+                                             **({"detector_refit_with_densitometry": [span(c) for c in density_chunks.split()]}
+                                                if density == "1" else {})}}
                                if last != "run" else {}),
                             "validation": [int(s_val), int(s_val) + int(n_val) - 1],
                             "test": [int(s_test), int(s_test) + int(n_test) - 1]},

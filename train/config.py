@@ -55,7 +55,7 @@ class DataSection:
 class TrainSection:
     seed: int = 42
     epochs: int = 1
-    max_steps: int | None = None                  # optimizer steps; stops early when reached
+    max_steps: int | None = None                  # optimizer steps; stops early when reached (0: fit, export)
     micro_batch_size: int = 1
     grad_accum: int = 1
     lr: float = 5e-5
@@ -113,6 +113,8 @@ class TrainConfig:
         t = self.train
         if t.micro_batch_size < 1 or t.grad_accum < 1:
             raise TrainConfigError(f"{self.source}: train.micro_batch_size and train.grad_accum must be >= 1")
+        if t.max_steps is not None and t.max_steps < 0:
+            raise TrainConfigError(f"{self.source}: train.max_steps must be >= 0 (0: fit and export, no step)")
         if t.epochs < 1 and not t.max_steps:
             raise TrainConfigError(f"{self.source}: train.epochs must be >= 1 (or set train.max_steps)")
         if t.scheduler not in ("constant_with_warmup", "cosine_with_warmup", "linear_with_warmup", "constant"):

@@ -278,6 +278,8 @@ class RegionReportDataset(torch.utils.data.Dataset):
             sample["global_latents"] = features.global_latents                                  # (L, dim)
             sample["region_latents"] = torch.stack([features.regions[r][0] for r in order])   # (n, L, dim)
             sample["mask_features"] = torch.stack([features.regions[r][1] for r in order])    # (n, mask dim)
+            if features.density:                                                            # finding_density
+                sample["region_density"] = torch.stack([features.density[r] for r in order])  # (n, F)
         else:
             sample["image"] = tensors.image                                                    # (3, H, W, D)
             sample["region_images"] = torch.stack([tensors.regions[r] for r in order])        # (n, 3, H, W, D)
@@ -325,6 +327,8 @@ def collate_regions(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[
         batch["global_latents"] = torch.stack([s["global_latents"] for s in samples])      # (B, L, dim)
         batch["region_latents"] = torch.cat([s["region_latents"] for s in samples])        # (N, L, dim)
         batch["mask_features"] = torch.cat([s["mask_features"] for s in samples])          # (N, mask dim)
+        if all("region_density" in s for s in samples):
+            batch["region_density"] = torch.cat([s["region_density"] for s in samples])    # (N, F)
     else:
         if any("global_latents" in s for s in samples):
             raise ValueError("a batch mixes encoded studies with volumes; give every study's features or none")
@@ -341,4 +345,4 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "region_sample", "r
 #: Inputs passed on to `Reg2RG.forward` when the batch has them: the volumes or their frozen encoders' output,
 #: the finding head's targets.
 OPTIONAL_INPUT_KEYS = ("images", "region_images", "region_masks", "global_latents", "region_latents",
-                       "mask_features", "finding_targets", "global_finding_targets")
+                       "mask_features", "region_density", "finding_targets", "global_finding_targets")

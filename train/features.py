@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -36,6 +36,7 @@ class StudyFeatures:
 
     global_latents: torch.Tensor                                  # (L, vision dim)
     regions: dict[str, tuple[torch.Tensor, torch.Tensor]]         # region -> ((L, vision dim), (mask dim,))
+    density: dict[str, torch.Tensor] = field(default_factory=dict)   # region -> (DENSITY_FEATURES,), finding_density
 
 
 @torch.no_grad()
@@ -66,7 +67,8 @@ def encode_studies(model, records: Iterable[StudyRecord], load_study: Callable,
             f = layer.encoder_features(tensors.image[None].to(dev), region_images.to(dev), region_masks.to(dev))
             out[record.name] = StudyFeatures(
                 f.global_latents[0].float().cpu(),
-                {r: (f.region_latents[j].float().cpu(), f.mask_features[j].float().cpu()) for j, r in enumerate(present)})
+                {r: (f.region_latents[j].float().cpu(), f.mask_features[j].float().cpu()) for j, r in enumerate(present)},
+                {} if f.density is None else {r: f.density[j].float().cpu() for j, r in enumerate(present)})
             if log_every and i % log_every == 0:
                 logger.info("encoded %d of %d studies (%.1f studies/s)", i, len(records), i / (time.perf_counter() - t0))
     finally:
@@ -102,8 +104,24 @@ DETECTOR_L2 = 1e-2              # ridge penalty on the standardised features (me
 
 
 def _detector_features(f: StudyFeatures, region: str) -> torch.Tensor:
+    """What the detector reads of one region: its latents (flattened), its mask feature, then (``finding_density``)
+    its crop's densitometry."""
     latents, mask = f.regions[region]
-    return torch.cat([latents.float().flatten(), mask.float()])
+    parts = [latents.float().flatten(), mask.float()]
+    if f.density:
+        parts.append(f.density[region].float())
+    return torch.cat(parts)
+
+
+def _feature_groups(f: StudyFeatures, region: str) -> dict[str, slice]:
+    """The feature sets the fitting chooses from, as slices of `_detector_features`: the encoders' output and,
+    with the densitometry, the densitometry alone and both."""
+    latents, mask = f.regions[region]
+    encoders = latents.numel() + mask.numel()
+    if not f.density:
+        return {"encoders": slice(0, encoders)}
+    total = encoders + f.density[region].numel()
+    return {"encoders": slice(0, encoders), "densitometry": slice(encoders, total), "both": slice(0, total)}
 
 
 def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,9 +160,11 @@ def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Itera
     on a seeded ``1 - held_out`` share of the studies and scored on the rest at each of `DETECTOR_THRESHOLDS`
     (a class-balanced fit puts 0.5 at equal error rates; a finding the detector sees only when it is large is
     called precisely at a higher threshold); when the best held-out F1 reaches ``min_f1`` the label is enabled in
-    that region at that threshold and re-fitted on all the studies, else it is never called there. The
-    standardisation is folded into the saved weights. Returns one row per region and label tried: region,
-    label, positives, held-out F1, threshold, enabled."""
+    that region at that threshold and re-fitted on all the studies, else it is never called there. With the
+    crops' densitometry (``finding_density``) the fit is tried on the encoders' output, on the densitometry and on
+    both, and the feature set with the best held-out F1 is kept (the others' weights are zero; a tie keeps the
+    earlier). The standardisation is folded into the saved weights. Returns one row per region and label tried:
+    region, label, features, positives, held-out F1, threshold, enabled."""
     min_f1 = DETECTOR_MIN_F1 if min_f1 is None else min_f1
     min_positives = DETECTOR_MIN_POSITIVES if min_positives is None else min_positives
     layer = model.embedding_layer
@@ -161,7 +181,11 @@ def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Itera
         chosen = [n for n in names if region in features[n].regions and region in targets(n)]
         if not chosen:
             continue
-        x = torch.stack([_detector_features(features[n], region) for n in chosen])
+        x_all = torch.stack([_detector_features(features[n], region) for n in chosen])
+        if x_all.shape[1] != layer.finding_latent_weight.shape[-1]:
+            raise RuntimeError(f"the detector reads {layer.finding_latent_weight.shape[-1]} features, the encoded "
+                               f"studies give {x_all.shape[1]} (finding_density on one side only?)")
+        groups = _feature_groups(features[chosen[0]], region)
         y = torch.stack([targets(n)[region].float() for n in chosen])                   # (n, K)
         order = torch.randperm(len(chosen), generator=generator)
         cut = int(round(len(chosen) * (1 - held_out)))
@@ -170,20 +194,30 @@ def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Itera
             positives = int(y[:, k].sum())
             if positives < min_positives or positives == len(chosen):
                 continue
-            with torch.enable_grad():
-                mu, sd = x[fit_idx].mean(0), x[fit_idx].std(0) + 1e-6
-                w, b = _logistic((x[fit_idx] - mu) / sd, y[fit_idx, k], l2)
-            probability = ((((x[test_idx] - mu) / sd) @ w + b)).sigmoid()
-            f1, threshold = max((_f1(probability > t, y[test_idx, k] > 0.5), t) for t in DETECTOR_THRESHOLDS)
+            best = None
+            for group, cols in groups.items():
+                x = x_all[:, cols]
+                with torch.enable_grad():
+                    mu, sd = x[fit_idx].mean(0), x[fit_idx].std(0) + 1e-6
+                    w, b = _logistic((x[fit_idx] - mu) / sd, y[fit_idx, k], l2)
+                probability = ((((x[test_idx] - mu) / sd) @ w + b)).sigmoid()
+                f1, threshold = max((_f1(probability > t, y[test_idx, k] > 0.5), t) for t in DETECTOR_THRESHOLDS)
+                if best is None or f1 > best[0]:
+                    best = (f1, threshold, group)
+            f1, threshold, group = best
             enabled = f1 >= min_f1
-            report.append({"region": region, "label": label, "positives": positives, "held_out_f1": round(f1, 3),
-                           "threshold": threshold, "enabled": enabled})
+            report.append({"region": region, "label": label, "features": group, "positives": positives,
+                           "held_out_f1": round(f1, 3), "threshold": threshold, "enabled": enabled})
             if not enabled:
                 continue
+            cols = groups[group]
+            x = x_all[:, cols]
             with torch.enable_grad():
                 mu, sd = x.mean(0), x.std(0) + 1e-6
                 w, b = _logistic((x - mu) / sd, y[:, k], l2)
-            layer.finding_latent_weight[1 + r, k] = (w / sd).to(layer.finding_latent_weight)
+            weight = torch.zeros(x_all.shape[1])
+            weight[cols] = w / sd
+            layer.finding_latent_weight[1 + r, k] = weight.to(layer.finding_latent_weight)
             layer.finding_latent_bias[1 + r, k] = (b - (w / sd) @ mu).to(layer.finding_latent_bias)
             layer.finding_threshold[1 + r, k] = threshold
     return report

@@ -288,8 +288,17 @@ def build_model(config: TrainConfig, model_config, tokenizer, dtype: torch.dtype
         from reg2rg.engine.checkpoint import load_pretrained
 
         source, _ = load_pretrained(config.model.init_from)
-        model.load_state_dict(source.state_dict(), strict=False)
-        del source
+        state = source.state_dict()
+        own = model.state_dict()
+        # a fitted detector whose inputs changed (e.g. finding_density switched on) is not carried over: it is
+        # fitted again on this run's studies (`_fit_finding_detector`)
+        detector = [n for n in state if n.rpartition(".")[2] in DETECTOR_BUFFERS]
+        if any(n in own and own[n].shape != state[n].shape for n in detector):
+            logger.info("%s: the finding detector reads other features here; it is fitted again", config.model.init_from)
+            for name in detector:
+                del state[name]
+        model.load_state_dict(state, strict=False)
+        del source, state
     if config.model.vision_weights or config.model.perceiver_weights:
         from reg2rg.engine.checkpoint import import_radfm
 
@@ -298,7 +307,8 @@ def build_model(config: TrainConfig, model_config, tokenizer, dtype: torch.dtype
 
 
 #: Buffers the training fits (not parameters, not recomputed by the model): saved in every checkpoint.
-FITTED_BUFFERS = ("projector_mean", "projector_std", "finding_latent_weight", "finding_latent_bias", "finding_threshold")
+DETECTOR_BUFFERS = ("finding_latent_weight", "finding_latent_bias", "finding_threshold")
+FITTED_BUFFERS = ("projector_mean", "projector_std", *DETECTOR_BUFFERS)
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -498,7 +508,7 @@ class Trainer:
                 f"({cfg.train.grad_accum})")
         self.steps_per_epoch = per_epoch
         self.total_steps = per_epoch * cfg.train.epochs
-        if cfg.train.max_steps:
+        if cfg.train.max_steps is not None:       # 0: fit what the frozen encoders' output needs, export, no step
             self.total_steps = min(self.total_steps, int(cfg.train.max_steps)) if cfg.train.epochs else int(cfg.train.max_steps)
 
         optimizer = build_optimizer(self.model, cfg)

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ..attention import GLOBAL, HeatmapOnCT, patches_to_voxels, visual_positions
+from ..model.density import occluded_density
 
 if TYPE_CHECKING:
     from ..generation import DraftResult, ReportEngine
@@ -204,6 +205,8 @@ def call_occlusion(layer, tokens: torch.Tensor, mask_tokens: torch.Tensor, row, 
     Why occlusion, not the logit's gradient: the detector reads the perceiver's latents, which pool every
     patch; the logit's first-order sensitivity spreads over the whole crop, while emptying the patches one at
     a time finds those whose content the call needs (measured on validation phantoms: bench/RESULTS.md, explain).
+    With ``finding_density`` the detector's densitometry of each occluded crop and mask comes from
+    `engine.model.density.occluded_density` (exact, from the patches' own histograms).
     Cost: P + 1 ViT + perceiver passes of one crop and Pm + 1 mask-encoder passes, batched (`OCCLUSION_CHUNK`)."""
     P, Pm = tokens.shape[0], mask_tokens.shape[0]
     empty = layer.embed_volumes(region_image[None][:0], torch.full_like(region_image[None], -1.0))[0]
@@ -223,8 +226,14 @@ def call_occlusion(layer, tokens: torch.Tensor, mask_tokens: torch.Tensor, row, 
     mask_features = torch.cat([layer.mask_encoder.transformer(c).mean(dim=1)
                                for c in mask_rows.split(OCCLUSION_CHUNK)])     # (Pm+1, mask dim)
     row = torch.as_tensor(row).reshape(1)
-    crop = layer.detector_logits(latents, mask_features[:1].expand(P + 1, -1), row.expand(P + 1))
-    mask = layer.detector_logits(latents[:1].expand(Pm + 1, -1, -1), mask_features, row.expand(Pm + 1))
+    crop_density = mask_density = None
+    if layer.config.finding_density:        # the crop's densitometry with each patch emptied, exactly
+        vision, masks = layer.config.vision, layer.config.mask_encoder
+        crop_density, mask_density = occluded_density(
+            region_image, region_mask, (vision.patch_size, vision.patch_size, vision.frame_patch_size),
+            (masks.patch_size, masks.patch_size, masks.frame_patch_size))
+    crop = layer.detector_logits(latents, mask_features[:1].expand(P + 1, -1), row.expand(P + 1), crop_density)
+    mask = layer.detector_logits(latents[:1].expand(Pm + 1, -1, -1), mask_features, row.expand(Pm + 1), mask_density)
     w = weights.float()
     return (((crop[0] - crop[1:]) @ w).cpu().numpy(), ((mask[0] - mask[1:]) @ w).cpu().numpy())
 

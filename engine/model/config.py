@@ -147,6 +147,12 @@ class Reg2RGConfig:
     ``finding_calls_only`` gives every label's truth, so the LLM learns that a finding it is not told of is
     absent: it reports only what the detector calls (no finding written from the prior alone).
 
+    ``finding_density`` (not published: False; needs ``finding_head_input="latents"``): the detector also reads
+    each region crop's densitometry (`engine.model.density`: its attenuation histograms, plain and after a grey
+    erosion, and the mask's share of its box) — what quantitative CT reads for emphysema, consolidation or
+    calcium, and what a frozen encoder trained on reports alone may not separate. The fitting chooses, per region
+    and label, the encoders' output, the densitometry or both, by held-out F1 (`train.features`).
+
     ``projector_norm`` (not published: ``"none"``): ``"region"`` standardises ``fc``'s input, the perceiver's
     latents, per anatomical region: (x - mean) / std with the mean and std of each feature at each latent
     position over the training volumes of that region (one row for the global image, one per region; buffers
@@ -185,6 +191,7 @@ class Reg2RGConfig:
     finding_conditioning_tokens: str = "all"  # which of a region's tokens get the calls: "all" or "mask"
     finding_calls_only: bool = False        # training: teacher forcing gives every label, callable or not (below)
     projector_norm: str = "none"            # "none" (published) or "region": fc's input standardised per region
+    finding_density: bool = False           # the latent detector also reads each crop's densitometry (not published)
 
     @property
     def frozen_encoders(self) -> bool:
@@ -238,6 +245,8 @@ class Reg2RGConfig:
                               f"{self.finding_conditioning_tokens!r}")
         if self.finding_conditioning and not self.finding_labels:
             raise ConfigError("finding_conditioning needs finding_labels (the head whose calls it passes on)")
+        if self.finding_density and self.finding_head_input != "latents":
+            raise ConfigError("finding_density is read by the fitted detector: it needs finding_head_input 'latents'")
         if self.projector_norm not in ("none", "region"):
             raise ConfigError(f"projector_norm must be 'none' or 'region', got {self.projector_norm!r}")
         if not 0.0 <= self.finding_teacher_forcing <= 1.0:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import Reg2RGConfig
+from .density import DENSITY_FEATURES, region_density
 from .perceiver import PerceiverResampler
 from .vit3d import ViT3D
 
@@ -35,6 +36,7 @@ class VisualTokens:
     latents: torch.Tensor | None = None          # (B+N, L, vision dim) fc's raw input, kept for the latent detector
     mask_features: torch.Tensor | None = None    # (N, mask dim), kept for the latent detector
     rows: torch.Tensor | None = None             # (B+N,) each volume's row: 0 global, 1 + r region r of REGIONS
+    density: torch.Tensor | None = None          # (N, DENSITY_FEATURES) the crops' densitometry (finding_density)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class EncoderFeatures:
     perceiver_attention: tuple[torch.Tensor, ...] | None = None
     patch_grid: tuple[int, int, int] | None = None
     patch_tokens: torch.Tensor | None = None
+    density: torch.Tensor | None = None          # (N, DENSITY_FEATURES) with finding_density (engine.model.density)
 
 
 class RegionFusionEmbedding(nn.Module):
@@ -81,6 +84,7 @@ class RegionFusionEmbedding(nn.Module):
             # the fitted per-region detector (see Reg2RGConfig.finding_head_input; fitted by reg2rg-train):
             # rows as projector_norm's, features = the region's flattened latents then its mask feature
             rows, features = 1 + config.num_regions, config.num_latents * config.vision.dim + config.mask_encoder.dim
+            features += DENSITY_FEATURES if config.finding_density else 0          # then the crop's densitometry
             self.register_buffer("finding_latent_weight", torch.zeros(rows, K, features))
             self.register_buffer("finding_latent_bias", torch.zeros(rows, K))
             self.register_buffer("finding_threshold", torch.full((rows, K), float("inf")))   # inf: never called
@@ -139,7 +143,8 @@ class RegionFusionEmbedding(nn.Module):
             mask_features = latents.new_zeros(0, self.config.mask_encoder.dim)
         grid = self.config.vision.grid(tuple(images.shape[-3:]))
         kept = patches if self.finding_patch_head is not None else None
-        return EncoderFeatures(latents[:B], latents[B:], mask_features, attention, grid, kept)
+        density = region_density(region_images, region_masks) if self.config.finding_density else None
+        return EncoderFeatures(latents[:B], latents[B:], mask_features, attention, grid, kept, density)
 
     def normalise_latents(self, latents: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``projector_norm="region"``: (latents - mean) / std of each volume's statistics row (0 global,
@@ -178,7 +183,8 @@ class RegionFusionEmbedding(nn.Module):
         detector = self.finding_latent_weight is not None
         return VisualTokens(global_tokens, region_tokens, features.perceiver_attention, features.patch_grid,
                             features.patch_tokens, raw if detector else None,
-                            features.mask_features if detector else None, rows)
+                            features.mask_features if detector else None, rows,
+                            features.density if detector else None)
 
     def encode_visual(self, images: torch.Tensor, region_images: torch.Tensor, region_masks: torch.Tensor,
                       return_attention: bool = False, patch_tokens: torch.Tensor | None = None,
@@ -247,20 +253,33 @@ class RegionFusionEmbedding(nn.Module):
 
     def _latent_detector_logits(self, visual: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
         """``finding_head_input="latents"``: each volume's row of the fitted detector on [its flattened latents,
-        its mask feature (zeros for a global image)]."""
+        its mask feature (zeros for a global image), with ``finding_density`` its crop's densitometry (zeros for a
+        global image)]."""
         if visual.latents is None or visual.rows is None:
             raise RuntimeError("the finding detector reads the encoders' latents: encode with this model's encode_visual")
         B = visual.global_tokens.shape[0]
         masks = visual.mask_features.float()
         masks = torch.cat([masks.new_zeros(B, masks.shape[1]), masks])
-        logits = self.detector_logits(visual.latents, masks, visual.rows)
+        density = None
+        if self.config.finding_density:
+            if visual.density is None:
+                raise RuntimeError("the finding detector reads the crops' densitometry: encode with this model's "
+                                   "encode_visual, or give the features' density")
+            density = torch.cat([visual.density.new_zeros(B, visual.density.shape[1]), visual.density.float()])
+        logits = self.detector_logits(visual.latents, masks, visual.rows, density)
         return logits[:B], logits[B:]
 
-    def detector_logits(self, latents: torch.Tensor, mask_features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def detector_logits(self, latents: torch.Tensor, mask_features: torch.Tensor, rows: torch.Tensor,
+                        density: torch.Tensor | None = None) -> torch.Tensor:
         """(M, K) float32 logits of the fitted latent detector for M volumes: ``latents`` (M, L, vision dim),
         ``mask_features`` (M, mask dim; zeros for a global image), ``rows`` (M,) each volume's row (0 global,
-        1 + r region r of REGIONS)."""
-        x = torch.cat([latents.float().flatten(1), mask_features.float()], dim=1).to(self.finding_latent_weight)
+        1 + r region r of REGIONS), ``density`` (M, DENSITY_FEATURES) with ``finding_density``."""
+        parts = [latents.float().flatten(1), mask_features.float()]
+        if self.config.finding_density:
+            if density is None:
+                raise ValueError("this detector also reads the crops' densitometry (finding_density): give density")
+            parts.append(density.float())
+        x = torch.cat(parts, dim=1).to(self.finding_latent_weight)
         rows = rows.to(x.device)
         return (torch.einsum("nkf,nf->nk", self.finding_latent_weight[rows], x) + self.finding_latent_bias[rows]).float()
 

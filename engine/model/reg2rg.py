@@ -109,7 +109,7 @@ class Reg2RG(nn.Module):
                 finding_targets: torch.Tensor | None = None,
                 global_finding_targets: torch.Tensor | None = None, region_ids: torch.Tensor | None = None,
                 global_latents: torch.Tensor | None = None, region_latents: torch.Tensor | None = None,
-                mask_features: torch.Tensor | None = None) -> Reg2RGOutput:
+                mask_features: torch.Tensor | None = None, region_density: torch.Tensor | None = None) -> Reg2RGOutput:
         """Causal-LM loss exactly as the reference (HF shift, mean over labels != -100) and accuracies.
 
         With a finding head (``config.finding_labels``) and targets — ``finding_targets`` (N, K) for the
@@ -123,9 +123,10 @@ class Reg2RG(nn.Module):
         ``region_ids`` (N,): each region's index in `REGIONS` (needed with ``config.projector_norm``).
         ``global_latents`` (B, L, dim), ``region_latents`` (N, L, dim), ``mask_features`` (N, mask dim): the
         encoders' output (`RegionFusionEmbedding.encoder_features`) computed beforehand, in place of the
-        volumes — training with frozen encoders reuses them instead of encoding every study again."""
+        volumes — training with frozen encoders reuses them instead of encoding every study again; with
+        ``config.finding_density`` also ``region_density`` (N, DENSITY_FEATURES), the crops' densitometry."""
         if global_latents is not None:
-            features = EncoderFeatures(global_latents, region_latents, mask_features)
+            features = EncoderFeatures(global_latents, region_latents, mask_features, density=region_density)
             visual = self.embedding_layer.project(features, region_ids)
         else:
             if images is None:

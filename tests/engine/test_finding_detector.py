@@ -13,6 +13,7 @@ from reg2rg.engine.checkpoint import load_pretrained, save_pretrained
 from reg2rg.engine.controls import BlindReportEngine
 from reg2rg.engine.generation import ReportEngine
 from reg2rg.engine.model.config import ConfigError, Reg2RGConfig
+from reg2rg.engine.model.density import DENSITY_FEATURES
 from reg2rg.engine.model.embedding import EncoderFeatures
 from reg2rg.engine.model.reg2rg import Reg2RG
 from reg2rg.engine.regions import REGIONS
@@ -207,12 +208,19 @@ def test_an_unfitted_detector_says_so(tok):
     assert not model.embedding_layer.finding_detector_fitted
 
 
-def test_call_occlusion_equals_emptying_the_voxels_of_each_patch(fitted):
+@pytest.mark.parametrize("density", [False, True])
+def test_call_occlusion_equals_emptying_the_voxels_of_each_patch(fitted, tok, density):
     """`call_occlusion` empties patch tokens; the reference here empties the patch's voxels (crop: the -1 fill;
-    mask: 0) and encodes the volume again: the weighted logit drops must agree, patch by patch."""
+    mask: 0) and encodes the volume again: the weighted logit drops must agree, patch by patch. With the crops'
+    densitometry (``finding_density``, a detector with random weights on every feature) as well."""
     from reg2rg.engine.explain.relevance import call_occlusion
 
     model, _ = fitted
+    if density:
+        torch.manual_seed(4)
+        model = Reg2RG.from_config(_config(finding_density=True), tok).eval()
+        weight = model.embedding_layer.finding_latent_weight
+        weight.copy_(torch.randn_like(weight) * 0.05)
     layer = model.embedding_layer
     cfg = model.config
     torch.manual_seed(3)
@@ -228,7 +236,8 @@ def test_call_occlusion_equals_emptying_the_voxels_of_each_patch(fitted):
 
         def logits(img, msk):
             f = layer.encoder_features(img[:0], img, msk)
-            return layer.detector_logits(f.region_latents, f.mask_features, row.reshape(1))[0]
+            assert (f.density is not None) == density
+            return layer.detector_logits(f.region_latents, f.mask_features, row.reshape(1), f.density)[0]
 
         full = logits(image, mask)
         p, pf = cfg.vision.patch_size, cfg.vision.frame_patch_size
@@ -246,3 +255,41 @@ def test_call_occlusion_equals_emptying_the_voxels_of_each_patch(fitted):
             emptied[..., i * mp:(i + 1) * mp, j * mp:(j + 1) * mp, k * mpf:(k + 1) * mpf] = 0.0
             assert mask_drop[index] == pytest.approx(float((full - logits(image, emptied)) @ weights), abs=2e-4)
     assert crop.shape == (h * w * d,) and mask_drop.shape == (mh * mw * md,) and abs(crop).max() > 0
+
+
+def test_with_densitometry_the_fit_keeps_the_feature_set_that_sees_each_label(tok):
+    """``finding_density``: the fit tries the encoders' output, the densitometry and both, per region and label. A
+    label only the densitometry carries is fitted on it alone (the latents' weights stay zero); the calls are the
+    logistic regression on [latents, mask feature, densitometry]."""
+    torch.manual_seed(0)
+    model = Reg2RG.from_config(_config(finding_density=True), tok).eval()
+    layer = model.embedding_layer
+    features, targets = _studies(model.config)
+    g = torch.Generator().manual_seed(5)
+    for name, f in features.items():
+        f.density = {r: torch.randn(DENSITY_FEATURES, generator=g) for r in f.regions}
+        f.density["pleura"][7:11] += 3.0 * float(targets[name]["pleura"][1])     # the effusion, in the pleura's numbers
+    report = fit_finding_detector(model, features, list(features), lambda name: targets[name])
+    rows = {(r["region"], r["label"]): r for r in report}
+    effusion = rows[("pleura", "Pleural effusion")]
+    assert effusion["enabled"] and effusion["features"] == "densitometry" and effusion["held_out_f1"] >= 0.9
+    assert rows[("heart", "Cardiomegaly")]["enabled"]
+    assert rows[("heart", "Cardiomegaly")]["features"] in ("encoders", "both")
+    E = model.config.num_latents * model.config.vision.dim + model.config.mask_encoder.dim
+    weight = layer.finding_latent_weight
+    assert weight.shape[-1] == E + DENSITY_FEATURES
+    assert not weight[1 + PLEURA, 1, :E].any() and weight[1 + PLEURA, 1, E:].abs().sum() > 0
+    assert weight[1 + HEART, 0, :E].abs().sum() > 0
+    fresh, _ = _studies(model.config, n=20, seed=2)
+    feats = list(fresh.values())
+    density = torch.randn(len(feats), DENSITY_FEATURES)
+    f = EncoderFeatures(torch.stack([s.global_latents for s in feats]), torch.stack([s.regions["pleura"][0] for s in feats]),
+                        torch.stack([s.regions["pleura"][1] for s in feats]), density=density)
+    visual = layer.project(f, torch.tensor([PLEURA] * len(feats)))
+    _, logits = layer.finding_logits(visual)
+    x = torch.stack([torch.cat([s.regions["pleura"][0].flatten(), s.regions["pleura"][1], d])
+                     for s, d in zip(feats, density)])
+    expected = x @ weight[1 + PLEURA].T + layer.finding_latent_bias[1 + PLEURA]
+    assert torch.allclose(logits, expected, atol=1e-4)
+    with pytest.raises(RuntimeError, match="densitometry"):
+        layer.finding_logits(dataclasses.replace(visual, density=None))
