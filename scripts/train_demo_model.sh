@@ -250,8 +250,9 @@ fi
 if [ "$DENSITY" = 1 ]; then
   DENSITY_REPORTS=$( (csv_list ft_ $FT_CHUNKS $DENSITY_CHUNKS; if [ -n "$MIX_CHUNKS" ]; then csv_list train_ $MIX_CHUNKS; fi
                       echo "$WORK/data/val/reports.csv") | paste -sd, -)
+  # (each study is read once, to be encoded: no pre-processing cache)
   "$BIN/reg2rg-train" --config demo --resume --data.root "$WORK/data" --data.reports "[$DENSITY_REPORTS]" \
-    --data.val_split "$WORK/data/val/reports.csv" --data.cache_dir "$WORK/cache" \
+    --data.val_split "$WORK/data/val/reports.csv" --data.use_cache false \
     --train.seed "$SEED" --train.threads "$THREADS" \
     --model.overrides '{"finding_density": true}' --model.init_from "$WORK/run_det/final" --model.train_vit false \
     --output.dir "$WORK/run_dens" --output.save_every_epoch false --train.max_steps 0

@@ -471,3 +471,23 @@ def test_finding_detector_is_fitted_on_frozen_encoders_and_travels_in_checkpoint
     study = read_study(volume, root / "data" / "masks" / f"seg_{names[0]}")
     result = ReportEngine(model, tok).draft(study, settings=GenerationSettings(max_new_tokens=12))
     assert result.tokens and set(result.prepared.finding_probabilities) >= {"global"}
+
+    # the densitometry switched on (model.finding_density, stage 4e of scripts/train_demo_model.sh): from the
+    # exported model, the detector reads other features, so it is fitted again; train.max_steps 0 takes no step
+    from reg2rg.engine.model.density import DENSITY_FEATURES
+    refit_out = tmp_path / "refit"
+    refit = Trainer(load_train_config("demo", _overrides(
+        root, csv_path, refit_out, **{**settings, "model.init_from": str(out / "final"), "train.max_steps": 0,
+                                      "model.overrides.finding_density": True, "output.save_steps": None})))
+    refit.setup()
+    assert refit.total_steps == 0
+    rows = json.loads((refit_out / "finding_detector.json").read_text())
+    assert rows and {row["features"] for row in rows} <= {"encoders", "densitometry", "both"}
+    assert refit.model.embedding_layer.finding_latent_weight.shape[-1] == weight.shape[-1] + DENSITY_FEATURES
+    refitted, _ = load_pretrained(refit.train())
+    assert refitted.config.finding_density and refitted.embedding_layer.finding_detector_fitted
+    before = dict(model.named_parameters())
+    for n, p in refitted.named_parameters():                       # nothing trained: every weight is the start's
+        assert torch.equal(p, before[n]), n
+    result = ReportEngine(refitted, tok).draft(study, settings=GenerationSettings(max_new_tokens=12))
+    assert result.tokens and result.prepared.finding_probabilities
