@@ -123,13 +123,8 @@ def occluded_density(region_image: torch.Tensor, region_mask: torch.Tensor, crop
         r = size // 2
         boxes = [tuple(slice(max(b.start - r, 0), min(b.stop + r, dim)) for b, dim in zip(block, shape))
                  for block in blocks]
-        parts = torch.stack([volume[b].reshape(-1) for b in boxes]) if len({volume[b].numel() for b in boxes}) == 1 \
-            else None
-        if parts is not None:
-            lost = _counts(parts, parts > CONTENT_ABOVE)
-        else:
-            lost = torch.cat([_counts(volume[b].reshape(1, -1), volume[b].reshape(1, -1) > CONTENT_ABOVE)
-                              for b in boxes])
+        lost = torch.cat([_counts(volume[b].reshape(1, -1), volume[b].reshape(1, -1) > CONTENT_ABOVE)
+                          for b in boxes])
         lost = torch.cat([lost.new_zeros(1, BINS), lost])
         per_volume.append((counts - lost, n - lost.sum(1)))
     crop_rows = _assemble(per_volume, share.expand(len(blocks) + 1), box)
