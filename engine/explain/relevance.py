@@ -14,15 +14,18 @@ needs one pass per patch and volume (≈1 400 LLM passes for the demo model's 11
 far over the 2-s budget; raw attention failed both the known-answer test and selection dependence.
 
 **A model with a fitted finding detector** (``finding_head_input="latents"``, the demo model): its binary
-calls condition the LLM, and a call has no useful gradient. The calls enter the pass as a leaf of their own,
-so the backward pass gives ``∂S/∂call`` for each call; for every call that was made (an uncalled finding
-is no evidence in any voxel) the evidence goes back to the patches by **occlusion** of the detector
-(`call_occlusion`): ``∂S/∂call · (logit − logit with patch p emptied)`` for each patch of the region's crop
-and of its mask — the same first-order change of ``S`` as gradient × input, with the detector's true
-response to removing the patch in place of its linearisation. Chosen by measurement on validation and
-training-side phantoms (never test; bench/RESULTS.md, explain): the sentence that reports a finding peaks on
-the lesion (dilated 10 mm) in 18 of 31 cases this way, 12 with the logit's gradient passed through the
-calls that were made (straight-through), 9 with it passed through every call.
+calls condition the LLM, and a call has no useful gradient. Each call that was made (an uncalled finding is
+no evidence in any voxel) gets its share ``φ_k`` of the selection's log-probability: its **Shapley value**
+over the made calls (`call_shapley`: the study's made calls switched off in every combination, one batched
+teacher-forced pass), and that share goes back to the patches by **occlusion** of the detector
+(`call_occlusion`): ``φ_k · (logit_k − logit_k with patch p emptied)`` for each patch of the region's crop and
+of its mask — the detector's true response to removing the patch in place of its linearisation. Chosen by
+measurement on validation and training-side phantoms (never test; bench/RESULTS.md, explain): occlusion
+over the logit's gradient (18 of 31 sentences that report a finding peaked on the lesion dilated 10 mm,
+against 12 and 9 for the gradient through the calls); then the Shapley share over the gradient ``∂S/∂call``
+(84 validation phantoms: 44 of 47 against 35 of 47; pleural effusions 15 of 16 against 7 — the sentence needs
+the effusion and the side call together, and the gradient at the full set of calls gave it all to the side
+call, whose detector also reads the other pleura).
 
 The patch values go onto the CT as a *density*: a patch's relevance is spread evenly over the CT voxels
 its block covers (so summing the map over the CT gives back the total relevance, and a fine region-crop
@@ -41,6 +44,7 @@ than deleting the one the answer came from; masking names the right slot).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
@@ -166,16 +170,22 @@ def patch_relevance(engine: "ReportEngine", result: "DraftResult", token_indices
             leaves.append(xm.detach().requires_grad_(True))
         visual = model.encode_visual(images, region_images, region_masks, patch_tokens=leaves[0],
                                      mask_patch_tokens=leaves[1] if xm is not None else None, region_ids=region_ids)
-        # the fitted detector's calls enter as a leaf of their own: the gradient reaches the voxels through the
-        # LLM's reading of the tokens here, and through the calls by occlusion below
-        calls = layer.region_calls(visual).detach().requires_grad_(True) if detector else None
+        # the fitted detector's calls are constants here: the gradient reaches the voxels through the LLM's
+        # reading of the tokens, and through the calls by their Shapley values and occlusion below
+        calls = layer.region_calls(visual).detach() if detector else None
         embeds = model.embed_inputs(ids, images, region_images, region_masks, region_sample, region_slot,
                                     visual=visual, region_calls=calls)
         log_prob = selected_log_prob(model.lang_model, embeds, None, positions, targets)[0]
-        grads = torch.autograd.grad(log_prob, leaves + ([calls] if detector else []))
+        grads = torch.autograd.grad(log_prob, leaves)
     signed = [(g.float() * v.detach().float()).sum(-1).cpu().numpy() for g, v in zip(grads, leaves)]
     if detector:
-        weights = (grads[-1] * calls).detach()             # dS/d call, for the calls that were made (N, K)
+        def selection_log_probs(variants: torch.Tensor) -> torch.Tensor:
+            rows = torch.cat([model.embed_inputs(ids, images, region_images, region_masks, region_sample,
+                                                 region_slot, visual=visual, region_calls=c) for c in variants])
+            return selected_log_prob(model.lang_model, rows, None, positions.expand(len(rows), -1),
+                                     targets.expand(len(rows), -1))
+
+        weights = call_shapley(calls, selection_log_probs)  # each made call's share of S (N, K), in nats
         for j in torch.nonzero(weights.abs().sum(1) > 0).flatten().tolist():
             crop, mask = call_occlusion(layer, x[1 + j], xm[j], visual.rows[1 + j], weights[j],
                                         region_images[j], region_masks[j])
@@ -190,6 +200,72 @@ def patch_relevance(engine: "ReportEngine", result: "DraftResult", token_indices
 
 
 OCCLUSION_CHUNK = 32      # volumes per ViT + perceiver pass of `call_occlusion`
+SHAPLEY_EXACT_MAX = 6     # made calls whose Shapley values `call_shapley` computes exactly (2^m rows)
+SHAPLEY_PERMUTATIONS = 16  # seeded orders `call_shapley` samples for more made calls than that
+SHAPLEY_CHUNK = 16        # LLM rows per pass of `call_shapley`
+
+
+@torch.no_grad()
+def call_shapley(calls: torch.Tensor, log_probs, permutations: int = SHAPLEY_PERMUTATIONS, seed: int = 0
+                 ) -> torch.Tensor:
+    """(N, K) float32: each call that was made (``calls`` (N, K) 0/1), its Shapley value on the selection's
+    log-probability ``S``; 0 for the calls not made (an uncalled finding is no evidence in any voxel).
+
+    The players are the m made calls; a coalition keeps its calls and switches the other made calls off (the
+    uncalled ones stay off). ``log_probs(variants)`` gives ``S`` for a (R, N, K) stack of call tensors (R LLM
+    rows, batched here by `SHAPLEY_CHUNK`). With m ≤ `SHAPLEY_EXACT_MAX` every coalition is evaluated (2^m
+    rows; the demo model's studies make 1–4 calls) and the value is exact; beyond that it is the mean marginal
+    contribution over ``permutations`` orders (m + 1 rows each): seeded random orders and their reverses, so a
+    joint effect of two calls is still shared exactly. The values add up to S(all made calls) − S(none).
+
+    Why not ∂S/∂call · call (the gradient at the full set of calls, used before): calls act together — the
+    LLM writes "Left pleural effusion" only with both the effusion and the side call, and at the full set the
+    gradient gave the effusion call ≈ 0 (even a negative share) and the whole sentence to the side call, whose
+    detector reads the other pleura as much as the fluid. The Shapley value shares such a joint effect between
+    the calls that make it (measured on validation phantoms; bench/RESULTS.md, explain)."""
+    made = [tuple(jk) for jk in torch.nonzero(calls > 0.5).tolist()]
+    out = torch.zeros(calls.shape, dtype=torch.float32, device=calls.device)
+    m = len(made)
+    if not m:
+        return out
+
+    def variant(coalition: int) -> torch.Tensor:
+        c = calls.clone()
+        for i, (j, k) in enumerate(made):
+            if not coalition >> i & 1:
+                c[j, k] = 0
+        return c
+
+    if m <= SHAPLEY_EXACT_MAX:
+        coalitions = list(range(1 << m))
+        orders = None
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        orders = [torch.randperm(m, generator=generator).tolist() for _ in range(max(1, permutations // 2))]
+        orders += [order[::-1] for order in orders]       # antithetic: a pair's joint effect is shared exactly
+        coalitions = sorted({sum(1 << i for i in order[:n]) for order in orders for n in range(m + 1)})
+    value: dict[int, float] = {}
+    for lo in range(0, len(coalitions), SHAPLEY_CHUNK):
+        chunk = coalitions[lo: lo + SHAPLEY_CHUNK]
+        for coalition, s in zip(chunk, log_probs(torch.stack([variant(c) for c in chunk])).float().tolist()):
+            value[coalition] = s
+    phi = [0.0] * m
+    if orders is None:
+        weight = [math.factorial(n) * math.factorial(m - n - 1) / math.factorial(m) for n in range(m)]
+        for coalition in coalitions:
+            n = bin(coalition).count("1")
+            for i in range(m):
+                if not coalition >> i & 1:
+                    phi[i] += weight[n] * (value[coalition | 1 << i] - value[coalition])
+    else:
+        for order in orders:
+            coalition = 0
+            for i in order:
+                phi[i] += (value[coalition | 1 << i] - value[coalition]) / len(orders)
+                coalition |= 1 << i
+    for i, (j, k) in enumerate(made):
+        out[j, k] = phi[i]
+    return out
 
 
 @torch.no_grad()
@@ -198,8 +274,8 @@ def call_occlusion(layer, tokens: torch.Tensor, mask_tokens: torch.Tensor, row, 
     """The evidence for one region's detector calls, patch by patch, by occlusion: ``Σ_k weights_k ·
     (logit_k(crop) − logit_k(crop with patch p emptied))`` for each ViT patch of the region's crop, and the same
     for each patch of its mask (mask encoder). ``tokens`` (P, dim) / ``mask_tokens`` (Pm, dm): the crop's and
-    the mask's embedded patches; ``weights`` (K,): the selection's gradient with respect to each call (0 for
-    calls not made); ``row``: the region's detector row. Emptying a patch token is exactly emptying its voxels
+    the mask's embedded patches; ``weights`` (K,): each call's share of the selection's log-probability
+    (`call_shapley`; 0 for calls not made); ``row``: the region's detector row. Emptying a patch token is exactly emptying its voxels
     (the patch embedding is patch-local): the crop's fill value (-1, the -1024 outside the mask) or no mask.
 
     Why occlusion, not the logit's gradient: the detector reads the perceiver's latents, which pool every

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reg2rg.engine.explain.findings import REGION_FINDINGS, _DraftPrefixes, finding_openings
-from reg2rg.engine.explain.relevance import selected_log_prob
+from reg2rg.engine.explain.relevance import call_shapley, selected_log_prob
 from reg2rg.engine.generation import GenerationError, GenerationSettings, PreparedStudy
 from reg2rg.engine.preprocess import preprocess
 
@@ -310,6 +310,100 @@ def test_demo_model_sentence_maps_peak_in_their_own_region(demo):
         assert study.masks[region][rm.peak_voxel], region
         maps[region] = rm.heatmap.ravel()
     assert np.corrcoef(maps["pleura"], maps["heart"])[0, 1] < 0.5
+
+
+def _players(calls):
+    return [tuple(jk) for jk in torch.nonzero(calls > 0.5).tolist()]
+
+
+def _reference_shapley(calls, value):
+    """Shapley values by their definition: the mean over every order of the made calls of each one's marginal
+    contribution (m! orders; independent of `call_shapley`'s coalition weights)."""
+    import itertools
+    import math
+
+    made = _players(calls)
+    phi = {p: 0.0 for p in made}
+    for order in itertools.permutations(made):
+        on: set = set()
+        for p in order:
+            phi[p] += (value(on | {p}) - value(on)) / math.factorial(len(made))
+            on = on | {p}
+    return phi
+
+
+def _as_log_probs(calls, value):
+    """``call_shapley``'s callback for a set function ``value`` of the made calls that are switched on."""
+    made = _players(calls)
+    return lambda variants: torch.tensor([value({p for p in made if v[p] > 0.5}) for v in variants])
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_call_shapley_shares_a_joint_effect_and_adds_up(m):
+    """Known answers: S rises by 3 nats only when calls a and b are both on (a sentence that needs the finding
+    and its side) -> 1.5 each, whatever the gradient at the full set says; an additive call keeps its own
+    effect; a made call S ignores gets 0, an uncalled one 0; the values add up to S(all) - S(none); they equal
+    the definition's average over orders (up to 6 made calls; beyond, sampled orders and their reverses, which
+    share a pair's joint effect exactly)."""
+    calls = torch.zeros(3, 5)
+    made = [(0, 1), (2, 3), (1, 0), (2, 4), (0, 0), (0, 2), (1, 1), (1, 2)][:m]
+    for j, k in made:
+        calls[j, k] = 1
+    a, b = made[0], made[1]
+    extra = made[2] if m > 2 else None
+
+    def value(on):
+        return 3.0 * (a in on and b in on) - 0.5 * (extra in on) + 7.0
+
+    phi = call_shapley(calls, _as_log_probs(calls, value))
+    assert phi[a] == pytest.approx(1.5) and phi[b] == pytest.approx(1.5)
+    if extra:
+        assert phi[extra] == pytest.approx(-0.5)
+    for p in made[3:]:
+        assert phi[p] == pytest.approx(0.0)
+    assert phi[calls == 0].abs().sum() == 0
+    assert float(phi.sum()) == pytest.approx(value(set(made)) - value(set()))
+    if m <= 6:
+        reference = _reference_shapley(calls, value)
+        assert all(phi[p] == pytest.approx(reference[p]) for p in made)
+
+
+def test_call_shapley_of_an_interaction_matches_the_definition():
+    """A value with every order of interaction (random over the 2^4 coalitions): exact against the m! orders."""
+    calls = torch.zeros(2, 4)
+    for j, k in [(0, 0), (0, 3), (1, 1), (1, 2)]:
+        calls[j, k] = 1
+    table = torch.randn(16, generator=torch.Generator().manual_seed(3)).tolist()
+    made = _players(calls)
+
+    def value(on):
+        return table[sum(1 << i for i, p in enumerate(made) if p in on)]
+
+    phi = call_shapley(calls, _as_log_probs(calls, value))
+    reference = _reference_shapley(calls, value)
+    assert all(phi[p] == pytest.approx(reference[p], abs=1e-6) for p in made)
+
+
+def test_demo_model_effusion_sentence_peaks_on_the_effusion(demo):
+    """The demo draft's effusion sentence depends on the effusion call and the side call together; its map's
+    maximum lies within 10 mm of the planted effusion's own voxels (the phantom's lesion map, rebuilt from the
+    demo seed: the same voxels as the embedded study). With the gradient's share of each call (before
+    `call_shapley`) it peaked 32 mm away, on the pleura the side detector also reads."""
+    from scipy.ndimage import distance_transform_edt
+
+    from reg2rg.engine.phantom import DEMO_FINDINGS, DEMO_SEED, make_study
+
+    engine, study, result = demo
+    made = make_study(DEMO_SEED, list(DEMO_FINDINGS))
+    assert np.array_equal(np.asarray(made.voxels), np.asarray(study.voxels))
+    effusion = next(f for f in made.metadata["findings"] if f["type"] == "Pleural effusion")
+    sec = _section(result, "pleura")
+    sentence = next(s for s in result.sentences if sec.body_start <= s.start < sec.end)
+    assert "effusion" in sentence.text and "left" in sentence.text.lower()
+    rm = engine.relevance_map(result, list(sentence.token_indices))
+    spacing = np.sqrt((np.asarray(study.affine)[:3, :3] ** 2).sum(0))
+    distance = distance_transform_edt(made.metadata["lesions"] != effusion["lesion_label"], sampling=spacing)
+    assert distance[rm.peak_voxel] <= 10.0
 
 
 def test_demo_model_findings_check_uses_its_detector_and_says_what_it_cannot_see(demo):
