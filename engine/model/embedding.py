@@ -311,8 +311,8 @@ class RegionFusionEmbedding(nn.Module):
 
         ``region_calls`` (N, K) in [0, 1]; None: `region_calls` (the head's own, detached). Without
         ``finding_conditioning`` the tokens are returned unchanged. A relevance map passes the fitted detector's
-        calls as a leaf of its own, to take the selection's gradient with respect to each call
-        (`engine.explain.relevance.patch_relevance`)."""
+        calls with some switched off, to measure each call's share of the selection
+        (`engine.explain.relevance.call_shapley`)."""
         if self.finding_embedding is None or visual.region_tokens.shape[0] == 0:
             return visual
         if region_calls is None:
