@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reg2rg.engine.explain.findings import REGION_FINDINGS, _DraftPrefixes, finding_openings
-from reg2rg.engine.explain.relevance import call_shapley, selected_log_prob
+from reg2rg.engine.explain.relevance import SHAPLEY_EXACT_MAX, call_shapley, selected_log_prob
 from reg2rg.engine.generation import GenerationError, GenerationSettings, PreparedStudy
 from reg2rg.engine.preprocess import preprocess
 
@@ -338,13 +338,13 @@ def _as_log_probs(calls, value):
     return lambda variants: torch.tensor([value({p for p in made if v[p] > 0.5}) for v in variants])
 
 
-@pytest.mark.parametrize("m", [2, 4, 8])
+@pytest.mark.parametrize("m", [2, 4, 5, 8])
 def test_call_shapley_shares_a_joint_effect_and_adds_up(m):
     """Known answers: S rises by 3 nats only when calls a and b are both on (a sentence that needs the finding
     and its side) -> 1.5 each, whatever the gradient at the full set says; an additive call keeps its own
     effect; a made call S ignores gets 0, an uncalled one 0; the values add up to S(all) - S(none); they equal
-    the definition's average over orders (up to 6 made calls; beyond, sampled orders and their reverses, which
-    share a pair's joint effect exactly)."""
+    the definition's average over orders (up to `SHAPLEY_EXACT_MAX` made calls; beyond, sampled orders and their
+    reverses, which share a pair's joint effect exactly)."""
     calls = torch.zeros(3, 5)
     made = [(0, 1), (2, 3), (1, 0), (2, 4), (0, 0), (0, 2), (1, 1), (1, 2)][:m]
     for j, k in made:
@@ -363,7 +363,7 @@ def test_call_shapley_shares_a_joint_effect_and_adds_up(m):
         assert phi[p] == pytest.approx(0.0)
     assert phi[calls == 0].abs().sum() == 0
     assert float(phi.sum()) == pytest.approx(value(set(made)) - value(set()))
-    if m <= 6:
+    if m <= SHAPLEY_EXACT_MAX:
         reference = _reference_shapley(calls, value)
         assert all(phi[p] == pytest.approx(reference[p]) for p in made)
 
