@@ -254,7 +254,8 @@ if [ "$DENSITY" = 1 ]; then
   "$BIN/reg2rg-train" --config demo --resume --data.root "$WORK/data" --data.reports "[$DENSITY_REPORTS]" \
     --data.val_split "$WORK/data/val/reports.csv" --data.use_cache false \
     --train.seed "$SEED" --train.threads "$THREADS" \
-    --model.overrides '{"finding_density": true}' --model.init_from "$WORK/run_det/final" --model.train_vit false \
+    --model.overrides '{"finding_density": true}' --model.init_from "$WORK/run_det/final" \
+    --model.refit_detector true --model.train_vit false \
     --output.dir "$WORK/run_dens" --output.save_every_epoch false --train.max_steps 0
 fi
 

@@ -33,6 +33,7 @@ class ModelSection:
     vision_weights: str | None = None             # RadFM_vit3d.pth
     perceiver_weights: str | None = None          # RadFM_perceiver_fc.pth
     init_from: str | None = None                  # engine checkpoint folder to start from
+    refit_detector: bool = False                  # init_from's fitted finding detector is fitted again on this run's studies
     train_vit: bool = False                       # published: the ViT stays frozen
 
 

@@ -290,10 +290,14 @@ def build_model(config: TrainConfig, model_config, tokenizer, dtype: torch.dtype
         source, _ = load_pretrained(config.model.init_from)
         state = source.state_dict()
         own = model.state_dict()
-        # a fitted detector whose inputs changed (e.g. finding_density switched on) is not carried over: it is
-        # fitted again on this run's studies (`_fit_finding_detector`)
+        # a fitted detector whose inputs changed (e.g. finding_density switched on), or any with
+        # model.refit_detector, is not carried over: it is fitted again on this run's studies (`_fit_finding_detector`)
         detector = [n for n in state if n.rpartition(".")[2] in DETECTOR_BUFFERS]
-        if any(n in own and own[n].shape != state[n].shape for n in detector):
+        if config.model.refit_detector and detector:
+            logger.info("%s: its finding detector is fitted again (model.refit_detector)", config.model.init_from)
+            for name in detector:
+                del state[name]
+        elif any(n in own and own[n].shape != state[n].shape for n in detector):
             logger.info("%s: the finding detector reads other features here; it is fitted again", config.model.init_from)
             for name in detector:
                 del state[name]

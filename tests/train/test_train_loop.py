@@ -491,3 +491,14 @@ def test_finding_detector_is_fitted_on_frozen_encoders_and_travels_in_checkpoint
         assert torch.equal(p, before[n]), n
     result = ReportEngine(refitted, tok).draft(study, settings=GenerationSettings(max_new_tokens=12))
     assert result.tokens and result.prepared.finding_probabilities
+
+    # from that fitted model, same inputs: carried over as it is (no fit, no finding_detector.json), unless
+    # model.refit_detector asks for a fit on this run's studies (stage 4e on more phantoms)
+    for refit_flag in (False, True):
+        again_out = tmp_path / f"again_{refit_flag}"
+        again = Trainer(load_train_config("demo", _overrides(
+            root, csv_path, again_out, **{**settings, "model.init_from": str(refit_out / "final"), "train.max_steps": 0,
+                                          "model.refit_detector": refit_flag, "output.save_steps": None})))
+        again.setup()
+        assert (again_out / "finding_detector.json").exists() == refit_flag
+        assert again.model.embedding_layer.finding_detector_fitted
