@@ -293,12 +293,10 @@ def build_model(config: TrainConfig, model_config, tokenizer, dtype: torch.dtype
         # a fitted detector whose inputs changed (e.g. finding_density switched on), or any with
         # model.refit_detector, is not carried over: it is fitted again on this run's studies (`_fit_finding_detector`)
         detector = [n for n in state if n.rpartition(".")[2] in DETECTOR_BUFFERS]
-        if config.model.refit_detector and detector:
-            logger.info("%s: its finding detector is fitted again (model.refit_detector)", config.model.init_from)
-            for name in detector:
-                del state[name]
-        elif any(n in own and own[n].shape != state[n].shape for n in detector):
-            logger.info("%s: the finding detector reads other features here; it is fitted again", config.model.init_from)
+        changed = any(n in own and own[n].shape != state[n].shape for n in detector)
+        if detector and (changed or config.model.refit_detector):
+            logger.info("%s: the finding detector %s; it is fitted again", config.model.init_from,
+                        "reads other features here" if changed else "is not carried over (model.refit_detector)")
             for name in detector:
                 del state[name]
         model.load_state_dict(state, strict=False)

@@ -179,9 +179,10 @@ def test_the_detector_survives_save_and_load_and_the_engine_conditions_on_it(fit
 
 
 def test_calls_as_a_leaf_keep_their_values_and_take_the_selections_gradient(fitted):
-    """What a relevance map does: the detector's binary calls, passed as a leaf, condition the tokens exactly as
-    the model's own calls do and receive d S / d call = e_k . direction; the encoders get no gradient through
-    the calls themselves (the map takes the detector's evidence by occlusion, `call_occlusion`)."""
+    """Calls given from outside (what a relevance map's `call_shapley` does with some switched off) condition the
+    tokens exactly as the model's own calls do, and as a leaf they receive d S / d call = e_k . direction; the
+    encoders get no gradient through the calls themselves (the map takes the detector's evidence by occlusion,
+    `call_occlusion`)."""
     model, _ = fitted
     layer = model.embedding_layer
     features, _ = _studies(model.config, n=3, seed=3)
