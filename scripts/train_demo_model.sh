@@ -24,6 +24,13 @@
 #         phantoms; no training step (train.max_steps 0): the LLM, fc and mask_fc are stage 4d's -> WORK/run_dens.
 #         The shipped run: the stage-4d command above plus
 #         DENSITY=1 DENSITY_CHUNKS="2750:250 3000:250 3250:250 3500:250 3750:250 4000:250 4250:250 4500:250"
+#         The shipped model since 2026-12-03: the same stage 4e on more phantoms (seeds 2000-8999 without the
+#         validation seeds 5000-5099), from the previous shipped model (DENSITY_FROM: its LLM, fc and mask_fc are
+#         stage 4d's, so stages 1-4d are not run again):
+#         DET_STEPS=900 FT_CHUNKS="2000:150 2150:150 2300:150 2450:150 2600:150" FT_MIX=1000 DENSITY=1 \
+#         DENSITY_FROM=resources/demo_model DENSITY_CHUNKS="2750:250 3000:250 3250:250 3500:250 3750:250 4000:250 \
+#         4250:250 4500:250 4750:250 5100:50 5150:400 5550:400 5950:400 6350:400 6750:375 7125:375 7500:375 \
+#         7875:375 8250:375 8625:375" scripts/train_demo_model.sh
 #   5. export the final model to resources/demo_model/ with its configs, training logs and seeds
 #   6. held-out evaluation on the test phantoms, with a blind control (scripts/eval_demo_model.py);
 #      the numbers go to resources/demo_model/eval_summary.json (quoted in its MODEL_CARD.md)
@@ -80,6 +87,9 @@ DET_BATCH=${DET_BATCH:-8}
 DET_CALLS_ONLY=${DET_CALLS_ONLY:-true}  # the LLM reports only what the detector calls (model.finding_calls_only)
 DENSITY=${DENSITY:-0}              # stage 4e (0: skipped), the detector refitted with the crops' densitometry
 DENSITY_CHUNKS=${DENSITY_CHUNKS:-}  # 4e: more abnormal-rich phantoms "first_seed:count ..." for the detector only
+DENSITY_FROM=${DENSITY_FROM:-}      # 4e: refit this finished model's detector instead of WORK/run_det/final's (its
+                                    # LLM, fc and mask_fc must be stage 4d's); stages 1-4d and the tokenizer are not run
+EXPORT=${EXPORT:-1}                # 0: stop after training (select on validation first), re-run with 1 to export and test
 DET_LABELS=${DET_LABELS:-'["Medical material","Arterial wall calcification","Cardiomegaly","Pericardial effusion","Coronary artery wall calcification","Hiatal hernia","Lymphadenopathy","Emphysema","Atelectasis","Lung nodule","Lung opacity","Pleural effusion","Consolidation","Left side","Right side"]'}
 FT_CONDITION=${FT_CONDITION:-true}  # 4b: the head's calls condition the LLM (model.finding_conditioning)
 FT_TF=${FT_TF:-0.5}                 # 4b: share of regions conditioned on their true labels in training
@@ -107,6 +117,11 @@ echo "== 1/6 phantom studies"
 mkdir -p "$WORK/data"
 STAGE1_DONE=0
 [ -d "$WORK/run/final" ] && [ -f "$WORK/tokenizer/tokenizer.json" ] && STAGE1_DONE=1
+if [ -n "$DENSITY_FROM" ]; then
+  [ "$DENSITY" = 1 ] || { echo "DENSITY_FROM needs DENSITY=1"; exit 2; }
+  [ -f "$DENSITY_FROM/finding_detector.json" ] || { echo "$DENSITY_FROM: not a model with a finding detector"; exit 2; }
+  STAGE1_DONE=1
+fi
 S1_CHUNKS=$TRAIN_CHUNKS
 mixed_chunks() {  # the stage-1 chunks whose first seed is in FT_MIX
   local c m
@@ -137,7 +152,9 @@ MIX_CHUNKS=$(mixed_chunks)
 FT_REPORTS=$( (csv_list ft_ $FT_CHUNKS; if [ -n "$MIX_CHUNKS" ]; then csv_list train_ $MIX_CHUNKS; fi; echo "$WORK/data/val/reports.csv") | paste -sd, -)
 
 echo "== 2/6 tokenizer"
-if [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
+if [ -n "$DENSITY_FROM" ]; then
+  echo "stage 4e from $DENSITY_FROM: its tokenizer is kept"
+elif [ ! -f "$WORK/tokenizer/tokenizer.json" ]; then
   "$PY" - "$WORK" "$VOCAB" <<'EOF'
 import csv, sys
 from reg2rg.engine.tokens import PROMPT_INSTRUCTION, PROMPT_GLOBAL, PROMPT_REGION, TARGET_REGION, train_tokenizer
@@ -157,7 +174,9 @@ EOF
 fi
 
 echo "== 3/6 stage 1: reg2rg-train --config demo (from scratch)"
-if [ "$STAGE1_DONE" = 1 ]; then
+if [ -n "$DENSITY_FROM" ]; then
+  echo "stage 1: $DENSITY_FROM's (DENSITY_FROM): skipped"
+elif [ "$STAGE1_DONE" = 1 ]; then
   echo "stage 1 is done ($WORK/run/final and $WORK/tokenizer exist): skipped"
 else
 "$BIN/reg2rg-train" --config demo --resume \
@@ -234,7 +253,9 @@ fi
 #   4d. DET_STEPS > 0 (issue 12, the shipped model): from the stage-1 weights, the per-region finding detector fitted
 #       on the frozen encoders' output (which region/labels it may call: WORK/run_det/finding_detector.json), then
 #       fc, mask_fc, the calls' embeddings and the LLM trained with every region given its true (callable) labels
-if [ "$DET_STEPS" -gt 0 ] && [ -d "$WORK/run_det/final" ]; then
+if [ "$DET_STEPS" -gt 0 ] && [ -n "$DENSITY_FROM" ]; then
+  echo "stage 4d: $DENSITY_FROM's (DENSITY_FROM): skipped"
+elif [ "$DET_STEPS" -gt 0 ] && [ -d "$WORK/run_det/final" ]; then
   echo "stage 4d is done ($WORK/run_det/final exists): skipped"
 elif [ "$DET_STEPS" -gt 0 ]; then
   "$BIN/reg2rg-train" --config demo --resume "${STAGE2_DATA[@]}" \
@@ -247,24 +268,30 @@ fi
 
 #   4e. DENSITY=1: the stage-4d model's detector fitted again, reading the crops' densitometry too, on the stage-4d
 #       studies and the DENSITY_CHUNKS phantoms; no step (the rest of the model is stage 4d's) -> WORK/run_dens
-if [ "$DENSITY" = 1 ]; then
+if [ "$DENSITY" = 1 ] && [ -d "$WORK/run_dens/final" ]; then
+  echo "stage 4e is done ($WORK/run_dens/final exists): skipped"
+elif [ "$DENSITY" = 1 ]; then
   DENSITY_REPORTS=$( (csv_list ft_ $FT_CHUNKS $DENSITY_CHUNKS; if [ -n "$MIX_CHUNKS" ]; then csv_list train_ $MIX_CHUNKS; fi
                       echo "$WORK/data/val/reports.csv") | paste -sd, -)
   # (each study is read once, to be encoded: no pre-processing cache)
   "$BIN/reg2rg-train" --config demo --resume --data.root "$WORK/data" --data.reports "[$DENSITY_REPORTS]" \
     --data.val_split "$WORK/data/val/reports.csv" --data.use_cache false \
     --train.seed "$SEED" --train.threads "$THREADS" \
-    --model.overrides '{"finding_density": true}' --model.init_from "$WORK/run_det/final" \
+    --model.overrides '{"finding_density": true}' --model.init_from "${DENSITY_FROM:-$WORK/run_det/final}" \
     --model.refit_detector true --model.train_vit false \
     --output.dir "$WORK/run_dens" --output.save_every_epoch false --train.max_steps 0
 fi
 
+if [ "$EXPORT" != 1 ]; then
+  echo "EXPORT=$EXPORT: stopped before the export (the model is in $WORK); re-run with EXPORT=1 to export and test"
+  exit 0
+fi
 echo "== 5/6 export to $OUT"
 "$PY" - "$WORK" "$OUT" "$SEED" "$TRAIN_CHUNKS" "$VAL_SEED0" "$TEST_SEED0" "$N_VAL" "$N_TEST" \
   "$FT_CHUNKS" "$FT_MIX" "$FT_ABNORMAL" "$FT_STEPS" "$FT_DIR" "$VIS_STEPS" "$HEAD_STEPS" "$READ_STEPS" "$NORM_STEPS" \
-  "$DET_STEPS" "$DENSITY" "$DENSITY_CHUNKS" <<'EOF'
-import json, os, shutil, sys
-work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps, head_steps, read_steps, norm_steps, det_steps, density, density_chunks = sys.argv[1:]
+  "$DET_STEPS" "$DENSITY" "$DENSITY_CHUNKS" "$DENSITY_FROM" <<'EOF'
+import json, os, re, shutil, sys
+work, out, seed, chunks, s_val, s_test, n_val, n_test, ft_chunks, ft_mix, ft_abnormal, ft_steps, ft_dir, vis_steps, head_steps, read_steps, norm_steps, det_steps, density, density_chunks, density_from = sys.argv[1:]
 last = ("run_dens" if density == "1" else "run_det" if int(det_steps) > 0 else "run_norm" if int(norm_steps) > 0 else "run_head" if int(head_steps) > 0 else "run_read" if int(read_steps) > 0 else ft_dir if int(ft_steps) > 0
         else "run_vis" if int(vis_steps) > 0 else "run")
 final = f"{work}/{last}/final"
@@ -292,6 +319,10 @@ if last != "run":
         if folder != last and os.path.isfile(f"{work}/{folder}/train_log.jsonl"):
             shutil.copy(f"{work}/{folder}/train_config.yaml", os.path.join(tmp, f"train_config_{stage}.yaml"))
             shutil.copy(f"{work}/{folder}/train_log.jsonl", os.path.join(tmp, f"train_log_{stage}.jsonl"))
+if density_from:                  # stage 4e from a finished model: its stages' configs and logs are this model's too
+    for name in os.listdir(density_from):
+        if re.fullmatch(r"train_(config|log)_stage\w+\.(yaml|jsonl)", name) and not os.path.exists(os.path.join(tmp, name)):
+            shutil.copy(os.path.join(density_from, name), os.path.join(tmp, name))
 span = lambda c: [int(c.split(":")[0]), int(c.split(":")[0]) + int(c.split(":")[1]) - 1]
 mix = [span(c) for c in chunks.split() if c.split(":")[0] in ft_mix.split()]
 seeds = {"train_seed": int(seed),
@@ -300,7 +331,8 @@ seeds = {"train_seed": int(seed),
                                              "head_refit_steps": int(head_steps), "reading_steps": int(read_steps),
                                              "projector_norm_steps": int(norm_steps), "detector_steps": int(det_steps),
                                              "new": [span(c) for c in ft_chunks.split()], "mixed_in": mix,
-                                             **({"detector_refit_with_densitometry": [span(c) for c in density_chunks.split()]}
+                                             **({"detector_refit_with_densitometry": [span(c) for c in density_chunks.split()],
+                                                 **({"detector_refit_from": density_from} if density_from else {})}
                                                 if density == "1" else {})}}
                                if last != "run" else {}),
                             "validation": [int(s_val), int(s_val) + int(n_val) - 1],
