@@ -89,6 +89,7 @@ DENSITY=${DENSITY:-0}              # stage 4e (0: skipped), the detector refitte
 DENSITY_CHUNKS=${DENSITY_CHUNKS:-}  # 4e: more abnormal-rich phantoms "first_seed:count ..." for the detector only
 DENSITY_FROM=${DENSITY_FROM:-}      # 4e: refit this finished model's detector instead of WORK/run_det/final's (its
                                     # LLM, fc and mask_fc must be stage 4d's); stages 1-4d and the tokenizer are not run
+DENSITY_MIN_PRECISION=${DENSITY_MIN_PRECISION:-0}  # 4e: held-out precision a label's calls also need (model.detector_min_precision)
 EXPORT=${EXPORT:-1}                # 0: stop after training (select on validation first), re-run with 1 to export and test
 DET_LABELS=${DET_LABELS:-'["Medical material","Arterial wall calcification","Cardiomegaly","Pericardial effusion","Coronary artery wall calcification","Hiatal hernia","Lymphadenopathy","Emphysema","Atelectasis","Lung nodule","Lung opacity","Pleural effusion","Consolidation","Left side","Right side"]'}
 FT_CONDITION=${FT_CONDITION:-true}  # 4b: the head's calls condition the LLM (model.finding_conditioning)
@@ -278,7 +279,7 @@ elif [ "$DENSITY" = 1 ]; then
     --data.val_split "$WORK/data/val/reports.csv" --data.use_cache false \
     --train.seed "$SEED" --train.threads "$THREADS" \
     --model.overrides '{"finding_density": true}' --model.init_from "${DENSITY_FROM:-$WORK/run_det/final}" \
-    --model.refit_detector true --model.train_vit false \
+    --model.refit_detector true --model.detector_min_precision "$DENSITY_MIN_PRECISION" --model.train_vit false \
     --output.dir "$WORK/run_dens" --output.save_every_epoch false --train.max_steps 0
 fi
 

@@ -34,6 +34,7 @@ class ModelSection:
     perceiver_weights: str | None = None          # RadFM_perceiver_fc.pth
     init_from: str | None = None                  # engine checkpoint folder to start from
     refit_detector: bool = False                  # init_from's fitted finding detector is fitted again on this run's studies
+    detector_min_precision: float = 0.0           # held-out precision a detector label's calls also need (0: the F1 bar only)
     train_vit: bool = False                       # published: the ViT stays frozen
 
 
@@ -112,6 +113,10 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise `TrainConfigError` for settings that cannot work, before any data or model is touched."""
         t = self.train
+        floor = self.model.detector_min_precision
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
+            raise TrainConfigError(f"{self.source}: model.detector_min_precision must be a number within 0..1, "
+                                   f"got {floor!r}")
         if t.micro_batch_size < 1 or t.grad_accum < 1:
             raise TrainConfigError(f"{self.source}: train.micro_batch_size and train.grad_accum must be >= 1")
         if t.max_steps is not None and t.max_steps < 0:

@@ -143,6 +143,11 @@ def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor
     return w.detach(), b.detach()
 
 
+def _precision_recall(called: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    tp = int((called & truth).sum())
+    return tp / max(int(called.sum()), 1), tp / max(int(truth.sum()), 1)
+
+
 def _f1(called: torch.Tensor, truth: torch.Tensor) -> float:
     tp = int((called & truth).sum())
     return 2 * tp / max(2 * tp + int((called & ~truth).sum()) + int((~called & truth).sum()), 1)
@@ -152,7 +157,8 @@ def _f1(called: torch.Tensor, truth: torch.Tensor) -> float:
 def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Iterable[str],
                          targets: Callable[[str], dict[str, torch.Tensor]], seed: int = 0,
                          held_out: float = DETECTOR_HELD_OUT, min_f1: float | None = None,
-                         min_positives: int | None = None, l2: float = DETECTOR_L2) -> list[dict]:
+                         min_positives: int | None = None, l2: float = DETECTOR_L2,
+                         min_precision: float = 0.0) -> list[dict]:
     """Fit the model's ``finding_head_input="latents"`` detector on the training studies ``names``:
     ``targets(name)`` gives region -> (K,) 0/1 labels (the finding head's targets, from the region's sentence).
 
@@ -163,8 +169,9 @@ def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Itera
     that region at that threshold and re-fitted on all the studies, else it is never called there. With the
     crops' densitometry (``finding_density``) the fit is tried on the encoders' output, on the densitometry and on
     both, and the feature set with the best held-out F1 is kept (the others' weights are zero; a tie keeps the
-    earlier). The standardisation is folded into the saved weights. Returns one row per region and label tried:
-    region, label, features, positives, held-out F1, threshold, enabled."""
+    earlier). ``min_precision`` > 0: only thresholds whose held-out calls are at least that precise count (a label
+    with none is never called). The standardisation is folded into the saved weights. Returns one row per region
+    and label tried: region, label, features, positives, held-out F1, precision and recall, threshold, enabled."""
     min_f1 = DETECTOR_MIN_F1 if min_f1 is None else min_f1
     min_positives = DETECTOR_MIN_POSITIVES if min_positives is None else min_positives
     layer = model.embedding_layer
@@ -201,13 +208,23 @@ def fit_finding_detector(model, features: dict[str, StudyFeatures], names: Itera
                     mu, sd = x[fit_idx].mean(0), x[fit_idx].std(0) + 1e-6
                     w, b = _logistic((x[fit_idx] - mu) / sd, y[fit_idx, k], l2)
                 probability = ((((x[test_idx] - mu) / sd) @ w + b)).sigmoid()
-                f1, threshold = max((_f1(probability > t, y[test_idx, k] > 0.5), t) for t in DETECTOR_THRESHOLDS)
+                truth = y[test_idx, k] > 0.5
+                scored = []
+                for t in DETECTOR_THRESHOLDS:
+                    called = probability > t
+                    precision, recall = _precision_recall(called, truth)
+                    if min_precision <= 0 or (precision >= min_precision and bool(called.any())):
+                        scored.append((_f1(called, truth), t, precision, recall, True))
+                if not scored:                      # no threshold is precise enough: this feature set never calls
+                    scored = [(0.0, DETECTOR_THRESHOLDS[-1], 0.0, 0.0, False)]
+                f1, threshold, precision, recall, precise = max(scored, key=lambda row: row[:2])
                 if best is None or f1 > best[0]:
-                    best = (f1, threshold, group)
-            f1, threshold, group = best
-            enabled = f1 >= min_f1
+                    best = (f1, threshold, group, precision, recall, precise)
+            f1, threshold, group, precision, recall, precise = best
+            enabled = precise and f1 >= min_f1
             report.append({"region": region, "label": label, "features": group, "positives": positives,
-                           "held_out_f1": round(f1, 3), "threshold": threshold, "enabled": enabled})
+                           "held_out_f1": round(f1, 3), "held_out_precision": round(precision, 3),
+                           "held_out_recall": round(recall, 3), "threshold": threshold, "enabled": enabled})
             if not enabled:
                 continue
             cols = groups[group]

@@ -571,7 +571,8 @@ class Trainer:
         by_name = {r.name: r for r in self.splits.train}
         t0 = time.perf_counter()
         report = fit_finding_detector(self.model, self.features, list(by_name),
-                                      lambda name: labeller.finding_targets(by_name[name]), seed=self.config.train.seed)
+                                      lambda name: labeller.finding_targets(by_name[name]), seed=self.config.train.seed,
+                                      min_precision=float(self.config.model.detector_min_precision))
         if self.rank == 0:
             enabled = [f"{row['region']}/{row['label']} ({row['held_out_f1']:.2f})" for row in report if row["enabled"]]
             logger.info("finding detector fitted in %.0f s; it may call: %s", time.perf_counter() - t0,

@@ -37,8 +37,8 @@ def tok():
     return train_tokenizer(REPORT_TEXTS, 300)
 
 
-def _studies(config: Reg2RGConfig, n: int = 240, seed: int = 0):
-    """Features of ``n`` studies: cardiomegaly (every third) shifts four features of the heart's first latent;
+def _studies(config: Reg2RGConfig, n: int = 240, seed: int = 0, shift: float = 3.0):
+    """Features of ``n`` studies: cardiomegaly (every third) shifts four features of the heart's first latent by ``shift``;
     the pleura's labels are noise (nothing in its features says them)."""
     g = torch.Generator().manual_seed(seed)
     L, D, M = config.num_latents, config.vision.dim, config.mask_encoder.dim
@@ -46,7 +46,7 @@ def _studies(config: Reg2RGConfig, n: int = 240, seed: int = 0):
     for i in range(n):
         sick = i % 3 == 0
         heart = torch.randn(L, D, generator=g)
-        heart[0, :4] += 3.0 * sick
+        heart[0, :4] += shift * sick
         noise_label = float(torch.rand(1, generator=g) < 0.3)
         features[f"s{i}"] = StudyFeatures(torch.randn(L, D, generator=g),
                                           {"heart": (heart, torch.randn(M, generator=g)),
@@ -104,6 +104,37 @@ def test_a_detectable_label_is_enabled_and_noise_is_never_called(fitted):
     assert float(thresholds[1 + HEART, 0]) in DETECTOR_THRESHOLDS
     assert torch.isinf(thresholds[1 + PLEURA]).all()
     assert torch.isinf(thresholds[0]).all()                              # the global image is never called
+
+
+def test_a_precision_floor_keeps_only_thresholds_whose_held_out_calls_are_that_precise(tok):
+    """model.detector_min_precision: a weakly visible finding is enabled at its best-F1 threshold without a floor;
+    with a floor above that threshold's held-out precision it is called only at a threshold that meets it, or never."""
+    torch.manual_seed(0)
+    model = Reg2RG.from_config(_config(), tok).eval()
+    features, targets = _studies(model.config, n=400, shift=0.9)
+    fit = lambda **kw: fit_finding_detector(model, features, list(features), lambda name: targets[name],  # noqa: E731
+                                            min_f1=0.3, **kw)
+    plain = {(r["region"], r["label"]): r for r in fit()}
+    weight, thresholds = model.embedding_layer.finding_latent_weight.clone(), model.embedding_layer.finding_threshold.clone()
+    heart = plain[("heart", "Cardiomegaly")]
+    assert heart["enabled"] and 0.3 <= heart["held_out_precision"] < 0.95
+    p, r = heart["held_out_precision"], heart["held_out_recall"]
+    assert heart["held_out_f1"] == pytest.approx(2 * p * r / (p + r), abs=2e-3)
+    same = {(r["region"], r["label"]): r for r in fit(min_precision=0.0)}      # 0: the F1 bar only, as before
+    assert same == plain
+    assert torch.equal(model.embedding_layer.finding_latent_weight, weight)
+    assert torch.equal(model.embedding_layer.finding_threshold, thresholds)
+    floor = min(heart["held_out_precision"] + 0.05, 1.0)
+    strict = {(r["region"], r["label"]): r for r in fit(min_precision=floor)}[("heart", "Cardiomegaly")]
+    called = model.embedding_layer.finding_threshold[1 + HEART, 0]
+    if strict["enabled"]:
+        assert strict["held_out_precision"] >= floor and strict["threshold"] > heart["threshold"]
+        assert float(called) == pytest.approx(strict["threshold"])
+    else:
+        assert torch.isinf(called)
+    # nothing is precise at a floor of 1 on noise: the pleura is never called
+    noisy = {(r["region"], r["label"]): r for r in fit(min_precision=1.0)}
+    assert not noisy[("pleura", "Pleural effusion")]["enabled"]
 
 
 def test_calls_are_the_logistic_regression_on_flattened_latents_and_mask_feature(fitted):
