@@ -60,6 +60,16 @@ def test_validate_requires_data(tmp_path):
         cfg.validate()
 
 
+@pytest.mark.parametrize("floor", ["high", 1.5, -0.1, True])
+def test_a_detector_precision_floor_outside_0_1_is_one_clear_error(floor):
+    cfg = load_train_config("demo", ["--data.root", "/x", "--data.reports", "/x.csv"])
+    cfg.model.detector_min_precision = floor
+    with pytest.raises(TrainConfigError, match="model.detector_min_precision must be a number within 0..1"):
+        cfg.validate()
+    cfg.model.detector_min_precision = 0.8
+    cfg.validate()
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_train_config("demo", ["--train.lr", "0.002", "--data.root", "/x", "--data.reports", "/x.csv"])
     path = cfg.save(tmp_path)
